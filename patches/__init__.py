@@ -1,0 +1,62 @@
+"""Every change vllm-slora makes to vLLM code, in one registry.
+
+Subclassing is the first choice (scheduler, worker, LoRA layers are subclasses selected
+through vLLM's own config fields). What subclassing cannot reach is patched here, one
+file per patched vLLM module (`patch_<module>.py`), each listed in PATCHES with why it is
+needed, how it works and the plan for removing it.
+
+All patches are applied by `vllm_slora.register()` in every vLLM process and are inert
+unless an engine's `additional_config` has a `slora` section.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import import_module
+
+
+@dataclass(frozen=True)
+class Patch:
+    module: str  # patch module inside this package
+    target: str  # the vLLM symbol it changes
+    why: str
+    how: str
+    removal: str
+
+
+PATCHES: tuple[Patch, ...] = (
+    Patch(
+        module="patch_arg_utils",
+        target="vllm.engine.arg_utils.EngineArgs.create_engine_config",
+        why=(
+            "One flag must switch the plugin on: when additional_config has a 'slora' "
+            "section, the engine must run vllm-slora's scheduler and worker classes. "
+            "vLLM has no hook between parsing additional_config and freezing "
+            "scheduler_cls/worker_cls, and EngineArgs is built by vLLM's own CLI and "
+            "LLM(), so it cannot be subclassed from outside."
+        ),
+        how=(
+            "Wrap create_engine_config: call the original, then, if the 'slora' key is "
+            "present, validate it and set scheduler_config.scheduler_cls and "
+            "parallel_config.worker_cls to vllm-slora qualnames (which travel to every "
+            "process, Ray actors included, inside VllmConfig)."
+        ),
+        removal=(
+            "Drop when vLLM offers a config-time plugin hook (e.g. a "
+            "vllm.config_plugins group), or ask users to pass --scheduler-cls and "
+            "--worker-cls explicitly."
+        ),
+    ),
+)
+
+_applied = False
+
+
+def apply_patches() -> None:
+    """Apply every registered patch once per process."""
+    global _applied
+    if _applied:
+        return
+    _applied = True
+    for patch in PATCHES:
+        import_module(f"{__name__}.{patch.module}").apply()

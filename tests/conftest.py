@@ -1,0 +1,81 @@
+"""Shared fixtures. vLLM engines take 25-45 s to start here, so they are session-wide."""
+
+from __future__ import annotations
+
+import gc
+import os
+from pathlib import Path
+
+import pytest
+
+# Small, fixed KV budget: deterministic across machines and leaves room for HF models.
+TEST_KV_BYTES = 512 * 1024 * 1024
+
+
+@pytest.fixture(scope="session")
+def trace_file(tmp_path_factory) -> Path:
+    """Every vllm-slora event of every engine process started by the tests lands here."""
+    path = tmp_path_factory.mktemp("trace") / "trace.jsonl"
+    os.environ["VLLM_SLORA_TRACE_FILE"] = str(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def default_model() -> Path:
+    from vllm_slora.model_prep import prepare_default_model
+
+    return prepare_default_model()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    from tests.tiny_model import build_tiny_llama
+
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def default_adapters(default_model, tmp_path_factory):
+    """Four PEFT adapters for the default model, ranks 8..64, all 7 projections."""
+    from vllm_slora.adapters.generate import generate_adapters
+
+    return generate_adapters(
+        default_model / "config.json",
+        tmp_path_factory.mktemp("adapters"),
+        num_adapters=4,
+        ranks=(8, 16, 32, 64),
+        seed=1234,
+    )
+
+
+def make_llm(model: Path, slora: dict | None, **overrides):
+    from vllm import LLM
+
+    kwargs = dict(
+        model=str(model),
+        dtype="float32",
+        enable_lora=True,
+        max_lora_rank=64,
+        max_loras=4,
+        max_model_len=1024,
+        kv_cache_memory_bytes=TEST_KV_BYTES,
+        seed=0,
+    )
+    if slora is not None:
+        kwargs["additional_config"] = {"slora": slora}
+    kwargs.update(overrides)
+    return LLM(**kwargs)
+
+
+def close_llm(llm) -> None:
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    gc.collect()
+
+
+@pytest.fixture(scope="session")
+def slora_llm(trace_file, default_model):
+    """The plugin-enabled engine on the embedded default model, shared by all tests."""
+    llm = make_llm(default_model, slora={})
+    yield llm
+    close_llm(llm)

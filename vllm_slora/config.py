@@ -1,0 +1,85 @@
+"""The `slora` section of vLLM's `additional_config`, parsed and validated.
+
+Activation is one flag: `--additional-config '{"slora": {...}}'` (or
+`LLM(..., additional_config={"slora": {...}})`). Every key is checked here, before the
+engine starts, so a typo or a nonsense value stops start-up with an error that names the
+key and what it accepts. Imports nothing from vLLM.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
+
+SLORA_KEY = "slora"
+
+KERNEL_BACKENDS = ("auto", "torch", "triton")
+
+
+class SLoRAConfigError(ValueError):
+    """A bad `slora` section in additional_config."""
+
+
+@dataclass(frozen=True)
+class SLoRAConfig:
+    # Bytes of packed adapters each worker keeps in host memory (LRU) so that a
+    # re-admitted adapter is copied into the pool without touching the disk.
+    host_cache_mb: int = 2048
+    # How many requests at the head of the waiting queue get their adapters made
+    # resident ahead of time.
+    prefetch_depth: int = 8
+    # Pickle-based `adapter_model.bin` can run code when loaded; refused unless allowed.
+    allow_pickle_adapters: bool = False
+    # Which LoRA compute path the workers use: "auto" = Triton on CUDA, torch on CPU.
+    kernel_backend: str = "auto"
+
+    @classmethod
+    def from_additional_config(cls, additional_config: Mapping[str, Any] | None) -> "SLoRAConfig | None":
+        """None when the plugin is not enabled for this engine."""
+        if not additional_config or SLORA_KEY not in additional_config:
+            return None
+        return cls.from_dict(additional_config[SLORA_KEY])
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> "SLoRAConfig":
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, Mapping):
+            raise SLoRAConfigError(
+                f"additional_config['slora'] must be a JSON object (dict), got {type(raw).__name__}: {raw!r}"
+            )
+        allowed = {f.name: f for f in fields(cls)}
+        for key in raw:
+            if key not in allowed:
+                raise SLoRAConfigError(
+                    f"unknown slora config key {key!r}; allowed keys: {', '.join(sorted(allowed))}"
+                )
+        values = {}
+        for key, value in raw.items():
+            expected = type(allowed[key].default)
+            # bool is a subclass of int: reject True where a count is expected and 1
+            # where a flag is expected.
+            if type(value) is not expected:
+                raise SLoRAConfigError(
+                    f"slora config key {key!r} must be of type {expected.__name__}, "
+                    f"got {type(value).__name__}: {value!r}"
+                )
+            values[key] = value
+        config = cls(**values)
+        config._check_ranges()
+        return config
+
+    def _check_ranges(self) -> None:
+        if self.host_cache_mb < 1:
+            raise SLoRAConfigError(
+                f"slora config key 'host_cache_mb' must be a positive number of MiB, got {self.host_cache_mb}"
+            )
+        if self.prefetch_depth < 0:
+            raise SLoRAConfigError(
+                f"slora config key 'prefetch_depth' must be >= 0, got {self.prefetch_depth}"
+            )
+        if self.kernel_backend not in KERNEL_BACKENDS:
+            raise SLoRAConfigError(
+                f"slora config key 'kernel_backend' must be one of {', '.join(KERNEL_BACKENDS)}, "
+                f"got {self.kernel_backend!r}"
+            )
