@@ -1,0 +1,168 @@
+"""Turn an adapter directory into a validated `AdapterSpec`, cheaply.
+
+Everything that can be wrong with an adapter is found here, at registration, from
+`adapter_config.json` and the weight file's header alone: unsupported PEFT features,
+targets other than the seven Llama projections, ranks above the limit, tensors that
+do not match the base model, stray or unpaired tensors, corrupt files, and adapters
+that could never fit the pool. Tensor data is read later (`loading.py`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+from .base_model import BaseModelShape
+from .checkpoint import FLOAT_DTYPES, CheckpointIndex, TensorInfo, index_checkpoint
+from .errors import AdapterError
+from .modules import PARENT_MODULE, SLICE_ORDER, module_name, unsupported_module_names
+from .peft_config import LoraHyperparams, parse_lora_config
+from .spec import AdapterSpec, SliceSpec
+
+CONFIG_NAME = "adapter_config.json"
+
+# PEFT's saved key: base_model.model.<module name>.lora_A.weight (adapter name stripped).
+_LORA_KEY = re.compile(
+    r"^(?:base_model\.model\.)?(?P<module>(?:model\.)?layers\.(?P<layer>\d+)\.(?P<parent>\w+)\.(?P<proj>\w+))"
+    r"\.(?P<kind>lora_A|lora_B)\.weight$"
+)
+
+
+def read_adapter_config(adapter_name: str, adapter_dir: str) -> dict:
+    """The parsed `adapter_config.json`, or AdapterError when absent or unreadable."""
+    if not os.path.isdir(adapter_dir):
+        raise AdapterError(adapter_name, f"adapter directory {adapter_dir} does not exist")
+    path = os.path.join(adapter_dir, CONFIG_NAME)
+    if not os.path.isfile(path):
+        raise AdapterError(adapter_name, f"missing {CONFIG_NAME} in {adapter_dir}")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AdapterError(adapter_name, f"{CONFIG_NAME} is not valid JSON: {exc}") from None
+
+
+def _check_targets(name: str, params: LoraHyperparams, base: BaseModelShape) -> None:
+    """Refuse targets that are not among the seven projections (embeddings, lm_head, ...)."""
+    supported = [module_name(i, p) for i in range(base.num_layers) for p in SLICE_ORDER]
+    unsupported = unsupported_module_names(base.num_layers)
+    allowed = ", ".join(SLICE_ORDER)
+    if isinstance(params.target_modules, str):
+        bad = [m for m in unsupported if params.targets(m)]
+        if bad:
+            raise AdapterError(name, f"unsupported target module {bad[0]!r} (target_modules regex "
+                                     f"{params.target_modules!r}); only {allowed} are supported")
+        if not any(params.targets(m) for m in supported):
+            raise AdapterError(name, f"target_modules regex {params.target_modules!r} matches none of {allowed}")
+        return
+    for entry in params.target_modules:
+        hits_unsupported = any(params.entry_matches(entry, m) for m in unsupported)
+        if hits_unsupported or not any(params.entry_matches(entry, m) for m in supported):
+            raise AdapterError(name, f"unsupported target module {entry!r}; only {allowed} are supported")
+
+
+def _classify_stray_key(name: str, key: str) -> AdapterError:
+    if "lora_magnitude_vector" in key:
+        return AdapterError(name, f"DoRA weights ({key}) are not supported")
+    if key.endswith(".bias"):
+        return AdapterError(name, f"LoRA bias tensor {key} is not supported")
+    if "embed_tokens" in key or "lm_head" in key or "lora_embedding" in key:
+        return AdapterError(name, f"tensor {key} targets an unsupported module (embeddings / lm_head)")
+    return AdapterError(name, f"tensor {key} does not belong to any target module")
+
+
+def _group_lora_tensors(
+    name: str, params: LoraHyperparams, base: BaseModelShape, tensors: dict[str, TensorInfo]
+) -> dict[tuple[int, str], dict[str, tuple[str, TensorInfo]]]:
+    """{(layer, projection): {"lora_A"/"lora_B": (key, info)}}; refuses stray keys."""
+    grouped: dict[tuple[int, str], dict[str, tuple[str, TensorInfo]]] = {}
+    for key, info in tensors.items():
+        match = _LORA_KEY.match(key)
+        if match is None:
+            raise _classify_stray_key(name, key)
+        layer, proj, parent = int(match["layer"]), match["proj"], match["parent"]
+        if PARENT_MODULE.get(proj) != parent:
+            raise AdapterError(name, f"tensor {key} targets unsupported module {parent}.{proj}; "
+                                     f"only {', '.join(SLICE_ORDER)} are supported")
+        if layer >= base.num_layers:
+            raise AdapterError(name, f"tensor {key} is for layer {layer}, the base model has {base.num_layers}")
+        if not params.targets(module_name(layer, proj)):
+            raise AdapterError(name, f"tensor {key} does not belong to any target module of adapter_config.json")
+        grouped.setdefault((layer, proj), {})[match["kind"]] = (key, info)
+    return grouped
+
+
+def _slice_spec(
+    name: str, params: LoraHyperparams, base: BaseModelShape, layer: int, proj: str,
+    found: dict[str, tuple[str, TensorInfo]] | None,
+) -> SliceSpec:
+    module = module_name(layer, proj)
+    if not params.targets(module):
+        return SliceSpec(proj, 0, 0.0)
+    if not found:
+        raise AdapterError(name, f"{module} is a target module but the checkpoint has no lora_A/lora_B for it")
+    for kind in ("lora_A", "lora_B"):
+        if kind not in found:
+            present = "lora_B" if kind == "lora_A" else "lora_A"
+            raise AdapterError(name, f"{module} has {present} but its {kind} is missing")
+    rank = params.rank_for(module)
+    in_features, out_features = base.features(proj)
+    expected = {"lora_A": (rank, in_features), "lora_B": (out_features, rank)}
+    for kind, (key, info) in found.items():
+        if info.dtype not in FLOAT_DTYPES:
+            raise AdapterError(name, f"tensor {key} has dtype {info.dtype}, expected a float type")
+        if info.shape != expected[kind]:
+            raise AdapterError(name, f"tensor {key} has shape {list(info.shape)}, expected "
+                                     f"{list(expected[kind])} (rank {rank} for the base model's {proj})")
+    return SliceSpec(proj, rank, params.scaling_for(module), found["lora_A"][0], found["lora_B"][0])
+
+
+def inspect_adapter(
+    name: str,
+    path: str | os.PathLike,
+    base: BaseModelShape,
+    *,
+    max_lora_rank: int | None = None,
+    page_elems: int | None = None,
+    pool_blocks: int | None = None,
+    tp_size: int = 1,
+    allow_pickle: bool = False,
+) -> AdapterSpec:
+    """Validate an adapter directory against a base model and describe it.
+
+    Reads only `adapter_config.json` and the weight file's header (pickle checkpoints,
+    when allowed, are memory-mapped). ``page_elems`` (per TP rank) and ``pool_blocks``
+    enable the "fits the pool" check. Raises AdapterError naming the adapter and the
+    problem.
+    """
+    path = os.fspath(path)
+    params = parse_lora_config(name, read_adapter_config(name, path))
+    _check_targets(name, params, base)
+    checkpoint: CheckpointIndex = index_checkpoint(name, path, allow_pickle=allow_pickle)
+    if not checkpoint.tensors:
+        raise AdapterError(name, f"{os.path.basename(checkpoint.path)} holds no tensors")
+    grouped = _group_lora_tensors(name, params, base, dict(checkpoint.tensors))
+
+    # Rank limit first: a too-large rank also makes every tensor shape "wrong".
+    ranks = [params.rank_for(module_name(i, p)) for i in range(base.num_layers) for p in SLICE_ORDER
+             if params.targets(module_name(i, p))]
+    if max_lora_rank is not None and ranks and max(ranks) > max_lora_rank:
+        raise AdapterError(name, f"rank {max(ranks)} is above max_lora_rank {max_lora_rank}")
+
+    layers = tuple(
+        tuple(_slice_spec(name, params, base, i, p, grouped.get((i, p))) for p in SLICE_ORDER)
+        for i in range(base.num_layers)
+    )
+    if not any(s.rank for layer in layers for s in layer):
+        raise AdapterError(name, "adapter_config.json targets no module of this base model")
+    spec = AdapterSpec(name=name, path=path, base=base, hyperparams=params, checkpoint=checkpoint, layers=layers)
+
+    if page_elems is not None:
+        try:
+            blocks = spec.blocks_needed(page_elems, tp_size)
+        except ValueError as exc:  # a row longer than a page
+            raise AdapterError(name, str(exc)) from None
+        if pool_blocks is not None and blocks > pool_blocks:
+            raise AdapterError(name, f"needs {blocks} pool blocks but the whole pool has {pool_blocks}")
+    return spec
