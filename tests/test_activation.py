@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 from importlib.metadata import entry_points
 
 import pytest
@@ -81,7 +82,7 @@ def test_slora_without_lora_enabled_is_refused(tiny_model):
 def test_serve_cli_reports_bad_slora_config(tiny_model):
     """`vllm serve` with a bad section exits non-zero and names the key."""
     cmd = [
-        sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(tiny_model),
+        str(Path(sys.executable).with_name("vllm")), "serve", str(tiny_model),
         "--enable-lora", "--additional-config", '{"slora": {"hostcache": 3}}',
     ]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
