@@ -9,8 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 
 TINY_LLAMA = dict(
-    hidden_size=64,
-    intermediate_size=128,
+    # head_dim 32: the smallest head size vLLM's CPU attention supports.
+    hidden_size=128,
+    intermediate_size=256,
     num_hidden_layers=2,
     num_attention_heads=4,
     num_key_value_heads=2,
