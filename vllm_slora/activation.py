@@ -40,6 +40,14 @@ def activate_if_requested(vllm_config) -> SLoRAConfig | None:
             f"the platform default ({STOCK_CPU_WORKER} or {STOCK_GPU_WORKER})"
         )
 
+    # --max-loras keeps its stock meaning (distinct adapters per batch) only when the
+    # user sets it. vLLM's default of 1 would serialize adapters, and with no fixed
+    # slots there is nothing else it needs to bound. (An explicit --max-loras 1 is
+    # indistinguishable from the default; use 2 or more to cap.)
+    lora = vllm_config.lora_config
+    if lora.max_loras == 1:
+        lora.max_loras = vllm_config.scheduler_config.max_num_seqs
+
     sched = vllm_config.scheduler_config
     if sched.scheduler_cls not in (None, SCHEDULER, ASYNC_SCHEDULER):
         raise SLoRAConfigError(

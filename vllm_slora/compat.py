@@ -36,8 +36,13 @@ def check_vllm_version() -> None:
 # Engine-side (API / LLM process, EngineCore).
 from vllm.config import VllmConfig  # noqa: E402
 from vllm.engine.arg_utils import EngineArgs  # noqa: E402
+from vllm.logger import init_logger  # noqa: E402
+from vllm.v1.core import kv_cache_utils  # noqa: E402
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler  # noqa: E402
+from vllm.v1.core.sched.output import SchedulerOutput  # noqa: E402
 from vllm.v1.core.sched.scheduler import Scheduler  # noqa: E402
+
+logger = init_logger("vllm_slora")
 
 # Worker-side qualnames the platforms resolve `worker_cls="auto"` to.
 STOCK_CPU_WORKER = "vllm.v1.worker.cpu_worker.CPUWorker"
@@ -60,6 +65,9 @@ __all__ = [
     "AsyncScheduler",
     "EngineArgs",
     "Scheduler",
+    "SchedulerOutput",
+    "kv_cache_utils",
+    "logger",
     "STOCK_CPU_WORKER",
     "STOCK_GPU_WORKER",
     "VllmConfig",

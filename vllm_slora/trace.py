@@ -13,6 +13,10 @@ import os
 TRACE_ENV = "VLLM_SLORA_TRACE_FILE"
 
 
+def enabled() -> bool:
+    return bool(os.environ.get(TRACE_ENV))
+
+
 def record(event: str, **fields: object) -> None:
     path = os.environ.get(TRACE_ENV)
     if not path:

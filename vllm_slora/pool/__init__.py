@@ -1,0 +1,1 @@
+"""Scheduler-side unified pool: adapter residency on vLLM's BlockPool."""

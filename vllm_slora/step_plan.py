@@ -1,0 +1,37 @@
+"""What the scheduler tells every worker about adapters, once per step.
+
+The scheduler (EngineCore process) owns residency: which adapters hold which pool
+blocks. Each step it sends an `SLoRAStepPlan` inside `SLoRASchedulerOutput` (a
+`SchedulerOutput` subclass with one extra field, pickled to every TP rank as is).
+Block ids are the same on every rank; each rank fills its own pages with its own shard.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class AdapterPlacement:
+    """One adapter and the pool blocks its weights occupy."""
+
+    lora_int_id: int
+    lora_name: str
+    lora_path: str
+    # Bumped when an adapter is re-registered under the same name (load_inplace); a
+    # worker must refill pages and drop host-cache entries of older versions.
+    version: int
+    block_ids: tuple[int, ...]
+
+
+@dataclass
+class SLoRAStepPlan:
+    # Adapters whose pages must be filled before this step's forward (newly allocated,
+    # or reclaimed and re-allocated since they were last filled).
+    load: list[AdapterPlacement] = field(default_factory=list)
+    # Every adapter a request of this step uses: lora_int_id -> placement. A superset
+    # of `load`; an adapter absent here must not be read by this step.
+    active: dict[int, AdapterPlacement] = field(default_factory=dict)
+    # Adapters whose blocks were handed to someone else since the previous plan: their
+    # pages no longer hold their weights.
+    evicted: list[int] = field(default_factory=list)
