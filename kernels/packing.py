@@ -1,0 +1,100 @@
+"""Dense LoRA A/B matrices -> rows in pool pages, and the row tables the ops read.
+
+One layer of one adapter is the matrix list ``A_0, B_0^T, A_1, B_1^T, ...`` (one pair
+per slice) placed by `page_layout.plan_layout`. The worker packs adapters with
+`pack_lora_layer`; tests and benchmarks use it to build pools from dense weights, so the
+oracle (dense math on the original matrices) never goes through the code under test.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from .page_layout import AdapterPageLayout, MatrixSpec, plan_layout
+
+
+def lora_matrix_specs(ranks: Sequence[int], in_features: int, out_sizes: Sequence[int]) -> list[MatrixSpec]:
+    """``A_s`` (rank_s x in) then ``B_s^T`` (rank_s x out_s) for every slice s."""
+    specs = []
+    for rank, out_features in zip(ranks, out_sizes):
+        specs += [MatrixSpec(rank, in_features), MatrixSpec(rank, out_features)]
+    return specs
+
+
+def lora_layer_layout(
+    ranks: Sequence[int], in_features: int, out_sizes: Sequence[int], page_elems: int
+) -> AdapterPageLayout:
+    return plan_layout(lora_matrix_specs(ranks, in_features, out_sizes), page_elems)
+
+
+@dataclass(frozen=True)
+class PackedRows:
+    """Pool offsets of one adapter's rows for one layer."""
+
+    a_offsets: tuple[torch.Tensor, ...]  # per slice: int64 [rank_s]
+    b_offsets: tuple[torch.Tensor, ...]  # per slice: int64 [rank_s]
+
+    @property
+    def ranks(self) -> tuple[int, ...]:
+        return tuple(o.numel() for o in self.a_offsets)
+
+
+def pack_lora_layer(
+    pool: torch.Tensor,  # [num_blocks * page_elems] flat, adapter dtype; written in place
+    page_elems: int,
+    block_ids: Sequence[int],
+    lora_a: Sequence[torch.Tensor],  # per slice: [rank_s, in_features]
+    lora_b: Sequence[torch.Tensor],  # per slice: [out_s, rank_s]
+) -> PackedRows:
+    """Write one layer of one adapter into ``pool`` pages of ``block_ids``; return its rows."""
+    assert pool.dim() == 1, f"pool must be flat, got shape {tuple(pool.shape)}"
+    assert len(lora_a) == len(lora_b), "one A and one B per slice"
+    in_features = lora_a[0].shape[1]
+    ranks = [a.shape[0] for a in lora_a]
+    out_sizes = [b.shape[0] for b in lora_b]
+    for a, b in zip(lora_a, lora_b):
+        assert a.shape[1] == in_features, "all slices share in_features"
+        assert b.shape[1] == a.shape[0], f"B {tuple(b.shape)} does not match A {tuple(a.shape)}"
+    layout = lora_layer_layout(ranks, in_features, out_sizes, page_elems)
+    row_offsets = layout.row_offsets(block_ids)
+    matrices = [m for a, b in zip(lora_a, lora_b) for m in (a, b.t())]
+    for matrix, starts in zip(matrices, row_offsets):
+        if starts.numel():
+            index = starts[:, None] + torch.arange(matrix.shape[1], dtype=torch.int64)
+            pool[index.reshape(-1).to(pool.device)] = matrix.reshape(-1).to(pool.dtype, copy=False).to(pool.device)
+    return PackedRows(tuple(row_offsets[0::2]), tuple(row_offsets[1::2]))
+
+
+@dataclass(frozen=True)
+class RowTables:
+    """What the ops take for one layer: every adapter of the step, padded to max rank."""
+
+    a_row_offsets: torch.Tensor  # int64 [A, n_slices, R]
+    b_row_offsets: torch.Tensor  # int64 [A, n_slices, R]
+    ranks: torch.Tensor  # int32 [A, n_slices], 0 = slice absent
+    scalings: torch.Tensor  # float32 [A, n_slices]
+
+
+def build_row_tables(
+    adapters: Sequence[PackedRows],
+    scalings: Sequence[Sequence[float]],  # per adapter, per slice
+    device: torch.device | str = "cpu",
+    max_rank: int | None = None,
+) -> RowTables:
+    """Stack adapters' rows into dense tables. Entries past a rank are never read (0)."""
+    num_slices = len(adapters[0].a_offsets)
+    width = max_rank or max(1, max(max(p.ranks) for p in adapters))
+    a = torch.zeros(len(adapters), num_slices, width, dtype=torch.int64)
+    b = torch.zeros_like(a)
+    ranks = torch.zeros(len(adapters), num_slices, dtype=torch.int32)
+    for i, packed in enumerate(adapters):
+        for s in range(num_slices):
+            r = packed.a_offsets[s].numel()
+            a[i, s, :r] = packed.a_offsets[s]
+            b[i, s, :r] = packed.b_offsets[s]
+            ranks[i, s] = r
+    scal = torch.as_tensor(scalings, dtype=torch.float32).reshape(len(adapters), num_slices)
+    return RowTables(a.to(device), b.to(device), ranks.to(device), scal.to(device))
