@@ -15,6 +15,8 @@ setup(
         "vllm_slora",
         "vllm_slora.adapters",
         "vllm_slora.bench",
+        "vllm_slora.paged",
+        "vllm_slora.pool",
         "vllm_slora.kernels",
         "vllm_slora.patches",
     ],

@@ -61,7 +61,6 @@ def make_llm(model: Path, slora: dict | None, **overrides):
         dtype="float32",
         enable_lora=True,
         max_lora_rank=64,
-        max_loras=4,
         max_model_len=1024,
         kv_cache_memory_bytes=TEST_KV_BYTES,
         seed=0,
@@ -81,6 +80,7 @@ def close_llm(llm) -> None:
 @pytest.fixture(scope="session")
 def slora_llm(trace_file, default_model):
     """The plugin-enabled engine on the embedded default model, shared by all tests."""
-    llm = make_llm(default_model, slora={})
+    # Room for a few dozen adapters next to the KV cache (~5.9 MB per block here).
+    llm = make_llm(default_model, slora={}, kv_cache_memory_bytes=3 * TEST_KV_BYTES)
     yield llm
     close_llm(llm)

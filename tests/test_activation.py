@@ -113,7 +113,7 @@ def test_flag_absent_runs_stock_engine(tiny_model, tmp_path, monkeypatch):
 
     stock_trace = tmp_path / "stock.jsonl"
     monkeypatch.setenv(trace.TRACE_ENV, str(stock_trace))
-    llm = make_llm(tiny_model, slora=None, max_model_len=256)
+    llm = make_llm(tiny_model, slora=None, max_model_len=256, max_loras=4)
     try:
         out = llm.generate(["the quick brown fox"], SamplingParams(max_tokens=4, temperature=0))
         assert len(out[0].outputs[0].token_ids) == 4

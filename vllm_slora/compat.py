@@ -36,7 +36,11 @@ def check_vllm_version() -> None:
 # Engine-side (API / LLM process, EngineCore).
 from vllm.config import VllmConfig  # noqa: E402
 from vllm.engine.arg_utils import EngineArgs  # noqa: E402
+from vllm.entrypoints.openai.models.serving import OpenAIServingModels  # noqa: E402
+from vllm.entrypoints.serve import create_error_response  # noqa: E402
+from vllm.exceptions import VLLMValidationError  # noqa: E402
 from vllm.logger import init_logger  # noqa: E402
+from vllm.v1.engine.input_processor import InputProcessor  # noqa: E402
 from vllm.v1.core import kv_cache_utils  # noqa: E402
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler  # noqa: E402
 from vllm.v1.core.sched.output import SchedulerOutput  # noqa: E402
@@ -66,6 +70,10 @@ __all__ = [
     "EngineArgs",
     "Scheduler",
     "SchedulerOutput",
+    "InputProcessor",
+    "OpenAIServingModels",
+    "create_error_response",
+    "VLLMValidationError",
     "kv_cache_utils",
     "logger",
     "STOCK_CPU_WORKER",
@@ -76,3 +84,40 @@ __all__ = [
     "gpu_worker_cls",
     "vllm_version",
 ]
+
+
+# ------------------------------------------------------------------------------------
+# Worker side (worker and model-runner processes). Owned by the worker code
+# (vllm_slora/worker.py, vllm_slora/paged/); imported lazily so the engine process does
+# not pay for model-executor imports.
+# ------------------------------------------------------------------------------------
+
+
+def worker_lora_internals():
+    """What the paged runner needs from vLLM's model executor, in one place.
+
+    Returns (supports_lora, linear_types, tp_group_fn): the "model supports LoRA"
+    check, the column/row-parallel linear classes the paged layers wrap (QKV and
+    merged-column layers subclass ColumnParallelLinear), and a function returning this
+    worker's `TPGroup` (size, rank and vLLM's TP all-gather / all-reduce).
+    """
+    from vllm.distributed import (
+        get_tensor_model_parallel_rank,
+        get_tensor_model_parallel_world_size,
+        tensor_model_parallel_all_gather,
+        tensor_model_parallel_all_reduce,
+    )
+    from vllm.model_executor.layers.linear import ColumnParallelLinear, RowParallelLinear
+    from vllm.model_executor.models import supports_lora
+
+    from vllm_slora.paged.tensor_parallel import TPGroup
+
+    def tp_group() -> TPGroup:
+        return TPGroup(
+            size=get_tensor_model_parallel_world_size(),
+            rank=get_tensor_model_parallel_rank(),
+            all_gather_last=lambda t: tensor_model_parallel_all_gather(t, dim=-1),
+            all_reduce=tensor_model_parallel_all_reduce,
+        )
+
+    return supports_lora, (ColumnParallelLinear, RowParallelLinear), tp_group

@@ -183,7 +183,7 @@ class SLoRASchedulerMixin:
         stats = self.slora_residency.stats()
         trace.record(
             "step", step=self._slora_step, scheduled_adapters=len(set(scheduled)),
-            loads=len(plan.load), evicted=len(plan.evicted), **dataclasses.asdict(stats),
+            step_loads=len(plan.load), step_evictions=len(plan.evicted), **dataclasses.asdict(stats),
             kv_blocks=stats.kv_blocks,
         )
 

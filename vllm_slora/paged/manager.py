@@ -1,0 +1,161 @@
+"""The worker's adapter state: host cache, resident adapters' rows, the step's tables.
+
+The scheduler decides residency; this class only executes its plans (fill pages of
+`load`, forget `evicted`) and turns each step's token->lora_int_id map into the
+token->adapter-row map and stacked tables the paged layers read.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from vllm_slora.adapters import BaseModelShape
+from vllm_slora.step_plan import SLoRAStepPlan
+
+from .adapter_tables import ResidentAdapter, StepTables, resident_adapter, stack_step_tables
+from .host_cache import HostAdapterCache
+from .page_writer import write_pages
+from .step_state import StepState
+
+
+class PagedAdapterManager:
+    def __init__(
+        self,
+        base: BaseModelShape,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        host_cache_bytes: int,
+        *,
+        tp_size: int = 1,
+        tp_rank: int = 0,
+        max_lora_rank: int | None = None,
+        allow_pickle: bool = False,
+        max_num_tokens: int = 0,
+        max_adapters_per_step: int = 1,
+    ) -> None:
+        self.base = base
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.host_cache_bytes = host_cache_bytes
+        self.tp_size = tp_size
+        self.tp_rank = tp_rank
+        self.max_lora_rank = max_lora_rank
+        self.allow_pickle = allow_pickle
+        self.state = StepState(self.device)
+        self.state.ensure_capacity(max(1, max_num_tokens))
+        self.state.max_adapters = max(1, max_adapters_per_step)
+        self.page_elems: int | None = None
+        self.host_cache: HostAdapterCache | None = None
+        self.resident: dict[int, ResidentAdapter] = {}
+        # lora_int_id -> (name, path, latest version seen), from plans and add_lora.
+        self.known: dict[int, tuple[str, str, int]] = {}
+        self._tables: StepTables | None = None  # reused while the active set is unchanged
+
+    # -- pool --------------------------------------------------------------------------
+    def attach_pool(self, pools: Sequence[torch.Tensor], page_elems: int) -> None:
+        """Use the (new) KV cache as the pool; pages of any earlier pool are gone."""
+        if len(pools) != self.base.num_layers:
+            raise NotImplementedError(
+                f"vllm-slora: {len(pools)} KV cache layers for a model of {self.base.num_layers} layers"
+            )
+        self.state.pools = list(pools)
+        if page_elems != self.page_elems:
+            self.page_elems = page_elems
+            self.host_cache = HostAdapterCache(
+                self.base, page_elems, self.dtype, self.host_cache_bytes, tp_size=self.tp_size,
+                tp_rank=self.tp_rank, max_lora_rank=self.max_lora_rank, allow_pickle=self.allow_pickle,
+            )
+        self.resident.clear()
+        self._tables = None
+
+    # -- the scheduler's plan ----------------------------------------------------------
+    def apply_plan(self, plan: SLoRAStepPlan) -> None:
+        """Forget evicted adapters, then fill the pages of newly placed ones."""
+        for lora_int_id in plan.evicted:
+            self.resident.pop(lora_int_id, None)
+        for placement in plan.load:
+            if self.host_cache is None:
+                raise RuntimeError("vllm-slora: an adapter plan arrived before the KV cache exists")
+            packed = self.host_cache.get(placement.lora_name, placement.lora_path, placement.version)
+            write_pages(packed, self.state.pools, placement.block_ids)
+            self.resident[placement.lora_int_id] = resident_adapter(
+                placement.lora_int_id, packed, placement.block_ids, self.device
+            )
+            self.known[placement.lora_int_id] = (placement.lora_name, placement.lora_path, placement.version)
+        if plan.evicted or plan.load:
+            self._tables = None
+
+    # -- per step ----------------------------------------------------------------------
+    def set_token_mapping(self, token_lora_mapping: Sequence[int] | np.ndarray) -> None:
+        """Map each token's lora_int_id (0 = none) to its adapter row (-1 = none)."""
+        ids = np.asarray(token_lora_mapping, dtype=np.int64)  # [T]
+        state = self.state
+        state.ensure_capacity(ids.size)
+        state.token_adapter.fill_(-1)
+        used = np.unique(ids[ids > 0])  # sorted: adapter row i serves used[i]
+        if used.size == 0:
+            state.tables, state.has_lora = None, False
+            return
+        missing = [int(i) for i in used if int(i) not in self.resident]
+        if missing:
+            raise RuntimeError(
+                f"vllm-slora: adapters {missing} are used in this step but their pages were never "
+                "filled (no load in the scheduler's plan, or evicted since)"
+            )
+        key = tuple(int(i) for i in used)
+        if self._tables is None or self._tables.lora_int_ids != key:
+            self._tables = stack_step_tables([self.resident[i] for i in key])
+        rows = np.searchsorted(used, ids).astype(np.int32)
+        rows[ids <= 0] = -1
+        state.token_adapter[: ids.size].copy_(torch.from_numpy(rows), non_blocking=True)
+        state.prepared_meta(ids.size, num_adapters=len(key))
+        state.tables, state.has_lora = self._tables, True
+
+    def clear_step(self) -> None:
+        """No adapter for any token (profile / warm-up / dummy runs)."""
+        self.state.clear()
+
+    # -- engine RPCs (add_lora / remove_lora / pin_lora / list_loras) -------------------
+    def add_adapter(self, lora_int_id: int, name: str, path: str, load_inplace: bool = False) -> bool:
+        """Validate an adapter and, once the pool exists, pack it into the host cache.
+
+        Raises AdapterError with the adapter's name and the problem. The version
+        follows the scheduler's numbering (1 on first registration, +1 per in-place
+        reload); a wrong guess only costs a later cache miss, never stale weights
+        (host_cache.py checks the file on every hit).
+        """
+        _, _, version = self.known.get(lora_int_id, (name, path, 0))
+        version = version + 1 if load_inplace or version == 0 else version
+        if self.host_cache is None:
+            from vllm_slora.adapters import inspect_adapter
+
+            inspect_adapter(name, path, self.base, max_lora_rank=self.max_lora_rank,
+                            tp_size=self.tp_size, allow_pickle=self.allow_pickle)
+        else:
+            self.host_cache.get(name, path, version)
+        self.known[lora_int_id] = (name, path, version)
+        return True
+
+    def remove_adapter(self, lora_int_id: int) -> bool:
+        """Drop an adapter's host-cache copy. Its pool pages belong to the scheduler."""
+        entry = self.known.pop(lora_int_id, None)
+        if entry is None:
+            return False
+        if self.host_cache is not None:
+            self.host_cache.drop_path(entry[1])
+        return True
+
+    def pin_adapter(self, lora_int_id: int) -> bool:
+        entry = self.known.get(lora_int_id)
+        return bool(entry and self.host_cache and self.host_cache.pin_path(entry[1]))
+
+    def list_adapters(self) -> set[int]:
+        return set(self.known) | set(self.resident)
+
+    def supports_tower_connector_lora(self) -> bool:
+        # Read by vLLM's runner for multimodal encoders (it takes this object's place
+        # as `lora_manager`); LoRA on vision towers is not served.
+        return False

@@ -1,0 +1,159 @@
+"""The model-runner hook: vLLM's runner with stock LoRA replaced by unified paging.
+
+The worker swaps its runner's class for ``(SLoRARunnerMixin, <the runner's class>)``
+right after creating it (`install_runner_mixin`), which covers the CPU, V1 and V2 GPU
+runners alike and also the paths that call the runner directly (legacy Ray DAG). The
+mixin takes over every method of vLLM's `LoRAModelRunnerMixin`, so vLLM's
+`LRUCacheWorkerLoRAManager` and its fixed `max_loras x max_rank` slot tensors are never
+created, and reads each step's `SLoRAStepPlan` before the forward.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from functools import lru_cache
+
+import numpy as np
+
+from vllm_slora import trace
+from vllm_slora.adapters import BaseModelShape
+from vllm_slora.compat import worker_lora_internals
+from vllm_slora.config import SLoRAConfig
+
+from .layers import install_paged_layers
+from .manager import PagedAdapterManager
+from .modules import PAGED_MODULES
+from .pool_views import flat_pool_views
+
+
+class SLoRARunnerMixin:
+    slora: PagedAdapterManager | None
+
+    def _slora_setup(self, slora_config: SLoRAConfig) -> None:
+        self.slora_config = slora_config
+        self.slora = None  # built in load_lora_model, once the model exists
+
+    # -- model and pool ------------------------------------------------------------------
+    def load_lora_model(self, model, vllm_config, device):
+        supports_lora, linear_types, tp_group_fn = worker_lora_internals()
+        if not supports_lora(model):
+            raise ValueError(f"{model.__class__.__name__} does not support LoRA yet.")
+        tp = tp_group_fn()
+        model_config = vllm_config.model_config
+        base = BaseModelShape.from_hf_config(model_config.hf_config.to_dict(), dtype=model_config.dtype)
+        self.slora = PagedAdapterManager(
+            base, model_config.dtype, device, self.slora_config.host_cache_mb << 20,
+            tp_size=tp.size, tp_rank=tp.rank, max_lora_rank=vllm_config.lora_config.max_lora_rank,
+            allow_pickle=self.slora_config.allow_pickle_adapters,
+            max_num_tokens=vllm_config.scheduler_config.max_num_batched_tokens,
+            max_adapters_per_step=vllm_config.lora_config.max_loras,
+        )
+        # vLLM code checks `hasattr(runner, "lora_manager")` to mean "LoRA is enabled".
+        self.lora_manager = self.slora
+        installed = install_paged_layers(model, self.slora.state, base, linear_types, tp)
+        expected = len(PAGED_MODULES) * base.num_layers
+        if len(installed) != expected:
+            raise NotImplementedError(
+                f"vllm-slora found {len(installed)} of the {expected} qkv/o/gate_up/down projections "
+                f"in {model.__class__.__name__}; only Llama-style decoders are supported"
+            )
+        trace.record("paged_layers", count=len(installed))
+        return model
+
+    def initialize_kv_cache(self, kv_cache_config, *args, **kwargs):
+        super().initialize_kv_cache(kv_cache_config, *args, **kwargs)
+        if self.slora is None:
+            return
+        groups = kv_cache_config.kv_cache_groups
+        if len(groups) != 1:
+            raise NotImplementedError(f"vllm-slora supports one KV cache group, this model has {len(groups)}")
+        page_bytes = groups[0].kv_cache_spec.page_size_bytes
+        pools = flat_pool_views(self.kv_caches, kv_cache_config.num_blocks, page_bytes, self.slora.dtype)
+        self.slora.attach_pool(pools, page_bytes // self.slora.dtype.itemsize)
+        trace.record("pool_attached", layers=len(pools), num_blocks=kv_cache_config.num_blocks,
+                     page_elems=self.slora.page_elems)
+
+    def reset_lora_state(self) -> None:
+        # Called after base weights are reloaded; adapter pages do not depend on them.
+        pass
+
+    # -- per step ------------------------------------------------------------------------
+    def execute_model(self, scheduler_output, *args, **kwargs):
+        plan = getattr(scheduler_output, "slora", None)
+        if plan is not None and self.slora is not None:
+            # Pages are filled before the forward that reads them: same stream on GPU.
+            self.slora.apply_plan(plan)
+        return super().execute_model(scheduler_output, *args, **kwargs)
+
+    def set_active_loras(self, input_batch, num_scheduled_tokens, num_sampled_tokens=None, mapping_type=None):
+        # Same mapping as vLLM's make_lora_inputs, without building Python tuples of
+        # every token's id (a visible cost for long prefills on CPU).
+        self._ensure_lora_enabled()
+        per_request = input_batch.request_lora_mapping[: input_batch.num_reqs]  # lora_int_id, 0 = none
+        self.slora.set_token_mapping(np.repeat(per_request, num_scheduled_tokens))
+
+    def _set_active_loras(self, prompt_lora_mapping, token_lora_mapping, lora_requests, mapping_type=None) -> None:
+        # Entry point of the V2 runner and of dummy runs.
+        self._ensure_lora_enabled()
+        self.slora.set_token_mapping(token_lora_mapping)
+
+    def _ensure_lora_enabled(self) -> None:
+        if getattr(self, "slora", None) is None:
+            raise RuntimeError("LoRA is not enabled. Use --enable-lora to enable LoRA.")
+
+    # -- profile / warm-up / capture: run the base model only ------------------------------
+    # These runs happen before the pool exists (profile) or only to warm shapes; on CPU
+    # nothing is captured, so no-adapter runs are exact. CUDA-graph capture of the paged
+    # kernels will need dummy adapters in reserved pages here (GPU work, not done yet).
+    @contextmanager
+    def maybe_setup_dummy_loras(self, lora_config, remove_lora: bool = True):
+        yield
+
+    @contextmanager
+    def maybe_select_dummy_loras(self, lora_config, num_scheduled_tokens, *args, **kwargs):
+        if self.slora is not None:
+            self.slora.clear_step()
+        yield
+
+    @contextmanager
+    def maybe_dummy_run_with_lora(self, lora_config, num_scheduled_tokens, *args, **kwargs):
+        if self.slora is not None:
+            self.slora.clear_step()
+        yield
+
+    def maybe_remove_all_loras(self, lora_config) -> None:
+        if self.slora is not None:
+            self.slora.clear_step()
+
+    # -- engine RPCs -----------------------------------------------------------------------
+    def add_lora(self, lora_request) -> bool:
+        self._ensure_lora_enabled()
+        return self.slora.add_adapter(
+            lora_request.lora_int_id, lora_request.lora_name, lora_request.lora_path,
+            load_inplace=lora_request.load_inplace,
+        )
+
+    def remove_lora(self, lora_id: int) -> bool:
+        self._ensure_lora_enabled()
+        return self.slora.remove_adapter(lora_id)
+
+    def pin_lora(self, lora_id: int) -> bool:
+        self._ensure_lora_enabled()
+        return self.slora.pin_adapter(lora_id)
+
+    def list_loras(self) -> set[int]:
+        self._ensure_lora_enabled()
+        return self.slora.list_adapters()
+
+
+@lru_cache(maxsize=None)
+def runner_class_with_slora(runner_cls: type) -> type:
+    """``(SLoRARunnerMixin, runner_cls)``, one class per runner class."""
+    return type(f"SLoRA{runner_cls.__name__}", (SLoRARunnerMixin, runner_cls), {})
+
+
+def install_runner_mixin(runner, slora_config: SLoRAConfig) -> None:
+    """Give an existing model runner the S-LoRA behaviour (before load_model runs)."""
+    if not isinstance(runner, SLoRARunnerMixin):
+        runner.__class__ = runner_class_with_slora(type(runner))
+    runner._slora_setup(slora_config)

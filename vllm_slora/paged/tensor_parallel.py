@@ -1,0 +1,30 @@
+"""The tensor-parallel group a worker's paged LoRA layers talk to.
+
+The layers need only the group's size, this worker's rank and two collectives; they get
+them through this object (built from vLLM's communication ops in compat), so the layer
+code imports no vLLM module and tests can drive it with fakes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+
+def _identity(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+@dataclass(frozen=True)
+class TPGroup:
+    size: int = 1
+    rank: int = 0
+    # Concatenate every rank's tensor along the last dim (rank order).
+    all_gather_last: Callable[[torch.Tensor], torch.Tensor] = _identity
+    # Elementwise sum over ranks; every rank gets the result.
+    all_reduce: Callable[[torch.Tensor], torch.Tensor] = _identity
+
+
+SINGLE = TPGroup()
