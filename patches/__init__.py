@@ -82,6 +82,36 @@ PATCHES: tuple[Patch, ...] = (
         removal="Drop when vLLM hashes an adapter version or content digest itself.",
         when="slora_scheduler",
     ),
+    Patch(
+        module="patch_input_processor",
+        target="vllm.v1.engine.input_processor.InputProcessor._validate_lora",
+        why=(
+            "A bad adapter (corrupt file, rank too large, wrong shapes, DoRA, ...) must "
+            "fail only its own request with a message naming it. Stock vLLM finds out "
+            "inside the worker's forward step, where the error takes the engine down."
+        ),
+        how=(
+            "Wrap the per-request LoRA check: for engines with the 'slora' key, validate "
+            "the adapter's config and weight-file header (cached per file fingerprint) "
+            "and raise VLLMValidationError (HTTP 400 in the OpenAI server)."
+        ),
+        removal="Drop when vLLM validates adapters at request admission (or offers a hook).",
+    ),
+    Patch(
+        module="patch_serving_models",
+        target="vllm.entrypoints.openai.models.serving.OpenAIServingModels.load_lora_adapter",
+        why=(
+            "Loading a bad adapter through /v1/load_lora_adapter must answer 4xx with "
+            "the adapter's name and the problem; stock vLLM maps every engine-side load "
+            "failure to HTTP 500 InternalServerError."
+        ),
+        how=(
+            "Wrap the coroutine: for engines with the 'slora' key, validate the adapter "
+            "(cached header check) and return a 400 ErrorResponse before the engine is "
+            "involved; otherwise call the original."
+        ),
+        removal="Drop when vLLM maps adapter validation errors to 400 itself.",
+    ),
 )
 
 def apply_patches(when: str = "register") -> None:
