@@ -33,7 +33,27 @@ class SLoRAWorkerMixin:
             "worker_cls": type(self).__name__,
             "rank": self.rank,
             "slora_config": self.slora_config.__dict__ if self.slora_config else None,
+            "adapters": self._slora_adapters(),
         }
+
+    def _slora_adapters(self) -> dict[int, dict]:
+        """Per resident adapter on this rank: its blocks and the bytes of its shard."""
+        manager = getattr(self.model_runner, "slora", None)
+        if manager is None or manager.host_cache is None:
+            return {}
+        found = {}
+        for lora_int_id, resident in manager.resident.items():
+            name, path, version = manager.known[lora_int_id]
+            packed = manager.host_cache.get(name, path, version)
+            found[lora_int_id] = {
+                "name": name,
+                "block_ids": list(resident.block_ids),
+                # Weight elements of this rank's shard, and the page bytes they fill.
+                "shard_elements": packed.spec.num_elements(manager.tp_size, manager.tp_rank),
+                "packed_pages": packed.num_pages,
+                "page_bytes": manager.page_elems * manager.dtype.itemsize,
+            }
+        return found
 
 
 class SLoRACPUWorker(SLoRAWorkerMixin, cpu_worker_cls()):
