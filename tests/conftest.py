@@ -15,8 +15,12 @@ TEST_KV_BYTES = 512 * 1024 * 1024
 
 # Set before any test runs: vLLM loads plugins once per process, so the pytest
 # process's own `plugin_loaded` record is written at the first EngineArgs of the session.
-_TRACE_PATH = Path(tempfile.mkdtemp(prefix="slora-trace-")) / "trace.jsonl"
-os.environ["VLLM_SLORA_TRACE_FILE"] = str(_TRACE_PATH)
+# setdefault: test modules that import helpers from here (`tests.conftest`) import this
+# file a second time, which must not point the trace somewhere else.
+os.environ.setdefault(
+    "VLLM_SLORA_TRACE_FILE", str(Path(tempfile.mkdtemp(prefix="slora-trace-")) / "trace.jsonl")
+)
+_TRACE_PATH = Path(os.environ["VLLM_SLORA_TRACE_FILE"])
 
 
 @pytest.fixture(scope="session")
