@@ -5,7 +5,9 @@ output tokens (greedy, ignore EOS), adapters of ranks {8, 16, 32, 64} on all 7
 projections, uniform popularity (request i uses adapter i mod N), every adapter warmed
 once before timing. Systems, each in its own process, measured in the same run:
 
-* base      - no LoRA at all (the ceiling)
+* base      - no LoRA at all (the ceiling), as stock vLLM runs it on CPU: torch.compile'd
+* base-eager - the same without compilation: vLLM's CPU platform turns compilation off
+              for any engine with LoRA (stock or slora), so this is the ceiling for both
 * stock     - vLLM's LoRA path, --max-loras 8 (fixed padded slots)
 * slora     - vllm-slora (--additional-config '{"slora": {}}')
 
@@ -42,7 +44,9 @@ def run_system(system: str, num_adapters: int) -> dict:
     model = prepare_default_model()
     kwargs = dict(model=str(model), dtype="float32", max_model_len=512, gpu_memory_utilization=0.3, seed=0)
     loras: list = [None] * NUM_REQUESTS
-    if system != "base":
+    if system == "base-eager":
+        kwargs.update(enforce_eager=True)
+    if not system.startswith("base"):
         adapters = generate_adapters(
             model / "config.json", cache_root() / "adapters" / "bench", num_adapters, ranks=RANKS, seed=0
         )
@@ -57,7 +61,7 @@ def run_system(system: str, num_adapters: int) -> dict:
     t0 = time.perf_counter()
     llm = LLM(**kwargs)
     startup_s = time.perf_counter() - t0
-    if system != "base":  # warm: every adapter loaded once before timing
+    if not system.startswith("base"):  # warm: every adapter loaded once before timing
         llm.generate([PROMPT] * num_adapters, SamplingParams(max_tokens=1), lora_request=requests, use_tqdm=False)
     params = SamplingParams(temperature=0.0, max_tokens=OUTPUT_TOKENS, ignore_eos=True)
     t0 = time.perf_counter()
@@ -65,7 +69,7 @@ def run_system(system: str, num_adapters: int) -> dict:
     elapsed = time.perf_counter() - t0
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     return {
-        "system": system, "num_adapters": num_adapters if system != "base" else 0,
+        "system": system, "num_adapters": num_adapters if not system.startswith("base") else 0,
         "output_tokens": tokens, "elapsed_s": elapsed, "tok_s": tokens / elapsed, "startup_s": startup_s,
         "num_gpu_blocks": llm.llm_engine.vllm_config.cache_config.num_gpu_blocks,
     }
@@ -88,8 +92,9 @@ def plot(points: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     ok = [p for p in points if "tok_s" in p]
-    labels = [p["system"] if p["system"] == "base" else f"{p['system']}\n{p['num_adapters']} adapters" for p in ok]
-    colors = {"base": "tab:gray", "stock": "tab:red", "slora": "tab:blue"}
+    labels = [p["system"] if p["system"].startswith("base") else f"{p['system']}\n{p['num_adapters']} adapters"
+              for p in ok]
+    colors = {"base": "tab:gray", "base-eager": "silver", "stock": "tab:red", "slora": "tab:blue"}
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.bar(labels, [p["tok_s"] for p in ok], color=[colors[p["system"]] for p in ok])
     for i, p in enumerate(ok):
@@ -112,9 +117,9 @@ def main() -> int:
 
     from vllm_slora.bench.machine import machine_info, machine_tag
 
-    plan = [("base", 0)] + [("slora", n) for n in args.adapters]
+    plan = [("base", 0), ("base-eager", 0)] + [("slora", n) for n in args.adapters]
     if not args.skip_stock:
-        plan.insert(1, ("stock", args.adapters[0]))
+        plan.insert(2, ("stock", args.adapters[0]))
     points = []
     for system, n in plan:
         print(f"[bench] {system} ({n} adapters)...", flush=True)
@@ -122,10 +127,13 @@ def main() -> int:
         print("   ", json.dumps(points[-1]), flush=True)
 
     base = next((p["tok_s"] for p in points if p["system"] == "base" and "tok_s" in p), None)
+    eager = next((p["tok_s"] for p in points if p["system"] == "base-eager" and "tok_s" in p), None)
     stock = {p["num_adapters"]: p["tok_s"] for p in points if p["system"] == "stock" and "tok_s" in p}
     for p in points:
         if "tok_s" in p and base:
             p["ratio_to_base"] = p["tok_s"] / base
+            if eager:
+                p["ratio_to_base_eager"] = p["tok_s"] / eager
             if p["system"] == "slora" and stock:
                 p["ratio_to_stock"] = p["tok_s"] / next(iter(stock.values()))
     machine = machine_info()
@@ -136,13 +144,13 @@ def main() -> int:
               "ranks": RANKS, "popularity": "uniform", "stock_max_loras": 8, "dtype": "float32"}
     stem.with_suffix(".json").write_text(json.dumps({"machine": machine, "config": config, "points": points}, indent=2))
     plot(points, stem.with_suffix(".png"))
-    print(f"\n{'system':<8}{'adapters':>9}{'tok/s':>9}{'x base':>8}{'x stock':>9}")
+    print(f"\n{'system':<11}{'adapters':>9}{'tok/s':>9}{'x base':>8}{'x eager':>9}{'x stock':>9}")
     for p in points:
         if "tok_s" in p:
-            print(f"{p['system']:<8}{p['num_adapters']:>9}{p['tok_s']:>9.1f}{p.get('ratio_to_base', 0):>8.2f}"
-                  f"{p.get('ratio_to_stock', float('nan')):>9.2f}")
+            print(f"{p['system']:<11}{p['num_adapters']:>9}{p['tok_s']:>9.1f}{p.get('ratio_to_base', 0):>8.2f}"
+                  f"{p.get('ratio_to_base_eager', float('nan')):>9.2f}{p.get('ratio_to_stock', float('nan')):>9.2f}")
         else:
-            print(f"{p['system']:<8}{p['num_adapters']:>9}  FAILED: {p['error'][:200]}")
+            print(f"{p['system']:<11}{p['num_adapters']:>9}  FAILED: {p['error'][:200]}")
     print(f"saved {stem}.json and .png")
     return 0
 

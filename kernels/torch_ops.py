@@ -125,6 +125,67 @@ def _pick(x: torch.Tensor, tokens: slice | torch.Tensor) -> torch.Tensor:
     return x[tokens] if isinstance(tokens, slice) else x.index_select(0, tokens)
 
 
+@dataclass(frozen=True)
+class TokenPlan:
+    """The step's tokens with an adapter, as one contiguous span per adapter.
+
+    When every adapter's tokens are already consecutive (prefill) ``order`` is None and
+    spans index the batch itself. Otherwise ``order`` (int64 [n]) lists the adapted
+    tokens sorted by adapter and spans index that sorted copy: gathering ``x`` once and
+    scattering the result once beats one index op per adapter by far when many adapters
+    each own a few interleaved decode tokens.
+    """
+
+    order: torch.Tensor | None
+    spans: tuple[tuple[int, int, int], ...]  # (adapter row, begin, end)
+
+
+def plan_tokens(
+    token_adapter: torch.Tensor,  # int32 [T]
+    num_adapters: int,
+    token_order: torch.Tensor | None = None,  # int64 [>= T], from PagedLoRAMeta
+    adapter_starts: torch.Tensor | None = None,  # int64 [>= num_adapters + 1]
+) -> TokenPlan:
+    """Group the tokens by adapter once (host sync: CPU path); see `TokenPlan`."""
+    groups = group_tokens(token_adapter, num_adapters, token_order, adapter_starts)
+    if all(isinstance(g.tokens, slice) for g in groups):
+        return TokenPlan(None, tuple((g.adapter, g.tokens.start, g.tokens.stop) for g in groups))
+    spans, order, begin = [], [], 0
+    for g in groups:
+        tokens = g.tokens if isinstance(g.tokens, torch.Tensor) else torch.arange(
+            g.tokens.start, g.tokens.stop, device=token_adapter.device)
+        spans.append((g.adapter, begin, begin + tokens.numel()))
+        order.append(tokens)
+        begin += tokens.numel()
+    return TokenPlan(torch.cat(order), tuple(spans))
+
+
+# {(adapter, slice): [(first row, end row, pool offset or the run's [rows, row_len] view)]}
+RowRuns = dict
+
+
+def with_views(
+    pool: torch.Tensor,  # [N] flat
+    runs: RowRuns,  # from row_runs, with offsets
+    row_len: int | Sequence[int],  # elements per row, per slice if a sequence
+) -> RowRuns:
+    """The same runs holding their zero-copy pool views, for callers that reuse them.
+
+    Building a view costs more than a tiny decode matmul; tables that stay valid for
+    many layers' calls (vllm_slora's per-step tables) build them once.
+    """
+    lens = row_len if not isinstance(row_len, int) else None
+    return {
+        (a, s): [(j0, j1, _run_view(pool, off, j1 - j0, row_len if lens is None else lens[s]))
+                 for j0, j1, off in found]
+        for (a, s), found in runs.items()
+    }
+
+
+def _weight(pool: torch.Tensor, j0: int, j1: int, where: int | torch.Tensor, row_len: int) -> torch.Tensor:
+    return where if isinstance(where, torch.Tensor) else _run_view(pool, where, j1 - j0, row_len)
+
+
 def shrink_torch(
     x: torch.Tensor,  # [T, in_features]
     pool: torch.Tensor,  # [N] flat, x.dtype
@@ -134,24 +195,32 @@ def shrink_torch(
     out: torch.Tensor,  # float32 [n_slices, T, R], overwritten
     token_order: torch.Tensor | None = None,
     adapter_starts: torch.Tensor | None = None,
+    plan: TokenPlan | None = None,  # precomputed for this step (else derived here)
+    runs: RowRuns | None = None,  # precomputed row_runs(a_row_offsets, ranks, in_features)
 ) -> None:
     """out[s, t, :r] = x[t] @ A_s(a)^T, zero elsewhere (see module docstring)."""
     out.zero_()
     num_adapters, num_slices, _ = a_row_offsets.shape
-    groups = group_tokens(token_adapter, num_adapters, token_order, adapter_starts)
-    if not groups:
+    if plan is None:
+        plan = plan_tokens(token_adapter, num_adapters, token_order, adapter_starts)
+    if not plan.spans:
         return
     in_features = x.shape[1]
-    runs = row_runs(a_row_offsets, ranks, in_features)
-    for group in groups:
-        xa = _compute(_pick(x, group.tokens))  # [Ta, in]
+    if runs is None:
+        runs = row_runs(a_row_offsets, ranks, in_features)
+    if plan.order is None:
+        xs, dst = x, out
+    else:
+        xs = x.index_select(0, plan.order)  # [n, in], adapter-sorted
+        dst = torch.zeros(num_slices, plan.order.numel(), out.shape[2], dtype=out.dtype, device=out.device)
+    for adapter, begin, end in plan.spans:
+        xa = _compute(xs[begin:end])  # [Ta, in]
         for s in range(num_slices):
-            for j0, j1, offset in runs.get((group.adapter, s), ()):
-                weight_t = _compute(_run_view(pool, offset, j1 - j0, in_features)).t()  # [in, j1-j0]
-                if isinstance(group.tokens, slice):  # write straight into out's rows
-                    torch.mm(xa, weight_t, out=out[s, group.tokens, j0:j1])
-                else:
-                    out[s, :, j0:j1].index_copy_(0, group.tokens, xa @ weight_t)
+            for j0, j1, where in runs.get((adapter, s), ()):
+                weight_t = _compute(_weight(pool, j0, j1, where, in_features)).t()  # [in, j1-j0]
+                torch.mm(xa, weight_t, out=dst[s, begin:end, j0:j1])
+    if plan.order is not None:
+        out.index_copy_(1, plan.order, dst)
 
 
 def expand_torch(
@@ -165,33 +234,45 @@ def expand_torch(
     out_sizes: Sequence[int],
     token_order: torch.Tensor | None = None,
     adapter_starts: torch.Tensor | None = None,
+    plan: TokenPlan | None = None,  # precomputed for this step (else derived here)
+    runs: RowRuns | None = None,  # precomputed row_runs(b_row_offsets, ranks, out_sizes)
 ) -> None:
     """y[t, slice s] += scalings[a, s] * buf[s, t, :r] @ B_s(a)^T (see module docstring)."""
     num_adapters, num_slices, _ = b_row_offsets.shape
-    groups = group_tokens(token_adapter, num_adapters, token_order, adapter_starts)
-    if not groups:
+    if plan is None:
+        plan = plan_tokens(token_adapter, num_adapters, token_order, adapter_starts)
+    if not plan.spans:
         return
-    runs = row_runs(b_row_offsets, ranks, out_sizes)
+    if runs is None:
+        runs = row_runs(b_row_offsets, ranks, out_sizes)
     scale = scalings.tolist()
     slice_starts = [sum(out_sizes[:s]) for s in range(num_slices)]
-    for group in groups:
-        a = group.adapter
-        for s, size in enumerate(out_sizes):
-            matrix_runs = runs.get((a, s))
+    sorted_buf = buf if plan.order is None else buf.index_select(1, plan.order)  # [n_slices, n, R]
+    for s, size in enumerate(out_sizes):
+        y_slice = y[:, slice_starts[s] : slice_starts[s] + size]
+        # Scattered tokens: accumulate the slice's delta for all adapters in sorted
+        # order, then add it to y in one indexed op (only if some adapter has the slice).
+        delta = None
+        for adapter, begin, end in plan.spans:
+            matrix_runs = runs.get((adapter, s))
             if not matrix_runs:
                 continue
-            coeff = _pick(buf[s], group.tokens)  # [Ta, R] float32
-            y_slice = y[:, slice_starts[s] : slice_starts[s] + size]
-            if len(matrix_runs) == 1 and y.dtype == torch.float32 and isinstance(group.tokens, slice):
-                # The common CPU case in one fused op: y rows += scaling * coeff @ B^T.
-                j0, j1, offset = matrix_runs[0]
-                y_slice[group.tokens].addmm_(coeff[:, j0:j1], _run_view(pool, offset, j1 - j0, size), alpha=scale[a][s])
+            coeff = sorted_buf[s, begin:end]  # [Ta, R] float32
+            alpha = scale[adapter][s]
+            if plan.order is None and y.dtype == torch.float32:
+                # Consecutive tokens, fp32: straight into y's rows, one fused op per run.
+                for j0, j1, where in matrix_runs:
+                    y_slice[begin:end].addmm_(coeff[:, j0:j1], _weight(pool, j0, j1, where, size), alpha=alpha)
                 continue
-            delta = None  # [Ta, out_s] float32
-            for j0, j1, offset in matrix_runs:
-                part = coeff[:, j0:j1] @ _compute(_run_view(pool, offset, j1 - j0, size))
-                delta = part if delta is None else delta.add_(part)
-            if isinstance(group.tokens, slice):
-                y_slice[group.tokens].add_(delta, alpha=scale[a][s])  # rounds once into y's dtype
-            else:
-                y_slice.index_add_(0, group.tokens, delta.to(y.dtype), alpha=scale[a][s])
+            if delta is None:
+                delta = torch.zeros(sorted_buf.shape[1], size, dtype=torch.float32, device=y.device)
+            for j0, j1, where in matrix_runs:
+                delta[begin:end].addmm_(coeff[:, j0:j1], _compute(_weight(pool, j0, j1, where, size)), alpha=alpha)
+        if delta is None:
+            continue
+        if plan.order is None:
+            for adapter, begin, end in plan.spans:
+                if runs.get((adapter, s)):
+                    y_slice[begin:end].add_(delta[begin:end])  # rounds once into y's dtype
+        else:
+            y_slice.index_add_(0, plan.order, delta.to(y.dtype))

@@ -56,3 +56,19 @@ def make_bad_adapters(good: Path, root: Path) -> dict[str, tuple[Path, str]]:
         breaker(path)
         out[case] = (path, needle)
     return out
+
+
+def make_model_bad_adapters(model_config: Path, root: Path) -> dict[str, tuple[Path, str]]:
+    """Cases that need the base model: rank above --max-lora-rank 64, another model's shapes."""
+    from vllm_slora.adapters.generate import generate_adapters
+
+    (too_big,) = generate_adapters(model_config, root, 1, ranks=(128,), name_prefix="rank128")
+    other_base = dict(
+        model_type="llama", hidden_size=256, intermediate_size=512, num_hidden_layers=30,
+        num_attention_heads=4, num_key_value_heads=2, vocab_size=49152,
+    )
+    (wrong,) = generate_adapters(other_base, root, 1, ranks=(8,), name_prefix="othermodel")
+    return {
+        "rank_above_max": (Path(too_big.path), "above max_lora_rank 64"),
+        "wrong_shapes": (Path(wrong.path), "has shape"),
+    }

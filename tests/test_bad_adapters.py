@@ -7,26 +7,17 @@ from __future__ import annotations
 
 import pytest
 
-from tests.bad_adapters import make_bad_adapters
+from tests.bad_adapters import make_bad_adapters, make_model_bad_adapters
+from tests.conftest import close_llm, make_llm
 
 pytestmark = pytest.mark.engine
 
 
 @pytest.fixture(scope="module")
 def bad_adapters(default_model, default_adapters, tmp_path_factory):
-    from vllm_slora.adapters.generate import generate_adapters
-
     root = tmp_path_factory.mktemp("bad")
     cases = make_bad_adapters(default_adapters[0].path, root)
-    # Rank above --max-lora-rank 64, and weights of another model's shapes.
-    (too_big,) = generate_adapters(default_model / "config.json", root, 1, ranks=(128,), name_prefix="rank128")
-    cases["rank_above_max"] = (too_big.path, "above max_lora_rank 64")
-    other_base = dict(
-        model_type="llama", hidden_size=256, intermediate_size=512, num_hidden_layers=30,
-        num_attention_heads=4, num_key_value_heads=2, vocab_size=49152,
-    )
-    (wrong,) = generate_adapters(other_base, root, 1, ranks=(8,), name_prefix="othermodel")
-    cases["wrong_shapes"] = (wrong.path, "has shape")
+    cases.update(make_model_bad_adapters(default_model / "config.json", root))
     return cases
 
 
@@ -53,3 +44,26 @@ def test_bad_adapter_is_rejected_and_engine_keeps_serving(slora_llm, bad_adapter
         lora_request=[LoRARequest(good.name, 11, good.path), None],
     )
     assert all(len(o.outputs[0].token_ids) == 4 for o in out)
+
+
+def test_adapter_larger_than_the_whole_pool(tiny_model, tmp_path):
+    """A pool of a few blocks: a rank-64 adapter can never fit, a rank-4 one can."""
+    from vllm import SamplingParams
+    from vllm.exceptions import VLLMValidationError
+    from vllm.lora.request import LoRARequest
+
+    from vllm_slora.adapters.generate import generate_adapters
+
+    small, huge = generate_adapters(tiny_model / "config.json", tmp_path, 2, ranks=(4, 64), seed=3)
+    # 6 blocks of 128 KiB; the rank-64 adapter needs 12 (tests/test_pool_scale.py arithmetic).
+    llm = make_llm(tiny_model, slora={}, max_model_len=256, kv_cache_memory_bytes=6 * 128 * 1024)
+    try:
+        params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+        with pytest.raises(VLLMValidationError) as err:
+            llm.generate(["the quick brown fox"], params, lora_request=LoRARequest(huge.name, 2, huge.path))
+        assert huge.name in str(err.value) and "pool" in str(err.value), str(err.value)
+        out = llm.generate(["the quick brown fox", "a stitch in time"], params,
+                           lora_request=[LoRARequest(small.name, 1, small.path), None], use_tqdm=False)
+        assert [len(o.outputs[0].token_ids) for o in out] == [4, 4]
+    finally:
+        close_llm(llm)

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from tests.bad_adapters import make_bad_adapters
+from tests.bad_adapters import make_bad_adapters, make_model_bad_adapters
 
 pytestmark = pytest.mark.engine
 
@@ -40,10 +40,11 @@ async def _load(base_url, name, path):
         return await http.post(f"{base_url}/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(path)})
 
 
-def test_bad_adapters_get_400_while_good_requests_succeed(server, default_adapters, tmp_path):
+def test_bad_adapters_get_400_while_good_requests_succeed(server, default_model, default_adapters, tmp_path):
     from openai import AsyncOpenAI
 
     bad = make_bad_adapters(default_adapters[0].path, tmp_path)
+    bad.update(make_model_bad_adapters(default_model / "config.json", tmp_path))
 
     async def scenario():
         client = AsyncOpenAI(base_url=server.openai_base_url, api_key="x", max_retries=0)

@@ -14,8 +14,8 @@ with the B^T rows of that chunk: `ModuleRows.b_chunk_offsets`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -110,6 +110,15 @@ class StepTables:
 
     lora_int_ids: tuple[int, ...]  # adapter row -> lora_int_id
     modules: dict[str, ModuleRows]
+    # CPU path: row runs per (module, layer, matrix), computed on first use. They depend
+    # only on these tables, which are rebuilt whenever the active adapters change.
+    _runs: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def runs(self, key: tuple, compute: Callable[[], dict]) -> dict:
+        found = self._runs.get(key)
+        if found is None:
+            found = self._runs[key] = compute()
+        return found
 
 
 def stack_step_tables(adapters: Sequence[ResidentAdapter]) -> StepTables:

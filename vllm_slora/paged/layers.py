@@ -29,7 +29,7 @@ from torch import nn
 from vllm_slora.adapters import BaseModelShape
 
 from .modules import PAGED_MODULES
-from .ops import paged_lora_expand, paged_lora_linear, paged_lora_shrink
+from .ops import expand_torch, paged_lora_expand, paged_lora_shrink, row_runs, shrink_torch, with_views
 from .step_state import StepState
 from .tensor_parallel import SINGLE, TPGroup
 
@@ -113,26 +113,43 @@ class PagedLoRALinear(nn.Module):
         meta = state.prepared_meta(num_tokens)  # no-op unless the batch was padded
         tokens = state.tokens(num_tokens)
         a_offsets, a_ranks, scalings = rows.a_offsets[layer], rows.a_ranks[layer], rows.scalings[layer]
-        if self.tp.size == 1:
-            paged_lora_linear(
-                out2, x2, pool, a_offsets, rows.b_offsets[layer], a_ranks, scalings, tokens, self.out_sizes, meta,
-                b_ranks=rows.b_ranks[layer],
-            )
-            return
         buf = torch.empty(a_offsets.shape[1], num_tokens, a_offsets.shape[2], dtype=torch.float32, device=x.device)
-        paged_lora_shrink(x2, pool, a_offsets, a_ranks, tokens, buf, meta)  # [n_slices, T, R]
-        if self.row_parallel:
+        self._shrink(x2, pool, a_offsets, a_ranks, tokens, buf, meta)  # [n_slices, T, R]
+        if self.tp.size == 1:
+            self._expand(buf, pool, rows.b_offsets[layer], rows.b_ranks[layer], scalings, tokens, out2, meta, "b")
+        elif self.row_parallel:
             # Partial sums over this rank's input columns -> the full x @ A^T everywhere.
             buf = self.tp.all_reduce(buf)
-            paged_lora_expand(buf, pool, rows.b_offsets[layer], rows.b_ranks[layer], scalings, tokens, out2,
-                              self.out_sizes, meta)
+            self._expand(buf, pool, rows.b_offsets[layer], rows.b_ranks[layer], scalings, tokens, out2, meta, "b")
+        else:
+            # Column-parallel: chunk k of the gathered vector is rank k's rows of x @ A^T.
+            gathered = self.tp.all_gather_last(buf)  # [n_slices, T, tp * R]
+            width = buf.shape[2]
+            for k in range(self.tp.size):
+                self._expand(gathered[..., k * width : (k + 1) * width], pool, rows.b_chunk_offsets[k][layer],
+                             a_ranks, scalings, tokens, out2, meta, f"b{k}")
+
+    # On CUDA the registered ops (Triton); on CPU the torch path called directly with the
+    # step's token grouping and the tables' row runs computed once, not per call. vLLM runs
+    # LoRA models eagerly on CPU (its platform sets CompilationMode.NONE), so the custom
+    # op boundary buys nothing there.
+    def _shrink(self, x, pool, offsets, ranks, tokens, buf, meta) -> None:
+        if x.is_cuda:
+            paged_lora_shrink(x, pool, offsets, ranks, tokens, buf, meta)
             return
-        # Column-parallel: chunk k of the gathered vector is rank k's rows of x @ A^T.
-        gathered = self.tp.all_gather_last(buf)  # [n_slices, T, tp * R]
-        width = buf.shape[2]
-        for k in range(self.tp.size):
-            paged_lora_expand(gathered[..., k * width : (k + 1) * width], pool, rows.b_chunk_offsets[k][layer],
-                              a_ranks, scalings, tokens, out2, self.out_sizes, meta)
+        runs = self.state.tables.runs((self.module_name, self.layer_index, "a"),
+                                      lambda: with_views(pool, row_runs(offsets, ranks, x.shape[1]), x.shape[1]))
+        shrink_torch(x, pool, offsets, ranks, tokens, buf, plan=self.state.token_plan(x.shape[0]), runs=runs)
+
+    def _expand(self, buf, pool, offsets, ranks, scalings, tokens, y, meta, which: str) -> None:
+        if y.is_cuda:
+            paged_lora_expand(buf, pool, offsets, ranks, scalings, tokens, y, self.out_sizes, meta)
+            return
+        runs = self.state.tables.runs((self.module_name, self.layer_index, which),
+                                      lambda: with_views(pool, row_runs(offsets, ranks, self.out_sizes),
+                                                         self.out_sizes))
+        expand_torch(buf, pool, offsets, ranks, scalings, tokens, y, self.out_sizes,
+                     plan=self.state.token_plan(y.shape[0]), runs=runs)
 
     def extra_repr(self) -> str:
         return f"module={self.module_name}, layer={self.layer_index}, out_sizes={self.out_sizes}"

@@ -7,8 +7,17 @@ Installed, `kernels/` is the subpackage `vllm_slora.kernels`; in a bare checkout
 from __future__ import annotations
 
 try:
-    from vllm_slora.kernels import PagedLoRAMeta, paged_lora_expand, paged_lora_linear, paged_lora_shrink
+    from vllm_slora.kernels import PagedLoRAMeta, paged_lora_expand, paged_lora_shrink
+    from vllm_slora.kernels.torch_ops import (
+        TokenPlan, expand_torch, plan_tokens, row_runs, shrink_torch, with_views,
+    )
 except ImportError:  # not installed: running from the repository root
-    from kernels import PagedLoRAMeta, paged_lora_expand, paged_lora_linear, paged_lora_shrink
+    from kernels import PagedLoRAMeta, paged_lora_expand, paged_lora_shrink
+    from kernels.torch_ops import (
+        TokenPlan, expand_torch, plan_tokens, row_runs, shrink_torch, with_views,
+    )
 
-__all__ = ["PagedLoRAMeta", "paged_lora_expand", "paged_lora_linear", "paged_lora_shrink"]
+__all__ = [
+    "PagedLoRAMeta", "TokenPlan", "expand_torch", "paged_lora_expand", "paged_lora_shrink", "plan_tokens",
+    "row_runs", "shrink_torch", "with_views",
+]

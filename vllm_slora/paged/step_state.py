@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .adapter_tables import StepTables
-from .ops import PagedLoRAMeta
+from .ops import PagedLoRAMeta, TokenPlan, plan_tokens
 
 
 @dataclass
@@ -26,6 +26,9 @@ class StepState:
     # shared by every layer; sized for `max_adapters` rows.
     meta: PagedLoRAMeta | None = None
     max_adapters: int = 1
+    # CPU path: the meta's grouping as host-side spans, built once per prepare.
+    _plan: TokenPlan | None = None
+    _plan_tokens: int = -1
 
     def ensure_capacity(self, num_tokens: int) -> None:
         if self.token_adapter is None or self.token_adapter.numel() < num_tokens:
@@ -50,7 +53,17 @@ class StepState:
             meta.num_tokens = -1  # nothing prepared yet
         if num_adapters is not None or meta.num_tokens != num_tokens:
             meta.prepare(self.token_adapter[:num_tokens])
+            self._plan = None
         return meta
+
+    def token_plan(self, num_tokens: int) -> TokenPlan:
+        """Host-side grouping of the first ``num_tokens`` tokens (CPU path), once per step."""
+        meta = self.prepared_meta(num_tokens)
+        if self._plan is None or self._plan_tokens != num_tokens:
+            self._plan = plan_tokens(self.token_adapter[:num_tokens], meta.max_adapters, meta.token_order,
+                                     meta.adapter_starts)
+            self._plan_tokens = num_tokens
+        return self._plan
 
     def clear(self) -> None:
         self.tables = None
@@ -59,3 +72,4 @@ class StepState:
             self.token_adapter.fill_(-1)
         if self.meta is not None:
             self.meta.num_tokens = -1  # stale: the next step prepares again
+        self._plan = None

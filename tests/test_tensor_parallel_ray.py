@@ -1,0 +1,126 @@
+"""TP=2 under the Ray executor on this CPU host: S-LoRA sharding, end to end.
+
+Stock vLLM refuses Ray on the CPU platform; patches/patch_cpu_ray.py swaps in a RayExecutorV2
+subclass that reserves one {"CPU": 1} placement-group bundle per rank. The two TP ranks
+are then real Ray actors (started by a local Ray cluster in EngineCore), fed by the same
+message queues as the mp executor. One mixed batch of adapters with ranks
+{1, 4, 8, 12, 16, 32, 64} plus base requests must give the same greedy tokens as HF
+transformers + PEFT, and each rank must report that it runs inside a Ray actor.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import close_llm, make_llm
+from tests.hf_reference import hf_greedy, trim_after_eos
+
+pytestmark = [pytest.mark.engine]
+
+RANKS = (1, 4, 8, 12, 16, 32, 64)
+MAX_TOKENS = 6
+PROMPTS = ["the quick brown fox", "paris is the capital of", "many adapters share one base model",
+           "a stitch in time"]
+
+
+@pytest.fixture(scope="module")
+def ray_run(tiny_model, tmp_path_factory):
+    pytest.importorskip("ray")
+    from transformers import AutoTokenizer
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+    from vllm.lora.request import LoRARequest
+    from vllm.platforms.cpu import CpuPlatform
+
+    from vllm_slora.adapters.generate import generate_adapters
+    from vllm_slora.patches import patch_cpu_ray
+
+    adapters = generate_adapters(tiny_model / "config.json", tmp_path_factory.mktemp("ray-adapters"),
+                                 len(RANKS), ranks=RANKS, seed=31, output_scale=1.0)
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    prompts = [tok(p)["input_ids"] for p in PROMPTS]
+    jobs = [(a, prompts[i % len(prompts)]) for i, a in enumerate(adapters)] + [(None, p) for p in prompts[:2]]
+
+    mp = pytest.MonkeyPatch()
+    try:
+        # Undone after the module; vllm_slora.register() applies the same patch in every process.
+        mp.setattr(CpuPlatform, "check_and_update_config", CpuPlatform.__dict__["check_and_update_config"])
+        patch_cpu_ray.apply()
+        mp.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
+        # Lets collective_rpc ship the probe function below to the workers.
+        mp.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+        llm = make_llm(tiny_model, slora={}, max_model_len=256, tensor_parallel_size=2,
+                       distributed_executor_backend="ray")
+        try:
+            backend = llm.llm_engine.vllm_config.parallel_config.distributed_executor_backend
+            outs = llm.generate(
+                [TokensPrompt(prompt_token_ids=ids) for _, ids in jobs],
+                SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS),
+                lora_request=[LoRARequest(a.name, 100 + i, a.path) if a else None
+                              for i, (a, _) in enumerate(jobs)],
+            )
+            tokens = [list(o.outputs[0].token_ids) for o in outs]
+            where = llm.collective_rpc(_where_am_i())
+            infos = llm.collective_rpc("slora_info")
+        finally:
+            close_llm(llm)
+    finally:
+        mp.undo()
+    return dict(jobs=jobs, tokens=tokens, where=where, infos=infos, backend=backend)
+
+
+def _where_am_i():
+    """A probe for collective_rpc: each TP worker reports the Ray actor it lives in, if any.
+
+    Built in a closure so cloudpickle ships it by value (the actors need not import tests/).
+    """
+
+    def probe(worker) -> dict:
+        import os
+
+        import ray
+
+        found = {"rank": worker.rank, "pid": os.getpid(), "ray": ray.is_initialized()}
+        with open(f"/proc/{os.getppid()}/comm") as f:
+            found["parent"] = f.read().strip()
+        if found["ray"]:
+            ctx = ray.get_runtime_context()
+            found.update(actor_id=ctx.get_actor_id(), actor_name=ctx.get_actor_name(),
+                         placement_group=ctx.get_placement_group_id())
+        return found
+
+    return probe
+
+
+def test_workers_are_ray_actors_in_one_placement_group(ray_run):
+    backend = ray_run["backend"]
+    assert isinstance(backend, type) and backend.__name__ == "CpuRayExecutor" and backend.uses_ray
+    where = ray_run["where"]
+    assert [w["rank"] for w in where] == [0, 1]
+    assert len({w["pid"] for w in where}) == 2
+    for w in where:
+        assert w["ray"] and w["actor_id"], f"rank {w['rank']} is not a Ray actor: {w}"
+        assert w["actor_name"].startswith("vllm_Worker_") and w["actor_name"].endswith(f"_TP{w['rank']}")
+        assert w["parent"] == "raylet", f"rank {w['rank']} was not started by Ray: {w}"
+    pgs = {w["placement_group"] for w in where}
+    assert len(pgs) == 1 and None not in pgs, f"ranks not in one placement group: {pgs}"
+    assert all(i["worker_cls"] == "SLoRACPUWorker" for i in ray_run["infos"])
+
+
+def test_tp2_ray_mixed_batch_matches_hf_peft(ray_run, tiny_model):
+    eos = json.loads((tiny_model / "config.json").read_text()).get("eos_token_id")
+    eos = set(eos if isinstance(eos, list) else [eos])
+    changed = 0
+    for (adapter, ids), got in zip(ray_run["jobs"], ray_run["tokens"]):
+        want = hf_greedy(tiny_model, [ids], MAX_TOKENS, adapter_dir=adapter.path if adapter else None)[0]
+        who = adapter.name if adapter else "base"
+        assert trim_after_eos(got, eos) == trim_after_eos(want, eos), f"{who} under Ray TP=2 differs from HF+PEFT"
+        changed += adapter is not None and want != hf_greedy(tiny_model, [ids], MAX_TOKENS)[0]
+    # The comparison only means something if the adapters move the greedy tokens.
+    assert changed >= len(RANKS) // 2, f"only {changed} adapters change the base model's tokens"
+    # Every adapter was paged in on both ranks, in the same blocks.
+    rank0, rank1 = (info["adapters"] for info in ray_run["infos"])
+    assert set(rank0) == set(rank1) == {100 + i for i in range(len(RANKS))}
+    assert all(rank0[k]["block_ids"] == rank1[k]["block_ids"] for k in rank0)
