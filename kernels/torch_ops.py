@@ -160,30 +160,32 @@ def plan_tokens(
     return TokenPlan(torch.cat(order), tuple(spans))
 
 
-# {(adapter, slice): [(first row, end row, pool offset or the run's [rows, row_len] view)]}
-RowRuns = dict
+RowRuns = dict  # {(adapter, slice): [(first row, end row, pool offset)]}, from row_runs
 
 
-def with_views(
-    pool: torch.Tensor,  # [N] flat
-    runs: RowRuns,  # from row_runs, with offsets
-    row_len: int | Sequence[int],  # elements per row, per slice if a sequence
-) -> RowRuns:
-    """The same runs holding their zero-copy pool views, for callers that reuse them.
+class PreparedRuns(dict):
+    """{adapter: [(slice, first row, end row, weight)]}: row runs with their pool views.
 
-    Building a view costs more than a tiny decode matmul; tables that stay valid for
-    many layers' calls (vllm_slora's per-step tables) build them once.
+    ``weight`` is the run's zero-copy [rows, row_len] view of the pool (transposed for
+    the shrink), already in the compute dtype. Building views costs more than a tiny
+    decode matmul, so callers whose tables stay valid across many calls (vllm_slora's
+    per-step tables, reused by every layer) prepare them once with `prepare_runs`.
     """
-    lens = row_len if not isinstance(row_len, int) else None
-    return {
-        (a, s): [(j0, j1, _run_view(pool, off, j1 - j0, row_len if lens is None else lens[s]))
-                 for j0, j1, off in found]
-        for (a, s), found in runs.items()
-    }
 
 
-def _weight(pool: torch.Tensor, j0: int, j1: int, where: int | torch.Tensor, row_len: int) -> torch.Tensor:
-    return where if isinstance(where, torch.Tensor) else _run_view(pool, where, j1 - j0, row_len)
+def prepare_runs(
+    pool: torch.Tensor,  # [N] flat
+    runs: RowRuns,  # from row_runs
+    row_len: int | Sequence[int],  # elements per row, per slice if a sequence
+    transpose: bool,  # True for A (shrink multiplies by A^T)
+) -> PreparedRuns:
+    prepared = PreparedRuns()
+    for (a, s), found in sorted(runs.items()):
+        length = row_len if isinstance(row_len, int) else row_len[s]
+        for j0, j1, offset in found:
+            weight = _compute(_run_view(pool, offset, j1 - j0, length))
+            prepared.setdefault(a, []).append((s, j0, j1, weight.t() if transpose else weight))
+    return prepared
 
 
 def shrink_torch(
@@ -196,7 +198,7 @@ def shrink_torch(
     token_order: torch.Tensor | None = None,
     adapter_starts: torch.Tensor | None = None,
     plan: TokenPlan | None = None,  # precomputed for this step (else derived here)
-    runs: RowRuns | None = None,  # precomputed row_runs(a_row_offsets, ranks, in_features)
+    runs: RowRuns | PreparedRuns | None = None,  # row_runs(a_row_offsets, ranks, in_features)
 ) -> None:
     """out[s, t, :r] = x[t] @ A_s(a)^T, zero elsewhere (see module docstring)."""
     out.zero_()
@@ -206,8 +208,9 @@ def shrink_torch(
     if not plan.spans:
         return
     in_features = x.shape[1]
-    if runs is None:
-        runs = row_runs(a_row_offsets, ranks, in_features)
+    if not isinstance(runs, PreparedRuns):
+        runs = prepare_runs(pool, runs if runs is not None else row_runs(a_row_offsets, ranks, in_features),
+                            in_features, transpose=True)
     if plan.order is None:
         xs, dst = x, out
     else:
@@ -215,10 +218,9 @@ def shrink_torch(
         dst = torch.zeros(num_slices, plan.order.numel(), out.shape[2], dtype=out.dtype, device=out.device)
     for adapter, begin, end in plan.spans:
         xa = _compute(xs[begin:end])  # [Ta, in]
-        for s in range(num_slices):
-            for j0, j1, where in runs.get((adapter, s), ()):
-                weight_t = _compute(_weight(pool, j0, j1, where, in_features)).t()  # [in, j1-j0]
-                torch.mm(xa, weight_t, out=dst[s, begin:end, j0:j1])
+        rows = dst[:, begin:end]  # [n_slices, Ta, R]
+        for s, j0, j1, weight_t in runs.get(adapter, ()):
+            torch.mm(xa, weight_t, out=rows[s, :, j0:j1])
     if plan.order is not None:
         out.index_copy_(1, plan.order, dst)
 
@@ -235,7 +237,7 @@ def expand_torch(
     token_order: torch.Tensor | None = None,
     adapter_starts: torch.Tensor | None = None,
     plan: TokenPlan | None = None,  # precomputed for this step (else derived here)
-    runs: RowRuns | None = None,  # precomputed row_runs(b_row_offsets, ranks, out_sizes)
+    runs: RowRuns | PreparedRuns | None = None,  # row_runs(b_row_offsets, ranks, out_sizes)
 ) -> None:
     """y[t, slice s] += scalings[a, s] * buf[s, t, :r] @ B_s(a)^T (see module docstring)."""
     num_adapters, num_slices, _ = b_row_offsets.shape
@@ -243,36 +245,33 @@ def expand_torch(
         plan = plan_tokens(token_adapter, num_adapters, token_order, adapter_starts)
     if not plan.spans:
         return
-    if runs is None:
-        runs = row_runs(b_row_offsets, ranks, out_sizes)
+    if not isinstance(runs, PreparedRuns):
+        runs = prepare_runs(pool, runs if runs is not None else row_runs(b_row_offsets, ranks, out_sizes),
+                            out_sizes, transpose=False)
     scale = scalings.tolist()
     slice_starts = [sum(out_sizes[:s]) for s in range(num_slices)]
     sorted_buf = buf if plan.order is None else buf.index_select(1, plan.order)  # [n_slices, n, R]
-    for s, size in enumerate(out_sizes):
-        y_slice = y[:, slice_starts[s] : slice_starts[s] + size]
-        # Scattered tokens: accumulate the slice's delta for all adapters in sorted
-        # order, then add it to y in one indexed op (only if some adapter has the slice).
-        delta = None
+    if plan.order is None and y.dtype == torch.float32:
+        # Consecutive tokens, fp32 (the CPU prefill case): straight into y's rows, one
+        # fused op per run; tokens of other adapters and untargeted slices untouched.
         for adapter, begin, end in plan.spans:
-            matrix_runs = runs.get((adapter, s))
-            if not matrix_runs:
-                continue
-            coeff = sorted_buf[s, begin:end]  # [Ta, R] float32
-            alpha = scale[adapter][s]
-            if plan.order is None and y.dtype == torch.float32:
-                # Consecutive tokens, fp32: straight into y's rows, one fused op per run.
-                for j0, j1, where in matrix_runs:
-                    y_slice[begin:end].addmm_(coeff[:, j0:j1], _weight(pool, j0, j1, where, size), alpha=alpha)
-                continue
-            if delta is None:
-                delta = torch.zeros(sorted_buf.shape[1], size, dtype=torch.float32, device=y.device)
-            for j0, j1, where in matrix_runs:
-                delta[begin:end].addmm_(coeff[:, j0:j1], _compute(_weight(pool, j0, j1, where, size)), alpha=alpha)
-        if delta is None:
-            continue
-        if plan.order is None:
-            for adapter, begin, end in plan.spans:
-                if runs.get((adapter, s)):
-                    y_slice[begin:end].add_(delta[begin:end])  # rounds once into y's dtype
-        else:
-            y_slice.index_add_(0, plan.order, delta.to(y.dtype))
+            rows = y[begin:end]
+            for s, j0, j1, weight in runs.get(adapter, ()):
+                start = slice_starts[s]
+                rows[:, start : start + out_sizes[s]].addmm_(sorted_buf[s, begin:end, j0:j1], weight,
+                                                             alpha=scale[adapter][s])
+        return
+    # Otherwise accumulate the delta in fp32, in adapter-sorted order, then add it to y
+    # once (rounding once into y's dtype), only for tokens with an adapter.
+    delta = torch.zeros(sorted_buf.shape[1], y.shape[1], dtype=torch.float32, device=y.device)
+    for adapter, begin, end in plan.spans:
+        rows = delta[begin:end]
+        for s, j0, j1, weight in runs.get(adapter, ()):
+            start = slice_starts[s]
+            rows[:, start : start + out_sizes[s]].addmm_(sorted_buf[s, begin:end, j0:j1], weight,
+                                                         alpha=scale[adapter][s])
+    if plan.order is None:
+        for adapter, begin, end in plan.spans:
+            y[begin:end].add_(delta[begin:end])
+    else:
+        y.index_add_(0, plan.order, delta.to(y.dtype))

@@ -112,6 +112,22 @@ PATCHES: tuple[Patch, ...] = (
         ),
         removal="Drop when vLLM maps adapter validation errors to 400 itself.",
     ),
+    Patch(
+        module="patch_cpu_ray",
+        target="vllm.platforms.cpu.CpuPlatform.check_and_update_config",
+        why=(
+            "vLLM's CPU platform has no ray_device_key, so --distributed-executor-backend ray "
+            "dies with 'current platform cpu does not support ray' (ray_utils.py:572, "
+            "ray_executor_v2.py:147), and the plugin's Ray path cannot be run without a GPU."
+        ),
+        how=(
+            "Wrap the CPU config hook: for engines with the 'slora' key that ask for 'ray' "
+            "(RayExecutorV2), set distributed_executor_backend to CpuRayExecutor, a RayExecutorV2 "
+            "subclass using one {'CPU': 1} placement-group bundle per rank and actors that "
+            "report no accelerator ids; the class travels to EngineCore inside VllmConfig."
+        ),
+        removal="Drop when vLLM's CPU platform supports Ray (sets ray_device_key).",
+    ),
 )
 
 def apply_patches(when: str = "register") -> None:

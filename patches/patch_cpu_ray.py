@@ -39,7 +39,9 @@ _classes: dict[str, type] = {}
 
 
 def apply() -> None:
-    from vllm.platforms.cpu import CpuPlatform  # compat: the platform whose config hook is wrapped
+    from vllm_slora.compat import cpu_ray_internals
+
+    CpuPlatform = cpu_ray_internals()[0]
 
     current = CpuPlatform.check_and_update_config
     if hasattr(current, _ORIGINAL_ATTR):
@@ -56,8 +58,9 @@ def apply() -> None:
 
 def wants_cpu_ray(vllm_config) -> bool:
     """The user asked for the Ray backend (V2 executor) on an engine with the `slora` key."""
-    import vllm.envs as envs  # compat: VLLM_USE_RAY_V2_EXECUTOR_BACKEND selects the Ray executor
+    from vllm_slora.compat import cpu_ray_internals
 
+    envs = cpu_ray_internals()[1]  # VLLM_USE_RAY_V2_EXECUTOR_BACKEND selects the Ray executor
     additional = vllm_config.additional_config
     return (
         vllm_config.parallel_config.distributed_executor_backend == "ray"
@@ -76,8 +79,9 @@ def __getattr__(name: str) -> type:
 
 
 def _build_classes() -> None:
-    from vllm.platforms import current_platform  # compat: ray_device_key is read from it
-    from vllm.v1.executor import ray_executor_v2  # compat: RayExecutorV2 / RayWorkerProc
+    from vllm_slora.compat import cpu_ray_internals
+
+    _, _, current_platform, ray_executor_v2 = cpu_ray_internals()
 
     class CpuRayWorkerProc(ray_executor_v2.RayWorkerProc):
         """RayWorkerProc for a CPU actor: Ray assigns it no accelerator ids."""

@@ -143,3 +143,16 @@ def test_lora_rpcs(runner, adapters, tmp_path):  # noqa: F811
     (tmp_path / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 8, "target_modules": ["q_proj"]}')
     with pytest.raises(AdapterError, match="'broken'"):
         runner.add_lora(LoRARequest("broken", 77, str(tmp_path)))
+
+
+def test_kernel_backend_triton_without_cuda_is_refused(monkeypatch):
+    monkeypatch.setattr(
+        runner_module, "worker_lora_internals", lambda: (lambda m: True, (FakeLinear, nn.Identity), TPGroup)
+    )
+    r = StandInRunner()
+    install_runner_mixin(r, SLoRAConfig(kernel_backend="triton"))
+    with pytest.raises(ValueError, match="kernel_backend.*no CUDA device"):
+        r.load_lora_model(TinyDecoder(), vllm_config(), torch.device("cpu"))
+    install_runner_mixin(r, SLoRAConfig(kernel_backend="torch"))
+    r.load_lora_model(TinyDecoder(), vllm_config(), torch.device("cpu"))
+    assert r.slora.state.use_triton is False

@@ -32,10 +32,8 @@ def ray_run(tiny_model, tmp_path_factory):
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
     from vllm.lora.request import LoRARequest
-    from vllm.platforms.cpu import CpuPlatform
 
     from vllm_slora.adapters.generate import generate_adapters
-    from vllm_slora.patches import patch_cpu_ray
 
     adapters = generate_adapters(tiny_model / "config.json", tmp_path_factory.mktemp("ray-adapters"),
                                  len(RANKS), ranks=RANKS, seed=31, output_scale=1.0)
@@ -45,9 +43,8 @@ def ray_run(tiny_model, tmp_path_factory):
 
     mp = pytest.MonkeyPatch()
     try:
-        # Undone after the module; vllm_slora.register() applies the same patch in every process.
-        mp.setattr(CpuPlatform, "check_and_update_config", CpuPlatform.__dict__["check_and_update_config"])
-        patch_cpu_ray.apply()
+        # No manual patching: vllm_slora.register() (run by vLLM's plugin loader) applies
+        # patches/patch_cpu_ray.py, which is what this test proves works.
         mp.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
         # Lets collective_rpc ship the probe function below to the workers.
         mp.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")

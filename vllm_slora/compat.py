@@ -121,3 +121,16 @@ def worker_lora_internals():
         )
 
     return supports_lora, (ColumnParallelLinear, RowParallelLinear), tp_group
+
+
+def cpu_ray_internals():
+    """What patches/patch_cpu_ray.py needs, in one place (imported lazily: Ray is heavy).
+
+    Returns (CpuPlatform, vllm.envs, current_platform, vllm.v1.executor.ray_executor_v2).
+    """
+    import vllm.envs as envs
+    from vllm.platforms import current_platform
+    from vllm.platforms.cpu import CpuPlatform
+    from vllm.v1.executor import ray_executor_v2
+
+    return CpuPlatform, envs, current_platform, ray_executor_v2

@@ -29,7 +29,7 @@ from torch import nn
 from vllm_slora.adapters import BaseModelShape
 
 from .modules import PAGED_MODULES
-from .ops import expand_torch, paged_lora_expand, paged_lora_shrink, row_runs, shrink_torch, with_views
+from .ops import expand_torch, paged_lora_expand, paged_lora_shrink, prepare_runs, row_runs, shrink_torch
 from .step_state import StepState
 from .tensor_parallel import SINGLE, TPGroup
 
@@ -134,20 +134,20 @@ class PagedLoRALinear(nn.Module):
     # LoRA models eagerly on CPU (its platform sets CompilationMode.NONE), so the custom
     # op boundary buys nothing there.
     def _shrink(self, x, pool, offsets, ranks, tokens, buf, meta) -> None:
-        if x.is_cuda:
+        if x.is_cuda and self.state.use_triton:
             paged_lora_shrink(x, pool, offsets, ranks, tokens, buf, meta)
             return
         runs = self.state.tables.runs((self.module_name, self.layer_index, "a"),
-                                      lambda: with_views(pool, row_runs(offsets, ranks, x.shape[1]), x.shape[1]))
+                                      lambda: prepare_runs(pool, row_runs(offsets, ranks, x.shape[1]), x.shape[1], True))
         shrink_torch(x, pool, offsets, ranks, tokens, buf, plan=self.state.token_plan(x.shape[0]), runs=runs)
 
     def _expand(self, buf, pool, offsets, ranks, scalings, tokens, y, meta, which: str) -> None:
-        if y.is_cuda:
+        if y.is_cuda and self.state.use_triton:
             paged_lora_expand(buf, pool, offsets, ranks, scalings, tokens, y, self.out_sizes, meta)
             return
         runs = self.state.tables.runs((self.module_name, self.layer_index, which),
-                                      lambda: with_views(pool, row_runs(offsets, ranks, self.out_sizes),
-                                                         self.out_sizes))
+                                      lambda: prepare_runs(pool, row_runs(offsets, ranks, self.out_sizes),
+                                                           self.out_sizes, False))
         expand_torch(buf, pool, offsets, ranks, scalings, tokens, y, self.out_sizes,
                      plan=self.state.token_plan(y.shape[0]), runs=runs)
 

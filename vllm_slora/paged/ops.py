@@ -7,17 +7,17 @@ Installed, `kernels/` is the subpackage `vllm_slora.kernels`; in a bare checkout
 from __future__ import annotations
 
 try:
-    from vllm_slora.kernels import PagedLoRAMeta, paged_lora_expand, paged_lora_shrink
+    from vllm_slora.kernels import HAS_TRITON, PagedLoRAMeta, paged_lora_expand, paged_lora_shrink
     from vllm_slora.kernels.torch_ops import (
-        TokenPlan, expand_torch, plan_tokens, row_runs, shrink_torch, with_views,
+        TokenPlan, expand_torch, plan_tokens, prepare_runs, row_runs, shrink_torch,
     )
 except ImportError:  # not installed: running from the repository root
-    from kernels import PagedLoRAMeta, paged_lora_expand, paged_lora_shrink
+    from kernels import HAS_TRITON, PagedLoRAMeta, paged_lora_expand, paged_lora_shrink
     from kernels.torch_ops import (
-        TokenPlan, expand_torch, plan_tokens, row_runs, shrink_torch, with_views,
+        TokenPlan, expand_torch, plan_tokens, prepare_runs, row_runs, shrink_torch,
     )
 
 __all__ = [
-    "PagedLoRAMeta", "TokenPlan", "expand_torch", "paged_lora_expand", "paged_lora_shrink", "plan_tokens",
-    "row_runs", "shrink_torch", "with_views",
+    "HAS_TRITON", "PagedLoRAMeta", "TokenPlan", "expand_torch", "paged_lora_expand", "paged_lora_shrink", "plan_tokens",
+    "prepare_runs", "row_runs", "shrink_torch",
 ]

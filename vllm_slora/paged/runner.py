@@ -48,6 +48,7 @@ class SLoRARunnerMixin:
             max_num_tokens=vllm_config.scheduler_config.max_num_batched_tokens,
             max_adapters_per_step=vllm_config.lora_config.max_loras,
         )
+        self.slora.state.use_triton = self._slora_use_triton(device)
         # vLLM code checks `hasattr(runner, "lora_manager")` to mean "LoRA is enabled".
         self.lora_manager = self.slora
         installed = install_paged_layers(model, self.slora.state, base, linear_types, tp)
@@ -59,6 +60,19 @@ class SLoRARunnerMixin:
             )
         trace.record("paged_layers", count=len(installed))
         return model
+
+    def _slora_use_triton(self, device) -> bool:
+        """The slora config's kernel_backend, checked against what this worker has."""
+        from .ops import HAS_TRITON
+
+        backend = self.slora_config.kernel_backend
+        on_cuda = str(device).startswith("cuda")
+        if backend == "triton" and not (on_cuda and HAS_TRITON):
+            raise ValueError(
+                "slora config key 'kernel_backend' is 'triton', but this worker has "
+                f"{'no Triton' if on_cuda else 'no CUDA device'}; use 'auto' or 'torch'"
+            )
+        return backend != "torch" and on_cuda and HAS_TRITON
 
     def initialize_kv_cache(self, kv_cache_config, *args, **kwargs):
         super().initialize_kv_cache(kv_cache_config, *args, **kwargs)

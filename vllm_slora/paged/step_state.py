@@ -26,6 +26,9 @@ class StepState:
     # shared by every layer; sized for `max_adapters` rows.
     meta: PagedLoRAMeta | None = None
     max_adapters: int = 1
+    # True: Triton ops on CUDA tensors (slora config kernel_backend auto/triton); False: the
+    # torch path everywhere (kernel_backend=torch, e.g. to compare or to debug).
+    use_triton: bool = True
     # CPU path: the meta's grouping as host-side spans, built once per prepare.
     _plan: TokenPlan | None = None
     _plan_tokens: int = -1
