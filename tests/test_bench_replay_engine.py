@@ -1,6 +1,6 @@
 """End to end against a real `vllm serve`: every request of a replayed trace is accounted for.
 
-Uses a random tiny Llama (built in about a second) with two generated LoRA adapters on
+Uses the tests' random tiny Llama (built in about a second) with two generated LoRA adapters on
 stock vLLM LoRA, plus one request for an adapter that does not exist, which must come
 back as a counted error rather than vanish.
 """
@@ -13,13 +13,12 @@ pytestmark = pytest.mark.engine
 
 
 @pytest.fixture(scope="module")
-def tiny_model_and_adapters(tmp_path_factory):
+def tiny_model_and_adapters(tiny_model, tmp_path_factory):
     from vllm_slora.adapters.generate import generate_adapters
     from vllm_slora.bench.systems import AdapterRef
-    from vllm_slora.bench.tiny_model import build_tiny_llama
 
     root = tmp_path_factory.mktemp("bench-e2e")
-    model = build_tiny_llama(root / "model")
+    model = tiny_model
     adapters = generate_adapters(model, root / "adapters", 2, ranks=(8, 16), target_modules=("q_proj", "v_proj"))
     return model, [AdapterRef(a.name, str(a.path), a.rank) for a in adapters], root
 

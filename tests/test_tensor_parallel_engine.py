@@ -11,14 +11,9 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import close_llm, make_llm
-from tests.hf_reference import hf_greedy, trim_after_eos
+from tests.tp_batch import RANKS, assert_matches_hf_peft, generate, mixed_jobs
 
 pytestmark = pytest.mark.engine
-
-RANKS = (1, 4, 8, 12, 16, 32, 64)
-MAX_TOKENS = 6
-PROMPTS = ["the quick brown fox", "paris is the capital of", "many adapters share one base model",
-           "a stitch in time"]
 
 
 @pytest.fixture(scope="module")
@@ -36,25 +31,13 @@ def tp_adapters(tiny_model, tmp_path_factory):
 
 
 def run_batch(tiny_model, adapters, tp: int, monkeypatch):
-    from transformers import AutoTokenizer
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-    from vllm.lora.request import LoRARequest
-
-    tok = AutoTokenizer.from_pretrained(tiny_model)
-    prompts = [tok(p)["input_ids"] for p in PROMPTS]
-    jobs = [(a, prompts[i % len(prompts)]) for i, a in enumerate(adapters)] + [(None, p) for p in prompts[:2]]
+    jobs = mixed_jobs(tiny_model, adapters)
     if tp > 1:
         monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
     llm = make_llm(tiny_model, slora={}, max_model_len=256, tensor_parallel_size=tp,
                    distributed_executor_backend="mp")
     try:
-        outs = llm.generate(
-            [TokensPrompt(prompt_token_ids=ids) for _, ids in jobs],
-            SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS),
-            lora_request=[LoRARequest(a.name, 100 + i, a.path) if a else None for i, (a, _) in enumerate(jobs)],
-        )
-        tokens = [list(o.outputs[0].token_ids) for o in outs]
+        tokens = generate(llm, jobs)
         infos = llm.collective_rpc("slora_info")
     finally:
         close_llm(llm)
@@ -71,21 +54,10 @@ def runs(tiny_model, tp_adapters):
 
 
 def test_tp2_mixed_batch_matches_hf_peft_and_tp1(runs, tiny_model):
-    import json
-
-    eos = json.loads((tiny_model / "config.json").read_text()).get("eos_token_id")
-    eos = set(eos if isinstance(eos, list) else [eos])
     jobs, tp2_tokens, _ = runs[2]
     _, tp1_tokens, _ = runs[1]
     assert tp2_tokens == tp1_tokens
-    changed = 0
-    for (adapter, ids), got in zip(jobs, tp2_tokens):
-        want = hf_greedy(tiny_model, [ids], MAX_TOKENS, adapter_dir=adapter.path if adapter else None)[0]
-        who = adapter.name if adapter else "base"
-        assert trim_after_eos(got, eos) == trim_after_eos(want, eos), f"{who} at TP=2 differs from HF+PEFT"
-        changed += adapter is not None and want != hf_greedy(tiny_model, [ids], MAX_TOKENS)[0]
-    # The comparison only means something if the adapters move the greedy tokens.
-    assert changed >= len(jobs) // 2, f"only {changed} adapters change the base model's tokens"
+    assert_matches_hf_peft(tiny_model, jobs, tp2_tokens, "at TP=2 (mp)")
 
 
 def test_each_rank_holds_half_in_the_same_blocks(runs, tp_adapters):

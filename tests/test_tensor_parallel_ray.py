@@ -10,36 +10,22 @@ transformers + PEFT, and each rank must report that it runs inside a Ray actor.
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from tests.conftest import close_llm, make_llm
-from tests.hf_reference import hf_greedy, trim_after_eos
+from tests.tp_batch import RANKS, assert_matches_hf_peft, generate, mixed_jobs
 
 pytestmark = [pytest.mark.engine]
-
-RANKS = (1, 4, 8, 12, 16, 32, 64)
-MAX_TOKENS = 6
-PROMPTS = ["the quick brown fox", "paris is the capital of", "many adapters share one base model",
-           "a stitch in time"]
 
 
 @pytest.fixture(scope="module")
 def ray_run(tiny_model, tmp_path_factory):
     pytest.importorskip("ray")
-    from transformers import AutoTokenizer
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-    from vllm.lora.request import LoRARequest
-
     from vllm_slora.adapters.generate import generate_adapters
 
     adapters = generate_adapters(tiny_model / "config.json", tmp_path_factory.mktemp("ray-adapters"),
                                  len(RANKS), ranks=RANKS, seed=31, output_scale=1.0)
-    tok = AutoTokenizer.from_pretrained(tiny_model)
-    prompts = [tok(p)["input_ids"] for p in PROMPTS]
-    jobs = [(a, prompts[i % len(prompts)]) for i, a in enumerate(adapters)] + [(None, p) for p in prompts[:2]]
+    jobs = mixed_jobs(tiny_model, adapters)
 
     mp = pytest.MonkeyPatch()
     try:
@@ -52,13 +38,7 @@ def ray_run(tiny_model, tmp_path_factory):
                        distributed_executor_backend="ray")
         try:
             backend = llm.llm_engine.vllm_config.parallel_config.distributed_executor_backend
-            outs = llm.generate(
-                [TokensPrompt(prompt_token_ids=ids) for _, ids in jobs],
-                SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS),
-                lora_request=[LoRARequest(a.name, 100 + i, a.path) if a else None
-                              for i, (a, _) in enumerate(jobs)],
-            )
-            tokens = [list(o.outputs[0].token_ids) for o in outs]
+            tokens = generate(llm, jobs)
             where = llm.collective_rpc(_where_am_i())
             infos = llm.collective_rpc("slora_info")
         finally:
@@ -107,16 +87,7 @@ def test_workers_are_ray_actors_in_one_placement_group(ray_run):
 
 
 def test_tp2_ray_mixed_batch_matches_hf_peft(ray_run, tiny_model):
-    eos = json.loads((tiny_model / "config.json").read_text()).get("eos_token_id")
-    eos = set(eos if isinstance(eos, list) else [eos])
-    changed = 0
-    for (adapter, ids), got in zip(ray_run["jobs"], ray_run["tokens"]):
-        want = hf_greedy(tiny_model, [ids], MAX_TOKENS, adapter_dir=adapter.path if adapter else None)[0]
-        who = adapter.name if adapter else "base"
-        assert trim_after_eos(got, eos) == trim_after_eos(want, eos), f"{who} under Ray TP=2 differs from HF+PEFT"
-        changed += adapter is not None and want != hf_greedy(tiny_model, [ids], MAX_TOKENS)[0]
-    # The comparison only means something if the adapters move the greedy tokens.
-    assert changed >= len(RANKS) // 2, f"only {changed} adapters change the base model's tokens"
+    assert_matches_hf_peft(tiny_model, ray_run["jobs"], ray_run["tokens"], "under Ray TP=2")
     # Every adapter was paged in on both ranks, in the same blocks.
     rank0, rank1 = (info["adapters"] for info in ray_run["infos"])
     assert set(rank0) == set(rank1) == {100 + i for i in range(len(RANKS))}
