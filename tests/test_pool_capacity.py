@@ -1,10 +1,10 @@
 """32 adapters up to rank 64 on SmolLM2-135M at gpu_memory_utilization=0.3.
 
 Stock vLLM reserves `max_loras x max_lora_rank` padded slots for every LoRA layer before
-the KV cache is sized. With --max-loras 32 the slots eat the budget: measured here
-(15.5 GiB NUMA node, 4.64 GiB requested) stock keeps 0.18 GiB for KV (4,096 tokens),
-the plugin 3.24 GiB (75,520 tokens); on a machine with less memory stock cannot start
-at all (DESIGN.md §8: -1.3 GiB at a 3.25 GiB budget). With the plugin there are no
+the KV cache is sized. With --max-loras 32 the slots (2.5 GB here) eat the budget:
+measured on this machine stock keeps 32-223 blocks for KV (depending on what else the
+process holds), the plugin ~750; on a machine with less memory stock cannot start at all
+(DESIGN.md §8: -1.3 GiB at a 3.25 GiB budget). With the plugin there are no
 slots: adapters take KV blocks only while resident, and all 32 run in one batch.
 """
 
@@ -65,8 +65,13 @@ def test_plugin_starts_and_serves_all_32_in_one_step(default_model, adapters32, 
         slora_blocks = llm.llm_engine.vllm_config.cache_config.num_gpu_blocks
     finally:
         close_llm(llm)
-    # Stock with 32 slots either cannot start or keeps a small fraction of the KV cache.
-    assert stock32_blocks is None or 4 * stock32_blocks <= slora_blocks, (stock32_blocks, slora_blocks)
+    # Stock with 32 slots either cannot start, or its KV cache is short by about what its
+    # padded slots take: 32 x rank 64 x (in + out of the 7 projections) x 30 layers, fp32,
+    # over the bytes of one block (128 tokens x 3 KV heads x 64 x K,V x fp32 x 30 layers).
+    slot_bytes = NUM_ADAPTERS * 64 * (2 * (576 + 576) + 2 * (576 + 192) + 3 * (576 + 1536)) * 30 * 4
+    block_bytes = 128 * 3 * 64 * 2 * 4 * 30
+    if stock32_blocks is not None:
+        assert slora_blocks - stock32_blocks >= 0.8 * slot_bytes / block_bytes, (stock32_blocks, slora_blocks)
     assert [len(o.outputs[0].token_ids) for o in outs] == [4] * NUM_ADAPTERS
     steps = [e for e in trace.read(str(trace_file))[before:] if e["event"] == "step"]
     assert max(s["scheduled_adapters"] for s in steps) == NUM_ADAPTERS
