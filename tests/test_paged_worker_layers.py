@@ -23,7 +23,7 @@ from vllm_slora.adapters.generate import generate_adapters
 from vllm_slora.paged.layers import PagedLoRALinear, decoder_layer_index, install_paged_layers, slice_out_sizes
 from vllm_slora.paged.manager import PagedAdapterManager
 from vllm_slora.paged.pool_views import flat_pool_views
-from vllm_slora.step_plan import AdapterPlacement, SLoRAStepPlan
+from vllm_slora.step_plan import AdapterPlacement, AdapterSource, SLoRAStepPlan
 
 TINY = dict(
     hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
@@ -269,3 +269,30 @@ def test_install_wraps_projections_only(base, manager):
     assert isinstance(model.lm_head, FakeLinear)
     assert model.model.layers[0].self_attn.qkv_proj.output_size_per_partition == 256  # forwarded
     assert decoder_layer_index("model.layers.17.mlp.down_proj") == 17
+
+
+def test_warm_reads_adapters_off_the_step(base, manager, adapters, tmp_path):
+    (lora_id, name, path), (_, other_name, other_path) = adapters[:2]
+    cache = manager.host_cache
+    manager.apply_plan(SLoRAStepPlan(warm=[AdapterSource(name, path, 1)]))
+    manager.apply_plan(SLoRAStepPlan(warm=[AdapterSource(name, path, 1)]))  # named twice: read once
+    cache.wait_warm()
+    assert cache.warmed == 1 and (path, 1, 0) in cache and cache.misses == 0
+    # The step that puts it into pages finds it packed: no disk read on the step.
+    free = list(range(1, NUM_BLOCKS))
+    manager.apply_plan(SLoRAStepPlan(load=place(manager, adapters[:1], free)))
+    assert cache.misses == 0 and cache.hits == 1
+    check_all_layers(base, manager, adapters, [lora_id, 0, lora_id])
+    # An adapter not warmed is read on the step, as before.
+    manager.apply_plan(SLoRAStepPlan(load=place(manager, adapters[1:2], free)))
+    assert cache.misses == 1 and (other_path, 1, 0) in cache and other_name
+
+    # A broken adapter warmed in the background fails only when loaded, with its own error.
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "adapter_config.json").write_text("{not json")
+    manager.apply_plan(SLoRAStepPlan(warm=[AdapterSource("broken", str(broken), 1)]))
+    cache.wait_warm()
+    assert cache.warmed == 1
+    with pytest.raises(AdapterError, match="broken"):
+        cache.get("broken", str(broken), 1)

@@ -114,6 +114,13 @@ def test_one_pool_for_adapters_and_kv_with_reclaim(scale_run):
     assert last["loads"] > last["evictions"] > 0
 
 
+def test_queue_head_adapters_are_read_off_the_step(scale_run):
+    # The scheduler named adapters of waiting requests ahead of time, and workers read and
+    # packed them in the background instead of on the step that loaded them.
+    assert sum(s["step_warm"] for s in scale_run["steps"]) > 0
+    assert scale_run["info"]["host_cache"]["warmed"] > 0
+
+
 def test_at_least_64_adapters_in_one_step(scale_run):
     assert max(s["scheduled_adapters"] for s in scale_run["steps"]) >= 64
 

@@ -25,7 +25,7 @@ from vllm_slora.compat import AsyncScheduler, Scheduler, SchedulerOutput, logger
 from vllm_slora.config import SLoRAConfig
 from vllm_slora.patches import apply_patches
 from vllm_slora.pool.residency import AdapterResidency, Residency
-from vllm_slora.step_plan import AdapterPlacement, SLoRAStepPlan
+from vllm_slora.step_plan import AdapterPlacement, AdapterSource, SLoRAStepPlan
 
 
 @dataclass
@@ -69,6 +69,9 @@ class SLoRASchedulerMixin:
         self._slora_pending_loads: list[AdapterPlacement] = []
         self._slora_pending_evictions: list[int] = []
         self._slora_step = 0
+        # lora_int_id -> version already named in a plan's `warm` list and not loaded into
+        # pages since (named again once it has been loaded and may have left the host cache).
+        self._slora_warmed: dict[int, int] = {}
         trace.record(
             "scheduler_init", cls=type(self).__name__, page_elems=self.slora_page_elems,
             num_blocks=kv_cache_config.num_blocks,
@@ -112,6 +115,7 @@ class SLoRASchedulerMixin:
         placement, needs_load = pinned
         if needs_load:
             self._slora_pending_loads.append(placement)
+            self._slora_warmed.pop(lora_request.lora_int_id, None)
         return True
 
     def _slora_on_evict(self, lora_int_id: int) -> None:
@@ -137,11 +141,12 @@ class SLoRASchedulerMixin:
         output = super().schedule(*args, **kwargs)
         in_use = {r.lora_request.lora_int_id for r in self.running if r.lora_request}
         self.slora_residency.retain_only(in_use)
-        self._slora_prefetch()
+        warm = self._slora_prefetch()
         plan = SLoRAStepPlan(
             load=self._slora_pending_loads,
             active={i: self.slora_residency.placement(i) for i in in_use},
             evicted=self._slora_pending_evictions,
+            warm=warm,
         )
         self._slora_pending_loads, self._slora_pending_evictions = [], []
         self._slora_step += 1
@@ -149,17 +154,21 @@ class SLoRASchedulerMixin:
         fields = {f.name: getattr(output, f.name) for f in dataclasses.fields(output) if f.init}
         return SLoRASchedulerOutput(**fields, slora=plan)
 
-    def _slora_prefetch(self) -> None:
-        """Make adapters of requests at the head of the queue resident ahead of time.
+    def _slora_prefetch(self) -> list[AdapterSource]:
+        """Get adapters of requests at the head of the queue ready ahead of time.
 
-        Only while the pool has room to spare, and left unpinned (cached), so the KV
-        cache can still take the blocks back.
+        Every such adapter not resident is named to the workers (`warm`: disk -> host in
+        the background, once per adapter version); while the pool has room to spare it
+        is also made resident now, unpinned (cached), so the KV cache can still take the
+        blocks back.
         """
         depth = self.slora_config.prefetch_depth
         if not depth:
-            return
+            return []
         pool = self.kv_cache_manager.block_pool
         spare = pool.num_gpu_blocks // 4
+        warm: list[AdapterSource] = []
+        room = True
         for request in list(self.waiting)[:depth]:
             lora = request.lora_request
             if lora is None:
@@ -167,13 +176,17 @@ class SLoRASchedulerMixin:
             if self.slora_residency.state(lora.lora_int_id) is not Residency.ABSENT:
                 continue
             try:
-                needed = self.slora_blocks_needed(lora)
+                spec = self._slora_spec(lora)
             except AdapterError:
                 continue  # reported when the request is considered for admission
-            if pool.get_num_free_blocks() - needed < spare:
-                return
-            if self._slora_make_resident(lora):
+            if self._slora_warmed.get(lora.lora_int_id) != spec.version:
+                self._slora_warmed[lora.lora_int_id] = spec.version
+                warm.append(AdapterSource(lora.lora_name, str(spec.path), spec.version))
+            needed = spec.blocks_needed(self.slora_page_elems, self.slora_tp_size)
+            room = room and pool.get_num_free_blocks() - needed >= spare
+            if room and self._slora_make_resident(lora):
                 self.slora_residency.unpin(lora.lora_int_id)
+        return warm
 
     def _slora_trace_step(self, output, plan: SLoRAStepPlan) -> None:
         if not trace.enabled():
@@ -183,7 +196,8 @@ class SLoRASchedulerMixin:
         stats = self.slora_residency.stats()
         trace.record(
             "step", step=self._slora_step, scheduled_adapters=len(set(scheduled)),
-            step_loads=len(plan.load), step_evictions=len(plan.evicted), **dataclasses.asdict(stats),
+            step_loads=len(plan.load), step_evictions=len(plan.evicted), step_warm=len(plan.warm),
+            **dataclasses.asdict(stats),
             kv_blocks=stats.kv_blocks,
         )
 

@@ -24,6 +24,15 @@ class AdapterPlacement:
     block_ids: tuple[int, ...]
 
 
+@dataclass(frozen=True)
+class AdapterSource:
+    """Where a worker reads an adapter from (no blocks: it is not resident yet)."""
+
+    lora_name: str
+    lora_path: str
+    version: int
+
+
 @dataclass
 class SLoRAStepPlan:
     # Adapters whose pages must be filled before this step's forward (newly allocated,
@@ -35,3 +44,7 @@ class SLoRAStepPlan:
     # Adapters whose blocks were handed to someone else since the previous plan: their
     # pages no longer hold their weights.
     evicted: list[int] = field(default_factory=list)
+    # Adapters of requests near the head of the waiting queue: workers read and pack them
+    # into their host cache in the background, so the step that later loads them into
+    # pages does not wait on the disk.
+    warm: list[AdapterSource] = field(default_factory=list)

@@ -34,7 +34,16 @@ class SLoRAWorkerMixin:
             "rank": self.rank,
             "slora_config": self.slora_config.__dict__ if self.slora_config else None,
             "adapters": self._slora_adapters(),
+            "host_cache": self._slora_host_cache_stats(),
         }
+
+    def _slora_host_cache_stats(self) -> dict:
+        manager = getattr(self.model_runner, "slora", None)
+        cache = manager.host_cache if manager is not None else None
+        if cache is None:
+            return {}
+        return {"hits": cache.hits, "misses": cache.misses, "warmed": cache.warmed, "bytes": cache.nbytes,
+                "entries": len(cache)}
 
     def _slora_adapters(self) -> dict[int, dict]:
         """Per resident adapter on this rank: its blocks and the bytes of its shard."""

@@ -4,13 +4,20 @@ A hit turns re-admitting an evicted adapter into a host->pool copy with no disk 
 Keys are ``(lora_path, version, tp_rank)`` as the scheduler's plan names them; the weight
 file's (inode, size, mtime) is checked on every hit as well, so a file replaced in place
 is never served from a stale entry even when the version was not bumped.
+
+`warm` reads and packs an adapter on a background thread (the scheduler names adapters of
+requests near the head of its queue), so the step that later puts it into pages finds it
+here instead of waiting on the disk; a `get` for an adapter still being warmed waits for
+that one read instead of starting another.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import threading
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -59,11 +66,19 @@ class HostAdapterCache:
         self.max_lora_rank = max_lora_rank
         self.allow_pickle = allow_pickle
         self._entries: OrderedDict[CacheKey, _Entry] = OrderedDict()  # oldest first
+        self._warming: dict[CacheKey, Future] = {}
+        self._lock = threading.Lock()  # entries and _warming: the warm thread inserts too
+        self._warmer: ThreadPoolExecutor | None = None  # started on first use
         self.hits = 0
         self.misses = 0
+        self.warmed = 0  # adapters read and packed in the background
 
     @property
     def nbytes(self) -> int:
+        with self._lock:
+            return self._nbytes()
+
+    def _nbytes(self) -> int:
         return sum(e.packed.nbytes for e in self._entries.values())
 
     def inspect(self, name: str, path: str, version: int = 1) -> AdapterSpec:
@@ -80,24 +95,63 @@ class HostAdapterCache:
     def get(self, name: str, path: str, version: int) -> PackedAdapter:
         """The packed adapter, from memory or (validated, read, packed) from disk."""
         key = (path, version, self.tp_rank)
-        entry = self._entries.get(key)
-        if entry is not None and entry.file_identity == _file_identity(entry.packed.spec.checkpoint.path):
-            self._entries.move_to_end(key)
+        with self._lock:
+            packed = self._lookup(key)
+            pending = self._warming.get(key) if packed is None else None
+        if packed is not None:
             self.hits += 1
-            return entry.packed
+            return packed
+        if pending is not None:
+            self.hits += 1  # the disk read already happened (or is happening) off the step
+            return pending.result()  # raises the adapter's AdapterError if it is bad
         self.misses += 1
+        return self._load(name, path, version)
+
+    def warm(self, name: str, path: str, version: int) -> None:
+        """Read and pack the adapter on a background thread, unless cached or on its way."""
+        key = (path, version, self.tp_rank)
+        with self._lock:
+            if key in self._warming or self._lookup(key, touch=False) is not None:
+                return
+            if self._warmer is None:
+                self._warmer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slora-warm")
+            future = self._warmer.submit(self._load, name, path, version)
+            self._warming[key] = future
+
+        def done(_future: Future) -> None:
+            with self._lock:
+                self._warming.pop(key, None)
+            if _future.exception() is None:
+                self.warmed += 1
+
+        future.add_done_callback(done)
+
+    def _lookup(self, key: CacheKey, touch: bool = True) -> PackedAdapter | None:
+        """A cached entry whose weight file is unchanged (lock held)."""
+        entry = self._entries.get(key)
+        if entry is None or entry.file_identity != _file_identity(entry.packed.spec.checkpoint.path):
+            return None
+        if touch:
+            self._entries.move_to_end(key)
+        return entry.packed
+
+    def _load(self, name: str, path: str, version: int) -> PackedAdapter:
         spec = self.inspect(name, path, version)
         packed = pack_adapter(spec, self.page_elems, self.dtype, self.tp_size, self.tp_rank)
-        self._insert(key, _Entry(packed, _file_identity(spec.checkpoint.path), pinned=bool(entry and entry.pinned)))
+        key = (path, version, self.tp_rank)
+        with self._lock:
+            old = self._entries.get(key)
+            self._insert(key, _Entry(packed, _file_identity(spec.checkpoint.path), pinned=bool(old and old.pinned)))
         return packed
 
     def _insert(self, key: CacheKey, entry: _Entry) -> None:
+        """Add an entry, then evict least recently used ones past the budget (lock held)."""
         # A new version makes every older one of the same path dead weight.
         for old in [k for k in self._entries if k[0] == key[0] and k[1] < key[1]]:
             del self._entries[old]
         self._entries[key] = entry
         self._entries.move_to_end(key)
-        total = self.nbytes
+        total = self._nbytes()
         for victim in list(self._entries):
             if total <= self.capacity_bytes:
                 break
@@ -110,21 +164,32 @@ class HostAdapterCache:
 
     def drop_path(self, path: str) -> bool:
         """Forget every version of the adapter at ``path``; True if any was cached."""
-        keys = [k for k in self._entries if k[0] == path]
-        for k in keys:
-            del self._entries[k]
+        with self._lock:
+            keys = [k for k in self._entries if k[0] == path]
+            for k in keys:
+                del self._entries[k]
         return bool(keys)
 
     def pin_path(self, path: str) -> bool:
         """Exempt the cached versions of ``path`` from LRU eviction."""
         found = False
-        for k, e in self._entries.items():
-            if k[0] == path:
-                e.pinned = found = True
+        with self._lock:
+            for k, e in self._entries.items():
+                if k[0] == path:
+                    e.pinned = found = True
         return found
 
+    def wait_warm(self) -> None:
+        """Block until every background read has finished (tests, shutdown)."""
+        with self._lock:
+            pending = list(self._warming.values())
+        for future in pending:
+            future.exception()
+
     def __contains__(self, key: CacheKey) -> bool:
-        return key in self._entries
+        with self._lock:
+            return key in self._entries
 
     def __len__(self) -> int:
-        return len(self._entries)
+        with self._lock:
+            return len(self._entries)

@@ -73,7 +73,10 @@ class PagedAdapterManager:
 
     # -- the scheduler's plan ----------------------------------------------------------
     def apply_plan(self, plan: SLoRAStepPlan) -> None:
-        """Forget evicted adapters, then fill the pages of newly placed ones."""
+        """Start background reads of `warm` adapters, forget evicted ones, fill new pages."""
+        if self.host_cache is not None:
+            for source in plan.warm:
+                self.host_cache.warm(source.lora_name, source.lora_path, source.version)
         for lora_int_id in plan.evicted:
             self.resident.pop(lora_int_id, None)
         for placement in plan.load:
