@@ -92,3 +92,45 @@ def test_mixed_batch_matches_hf_peft(slora_llm, default_model, mixed_adapters, t
     assert max(s["scheduled_adapters"] for s in steps) == len(mixed_adapters), (
         "all adapters should run in the same step"
     )
+
+
+def test_same_name_reload_never_reuses_old_kv_or_pages(slora_llm, default_model, tokenized, tmp_path):
+    """load_inplace with new files under the same name, id and path: new weights only.
+
+    The prompt spans more than one KV block, so prefix caching would serve the second
+    request from the first one's blocks if the hash ignored the adapter's files.
+    """
+    import os
+    import shutil
+
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+    from vllm.lora.request import LoRARequest
+
+    from vllm_slora.adapters.generate import generate_adapters
+
+    (old,) = generate_adapters(default_model / "config.json", tmp_path / "old", 1, ranks=(16,), seed=1,
+                             output_scale=2.0)
+    (new,) = generate_adapters(default_model / "config.json", tmp_path / "new", 1, ranks=(16,), seed=2,
+                             output_scale=2.0)
+    path = tmp_path / "served"
+    shutil.copytree(old.path, path)
+    ids = (tokenized[0] + tokenized[1] + tokenized[2]) * 12  # > 128 tokens: at least one full block
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
+
+    def run(load_inplace: bool) -> list[int]:
+        out = slora_llm.generate([TokensPrompt(prompt_token_ids=ids)], params, use_tqdm=False,
+                                 lora_request=LoRARequest("reloaded", 4242, str(path), load_inplace=load_inplace))
+        return list(out[0].outputs[0].token_ids)
+
+    want_old = hf_greedy(default_model, [ids], MAX_TOKENS, adapter_dir=old.path)[0]
+    want_new = hf_greedy(default_model, [ids], MAX_TOKENS, adapter_dir=new.path)[0]
+    assert want_old != want_new, "the two adapters must disagree for this test to mean anything"
+    eos = _eos(default_model)
+    assert trim_after_eos(run(False), eos) == trim_after_eos(want_old, eos)
+
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copyfile(f"{new.path}/{name}", path / name)
+        stat = os.stat(path / name)
+        os.utime(path / name, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # a visibly newer file
+    assert trim_after_eos(run(True), eos) == trim_after_eos(want_new, eos), "served the old adapter's KV or pages"
