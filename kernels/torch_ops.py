@@ -251,27 +251,21 @@ def expand_torch(
     scale = scalings.tolist()
     slice_starts = [sum(out_sizes[:s]) for s in range(num_slices)]
     sorted_buf = buf if plan.order is None else buf.index_select(1, plan.order)  # [n_slices, n, R]
-    if plan.order is None and y.dtype == torch.float32:
-        # Consecutive tokens, fp32 (the CPU prefill case): straight into y's rows, one
-        # fused op per run; tokens of other adapters and untargeted slices untouched.
-        for adapter, begin, end in plan.spans:
-            rows = y[begin:end]
-            for s, j0, j1, weight in runs.get(adapter, ()):
-                start = slice_starts[s]
-                rows[:, start : start + out_sizes[s]].addmm_(sorted_buf[s, begin:end, j0:j1], weight,
-                                                             alpha=scale[adapter][s])
-        return
-    # Otherwise accumulate the delta in fp32, in adapter-sorted order, then add it to y
-    # once (rounding once into y's dtype), only for tokens with an adapter.
-    delta = torch.zeros(sorted_buf.shape[1], y.shape[1], dtype=torch.float32, device=y.device)
+    # Consecutive tokens in fp32 (the CPU prefill case) go straight into y's rows, one fused
+    # op per run. Otherwise the delta accumulates in fp32, in adapter-sorted order, and is
+    # added to y once (rounding once into y's dtype), only for tokens with an adapter.
+    direct = plan.order is None and y.dtype == torch.float32
+    target = y if direct else torch.zeros(sorted_buf.shape[1], y.shape[1], dtype=torch.float32, device=y.device)
     for adapter, begin, end in plan.spans:
-        rows = delta[begin:end]
+        rows = target[begin:end]
         for s, j0, j1, weight in runs.get(adapter, ()):
             start = slice_starts[s]
             rows[:, start : start + out_sizes[s]].addmm_(sorted_buf[s, begin:end, j0:j1], weight,
                                                          alpha=scale[adapter][s])
+    if direct:
+        return
     if plan.order is None:
-        for adapter, begin, end in plan.spans:
-            y[begin:end].add_(delta[begin:end])
+        for _, begin, end in plan.spans:
+            y[begin:end].add_(target[begin:end])
     else:
-        y.index_add_(0, plan.order, delta.to(y.dtype))
+        y.index_add_(0, plan.order, target.to(y.dtype))

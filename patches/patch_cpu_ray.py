@@ -39,9 +39,9 @@ _classes: dict[str, type] = {}
 
 
 def apply() -> None:
-    from vllm_slora.compat import cpu_ray_internals
+    from vllm_slora.compat import cpu_platform_internals
 
-    CpuPlatform = cpu_ray_internals()[0]
+    CpuPlatform, _ = cpu_platform_internals()
 
     current = CpuPlatform.check_and_update_config
     if hasattr(current, _ORIGINAL_ATTR):
@@ -58,9 +58,9 @@ def apply() -> None:
 
 def wants_cpu_ray(vllm_config) -> bool:
     """The user asked for the Ray backend (V2 executor) on an engine with the `slora` key."""
-    from vllm_slora.compat import cpu_ray_internals
+    from vllm_slora.compat import cpu_platform_internals
 
-    envs = cpu_ray_internals()[1]  # VLLM_USE_RAY_V2_EXECUTOR_BACKEND selects the Ray executor
+    _, envs = cpu_platform_internals()  # VLLM_USE_RAY_V2_EXECUTOR_BACKEND selects the Ray executor
     additional = vllm_config.additional_config
     return (
         vllm_config.parallel_config.distributed_executor_backend == "ray"
@@ -79,9 +79,9 @@ def __getattr__(name: str) -> type:
 
 
 def _build_classes() -> None:
-    from vllm_slora.compat import cpu_ray_internals
+    from vllm_slora.compat import ray_executor_internals
 
-    _, _, current_platform, ray_executor_v2 = cpu_ray_internals()
+    current_platform, ray_executor_v2 = ray_executor_internals()
 
     class CpuRayWorkerProc(ray_executor_v2.RayWorkerProc):
         """RayWorkerProc for a CPU actor: Ray assigns it no accelerator ids."""

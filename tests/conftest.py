@@ -2,25 +2,18 @@
 
 from __future__ import annotations
 
-import gc
 import os
 import tempfile
 from pathlib import Path
 
 import pytest
 
-# Small, fixed KV budget: deterministic across machines and leaves room for HF models.
-TEST_KV_BYTES = 512 * 1024 * 1024
-
+from tests.engines import TEST_KV_BYTES, close_llm, make_llm
 
 # Set before any test runs: vLLM loads plugins once per process, so the pytest
 # process's own `plugin_loaded` record is written at the first EngineArgs of the session.
-# setdefault: test modules that import helpers from here (`tests.conftest`) import this
-# file a second time, which must not point the trace somewhere else.
-os.environ.setdefault(
-    "VLLM_SLORA_TRACE_FILE", str(Path(tempfile.mkdtemp(prefix="slora-trace-")) / "trace.jsonl")
-)
-_TRACE_PATH = Path(os.environ["VLLM_SLORA_TRACE_FILE"])
+_TRACE_PATH = Path(tempfile.mkdtemp(prefix="slora-trace-")) / "trace.jsonl"
+os.environ["VLLM_SLORA_TRACE_FILE"] = str(_TRACE_PATH)
 
 
 @pytest.fixture(scope="session")
@@ -55,30 +48,6 @@ def default_adapters(default_model, tmp_path_factory):
         ranks=(8, 16, 32, 64),
         seed=1234,
     )
-
-
-def make_llm(model: Path, slora: dict | None, **overrides):
-    from vllm import LLM
-
-    kwargs = dict(
-        model=str(model),
-        dtype="float32",
-        enable_lora=True,
-        max_lora_rank=64,
-        max_model_len=1024,
-        kv_cache_memory_bytes=TEST_KV_BYTES,
-        seed=0,
-    )
-    if slora is not None:
-        kwargs["additional_config"] = {"slora": slora}
-    kwargs.update(overrides)
-    return LLM(**kwargs)
-
-
-def close_llm(llm) -> None:
-    llm.llm_engine.engine_core.shutdown()
-    del llm
-    gc.collect()
 
 
 @pytest.fixture(scope="session")

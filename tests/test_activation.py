@@ -108,7 +108,7 @@ def test_flag_present_runs_slora_classes_in_every_process(slora_llm, trace_file)
 @pytest.mark.engine
 def test_flag_absent_runs_stock_engine(tiny_model, tmp_path, monkeypatch):
     """Plugin installed and loaded everywhere, but nothing of it runs without the flag."""
-    from tests.conftest import close_llm, make_llm
+    from tests.engines import close_llm, make_llm
     from vllm import SamplingParams
 
     stock_trace = tmp_path / "stock.jsonl"

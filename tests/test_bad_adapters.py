@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from tests.bad_adapters import make_bad_adapters, make_model_bad_adapters
-from tests.conftest import close_llm, make_llm
+from tests.engines import close_llm, make_llm
 
 pytestmark = pytest.mark.engine
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import close_llm, make_llm
+from tests.engines import close_llm, make_llm
 
 pytestmark = pytest.mark.engine
 

@@ -13,7 +13,7 @@ import json
 import numpy as np
 import pytest
 
-from tests.conftest import close_llm, make_llm
+from tests.engines import close_llm, make_llm
 from tests.hf_reference import hf_greedy
 
 pytestmark = pytest.mark.engine

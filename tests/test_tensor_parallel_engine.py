@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import close_llm, make_llm
+from tests.engines import close_llm, make_llm
 from tests.tp_batch import RANKS, assert_matches_hf_peft, generate, mixed_jobs
 
 pytestmark = pytest.mark.engine

@@ -123,14 +123,21 @@ def worker_lora_internals():
     return supports_lora, (ColumnParallelLinear, RowParallelLinear), tp_group
 
 
-def cpu_ray_internals():
-    """What patches/patch_cpu_ray.py needs, in one place (imported lazily: Ray is heavy).
-
-    Returns (CpuPlatform, vllm.envs, current_platform, vllm.v1.executor.ray_executor_v2).
-    """
+def cpu_platform_internals():
+    """(CpuPlatform, vllm.envs): what patches/patch_cpu_ray.py needs at every start-up."""
     import vllm.envs as envs
-    from vllm.platforms import current_platform
     from vllm.platforms.cpu import CpuPlatform
+
+    return CpuPlatform, envs
+
+
+def ray_executor_internals():
+    """(current_platform, vllm.v1.executor.ray_executor_v2), only when a Ray engine starts.
+
+    Kept apart from `cpu_platform_internals`: importing the Ray executor imports Ray,
+    seconds that no process without a Ray engine should pay.
+    """
+    from vllm.platforms import current_platform
     from vllm.v1.executor import ray_executor_v2
 
-    return CpuPlatform, envs, current_platform, ray_executor_v2
+    return current_platform, ray_executor_v2

@@ -90,9 +90,6 @@ class SLoRASchedulerMixin:
         self._slora_specs[lora_request.lora_int_id] = spec
         return spec
 
-    def slora_blocks_needed(self, lora_request) -> int:
-        return self._slora_spec(lora_request).blocks_needed(self.slora_page_elems, self.slora_tp_size)
-
     def _slora_make_resident(self, lora_request) -> bool:
         spec = self._slora_spec(lora_request)
 

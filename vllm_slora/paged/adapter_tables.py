@@ -128,25 +128,20 @@ def stack_step_tables(adapters: Sequence[ResidentAdapter]) -> StepTables:
         rows = [a.modules[name] for a in adapters]
         width = max(r.max_rows for r in rows)
 
-        def stacked(field: str, pad: bool) -> torch.Tensor:
+        def stacked(field: str, pad: bool, dim: int = 1) -> torch.Tensor:
             parts = [getattr(r, field) for r in rows]
             if pad:
                 # Padding offsets are never read: the rank bounds every row loop.
                 parts = [F.pad(p, (0, width - p.shape[-1])) for p in parts]
-            return torch.stack(parts, dim=1).contiguous()
+            return torch.stack(parts, dim=dim).contiguous()
 
-        chunks = None
-        if rows[0].b_chunk_offsets is not None:
-            a_width = max(r.a_offsets.shape[-1] for r in rows)
-            chunks = torch.stack(
-                [F.pad(r.b_chunk_offsets, (0, a_width - r.b_chunk_offsets.shape[-1])) for r in rows], dim=2
-            ).contiguous()
+        chunked = rows[0].b_chunk_offsets is not None  # column-parallel at tp > 1
         modules[name] = ModuleRows(
             a_offsets=stacked("a_offsets", True),
             b_offsets=stacked("b_offsets", True),
             a_ranks=stacked("a_ranks", False),
             b_ranks=stacked("b_ranks", False),
             scalings=stacked("scalings", False),
-            b_chunk_offsets=chunks,
+            b_chunk_offsets=stacked("b_chunk_offsets", True, dim=2) if chunked else None,
         )
     return StepTables(tuple(a.lora_int_id for a in adapters), modules)

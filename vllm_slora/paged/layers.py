@@ -115,11 +115,10 @@ class PagedLoRALinear(nn.Module):
         a_offsets, a_ranks, scalings = rows.a_offsets[layer], rows.a_ranks[layer], rows.scalings[layer]
         buf = torch.empty(a_offsets.shape[1], num_tokens, a_offsets.shape[2], dtype=torch.float32, device=x.device)
         self._shrink(x2, pool, a_offsets, a_ranks, tokens, buf, meta)  # [n_slices, T, R]
-        if self.tp.size == 1:
-            self._expand(buf, pool, rows.b_offsets[layer], rows.b_ranks[layer], scalings, tokens, out2, meta, "b")
-        elif self.row_parallel:
+        if self.row_parallel and self.tp.size > 1:
             # Partial sums over this rank's input columns -> the full x @ A^T everywhere.
             buf = self.tp.all_reduce(buf)
+        if self.row_parallel or self.tp.size == 1:
             self._expand(buf, pool, rows.b_offsets[layer], rows.b_ranks[layer], scalings, tokens, out2, meta, "b")
         else:
             # Column-parallel: chunk k of the gathered vector is rank k's rows of x @ A^T.

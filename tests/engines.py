@@ -1,0 +1,37 @@
+"""Building and closing vLLM engines in tests (shared by conftest fixtures and test modules).
+
+Kept out of conftest.py: a test module importing `tests.conftest` would load that file a
+second time as another module and re-run its module-level set-up.
+"""
+
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+
+# Small, fixed KV budget: deterministic across machines and leaves room for HF models.
+TEST_KV_BYTES = 512 * 1024 * 1024
+
+
+def make_llm(model: Path, slora: dict | None, **overrides):
+    from vllm import LLM
+
+    kwargs = dict(
+        model=str(model),
+        dtype="float32",
+        enable_lora=True,
+        max_lora_rank=64,
+        max_model_len=1024,
+        kv_cache_memory_bytes=TEST_KV_BYTES,
+        seed=0,
+    )
+    if slora is not None:
+        kwargs["additional_config"] = {"slora": slora}
+    kwargs.update(overrides)
+    return LLM(**kwargs)
+
+
+def close_llm(llm) -> None:
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    gc.collect()
