@@ -79,7 +79,8 @@ def main() -> None:
     for layer in range(base.num_layers):
         for module, inp in in_features.items():
             sizes = slice_out_sizes(base, module, 1, 0)
-            wrapper = PagedLoRALinear(DenseLinear(inp, sum(sizes)), module, layer, sizes, manager.state)
+            wrapper = PagedLoRALinear(DenseLinear(inp, sum(sizes)), module, layer, sizes, manager.state,
+                                      manager.backend)
             layers.append((wrapper, torch.randn(args.tokens, inp), torch.zeros(args.tokens, sum(sizes))))
 
     def lora_step() -> None:

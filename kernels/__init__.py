@@ -8,7 +8,8 @@
 
 from .metadata import PagedLoRAMeta
 from .ops import HAS_TRITON, paged_lora_expand, paged_lora_linear, paged_lora_shrink
-from .packing import PackedRows, RowTables, build_row_tables, lora_layer_layout, lora_matrix_specs, pack_lora_layer
+from .packing import PackedRows, lora_layer_layout, lora_matrix_specs, pack_lora_layer
+from .slot_tables import RowTables, SlotTables, build_row_tables
 from .torch_ops import expand_torch, row_runs, rows_are_contiguous, shrink_torch
 
 __all__ = [
@@ -16,6 +17,7 @@ __all__ = [
     "PackedRows",
     "PagedLoRAMeta",
     "RowTables",
+    "SlotTables",
     "build_row_tables",
     "expand_torch",
     "lora_layer_layout",

@@ -207,7 +207,9 @@ def _segment_args(meta: PagedLoRAMeta | None, num_tokens: int, on_cuda: bool) ->
     """The meta's tensors for the op: grouping for the CPU path, tiles for Triton's segment form."""
     if meta is None:
         return {}
-    assert meta.num_tokens == num_tokens, (
+    # A meta prepared over a longer map (the worker prepares all max_tokens entries, whose
+    # tail is -1) groups the first num_tokens tokens exactly as one prepared for them.
+    assert meta.num_tokens >= num_tokens, (
         f"meta was prepared for {meta.num_tokens} tokens, the op got {num_tokens}; call meta.prepare(token_adapter)"
     )
     args = {"token_order": meta.token_order, "adapter_starts": meta.adapter_starts}

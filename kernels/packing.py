@@ -66,35 +66,3 @@ def pack_lora_layer(
             index = starts[:, None] + torch.arange(matrix.shape[1], dtype=torch.int64)
             pool[index.reshape(-1).to(pool.device)] = matrix.reshape(-1).to(pool.dtype, copy=False).to(pool.device)
     return PackedRows(tuple(row_offsets[0::2]), tuple(row_offsets[1::2]))
-
-
-@dataclass(frozen=True)
-class RowTables:
-    """What the ops take for one layer: every adapter of the step, padded to max rank."""
-
-    a_row_offsets: torch.Tensor  # int64 [A, n_slices, R]
-    b_row_offsets: torch.Tensor  # int64 [A, n_slices, R]
-    ranks: torch.Tensor  # int32 [A, n_slices], 0 = slice absent
-    scalings: torch.Tensor  # float32 [A, n_slices]
-
-
-def build_row_tables(
-    adapters: Sequence[PackedRows],
-    scalings: Sequence[Sequence[float]],  # per adapter, per slice
-    device: torch.device | str = "cpu",
-    max_rank: int | None = None,
-) -> RowTables:
-    """Stack adapters' rows into dense tables. Entries past a rank are never read (0)."""
-    num_slices = len(adapters[0].a_offsets)
-    width = max_rank or max(1, max(max(p.ranks) for p in adapters))
-    a = torch.zeros(len(adapters), num_slices, width, dtype=torch.int64)
-    b = torch.zeros_like(a)
-    ranks = torch.zeros(len(adapters), num_slices, dtype=torch.int32)
-    for i, packed in enumerate(adapters):
-        for s in range(num_slices):
-            r = packed.a_offsets[s].numel()
-            a[i, s, :r] = packed.a_offsets[s]
-            b[i, s, :r] = packed.b_offsets[s]
-            ranks[i, s] = r
-    scal = torch.as_tensor(scalings, dtype=torch.float32).reshape(len(adapters), num_slices)
-    return RowTables(a.to(device), b.to(device), ranks.to(device), scal.to(device))

@@ -22,11 +22,19 @@ def apply() -> None:
         vllm_config = current(self, *args, **kwargs)
         from vllm_slora.activation import activate_if_requested
 
-        activate_if_requested(vllm_config)
+        activate_if_requested(vllm_config, requested_compile_mode=_requested_mode(self))
         return vllm_config
 
     setattr(create_engine_config, _ORIGINAL_ATTR, current)
     EngineArgs.create_engine_config = create_engine_config
+
+
+def _requested_mode(engine_args):
+    """The compilation mode the user set on the command line / in LLM(), or None."""
+    config = getattr(engine_args, "compilation_config", None)
+    if isinstance(config, dict):
+        return config.get("mode")
+    return getattr(config, "mode", None)
 
 
 def revert() -> None:

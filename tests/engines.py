@@ -24,6 +24,10 @@ def make_llm(model: Path, slora: dict | None, **overrides):
         max_model_len=1024,
         kv_cache_memory_bytes=TEST_KV_BYTES,
         seed=0,
+        # Plugin engines run compiled on CPU by default (vllm_slora/activation.py); the
+        # inductor build costs minutes on 2 cores, so tests run eager unless they are
+        # about compilation (tests/test_compiled_engine.py).
+        enforce_eager=True,
     )
     if slora is not None:
         kwargs["additional_config"] = {"slora": slora}

@@ -107,9 +107,17 @@ def place(manager, adapters, block_pool: list[int]):
     return placements
 
 
-@pytest.fixture()
-def manager(base):
-    m = PagedAdapterManager(base, torch.float32, "cpu", 64 << 20, max_num_tokens=8, max_adapters_per_step=6)
+def cpu_backends() -> list[str]:
+    """Every CPU backend this install has (the native kernel only when it was built)."""
+    from vllm_slora.paged.ops import cpu_native
+
+    return ["torch"] + (["native"] if cpu_native.available() else [])
+
+
+@pytest.fixture(params=cpu_backends())
+def manager(base, request):
+    m = PagedAdapterManager(base, torch.float32, "cpu", 64 << 20, max_num_tokens=32, max_adapters_per_step=6,
+                            kernel_backend=request.param)
     m.attach_pool(make_pools(), PAGE_ELEMS)
     return m
 
@@ -118,7 +126,7 @@ def wrapped_layer(base, manager, module: str, layer: int) -> PagedLoRALinear:
     in_features = {"qkv_proj": 128, "o_proj": 128, "gate_up_proj": 128, "down_proj": 256}[module]
     sizes = slice_out_sizes(base, module, 1, 0)
     return PagedLoRALinear(FakeLinear(in_features, sum(sizes), seed=layer * 10 + len(module)), module, layer,
-                           sizes, manager.state)
+                           sizes, manager.state, manager.backend)
 
 
 def check_all_layers(base, manager, adapters, token_ids: list[int]) -> None:
@@ -172,7 +180,7 @@ def test_mixed_adapters_match_dense_reference_and_other_pages_untouched(base, ma
 
 def test_no_adapter_step_is_base_output(base, manager, adapters):
     manager.set_token_mapping([0, 0, 0])
-    assert not manager.state.has_lora
+    assert not manager.state.any_adapter and manager.state.token_adapter[:3].tolist() == [-1, -1, -1]
     wrapper = wrapped_layer(base, manager, "qkv_proj", 0)
     x = torch.randn(3, 128)
     assert torch.equal(wrapper(x)[0], wrapper.base_layer(x)[0])
@@ -201,7 +209,7 @@ def test_padded_tokens_beyond_mapping_get_no_adapter(base, manager, adapters):
     manager.apply_plan(SLoRAStepPlan(load=place(manager, adapters[:1], free)))
     manager.set_token_mapping([10, 10])
     wrapper = wrapped_layer(base, manager, "o_proj", 1)
-    x = torch.randn(20, 128)  # a padded batch, longer than the buffer's first size
+    x = torch.randn(20, 128)  # a padded batch, longer than the step's mapped tokens
     out = wrapper(x)[0]
     base_out = wrapper.base_layer(x)[0]
     assert not torch.equal(out[:2], base_out[:2])
@@ -262,7 +270,7 @@ def test_install_wraps_projections_only(base, manager):
     model.model.layers = nn.ModuleList([Layer(), Layer()])
     model.lm_head = FakeLinear(128, 512, 4)
     # Every FakeLinear counts as column-parallel here (tp=1: no difference in the math).
-    installed = install_paged_layers(model, manager.state, base, (FakeLinear, nn.Identity))
+    installed = install_paged_layers(model, manager.state, manager.backend, base, (FakeLinear, nn.Identity))
     assert len(installed) == 8
     assert isinstance(model.model.layers[1].mlp.down_proj, PagedLoRALinear)
     assert model.model.layers[1].mlp.down_proj.layer_index == 1

@@ -121,14 +121,31 @@ def test_plan_is_applied_before_the_forward(runner, adapters):  # noqa: F811
     assert torch.equal(with_lora[3:], base[3:])
 
 
-def test_dummy_runs_use_no_adapter(runner):
-    runner.slora.state.has_lora = True
-    with runner.maybe_dummy_run_with_lora(object(), np.array([4]), np.array([1]), True, 3):
-        assert not runner.slora.state.has_lora
-    with runner.maybe_setup_dummy_loras(object()):
-        with runner.maybe_select_dummy_loras(object(), np.array([4]), None, None, 2):
-            assert not runner.slora.state.has_lora
-    runner.maybe_remove_all_loras(object())
+def test_dummy_runs_map_no_token_but_keep_the_lora_op(runner, adapters):  # noqa: F811
+    """A dummy run (what vLLM traces and captures) maps every token to no adapter, yet
+    still runs the layers' LoRA op on the same static metadata a real step uses: a graph
+    recorded there must contain the LoRA path (the old `has_lora` branch left it out)."""
+    md = runner.slora.state
+    static = [t.data_ptr() for t in md.static_tensors()]
+    md.token_adapter[:4] = 0  # stale entries a dummy run must overwrite
+    md.num_mapped = 4
+    calls = []
+    qkv = runner.model.model.layers[0].self_attn.qkv_proj
+    original = qkv.lora.apply
+    qkv.lora.apply = lambda x, y: (calls.append(x.shape[0]), original(x, y))
+    try:
+        with runner.maybe_dummy_run_with_lora(object(), np.array([4]), np.array([1]), True, 3):
+            assert md.token_adapter.tolist() == [-1] * md.max_tokens and not md.any_adapter
+            x = torch.randn(4, 128)
+            assert torch.equal(qkv(x)[0], qkv.base_layer(x)[0])
+        with runner.maybe_setup_dummy_loras(object()):
+            with runner.maybe_select_dummy_loras(object(), np.array([4]), None, None, 2):
+                assert not md.any_adapter
+        runner.maybe_remove_all_loras(object())
+    finally:
+        qkv.lora.apply = original
+    assert calls == [4]  # the op ran (and found nothing to add)
+    assert [t.data_ptr() for t in md.static_tensors()] == static
 
 
 def test_lora_rpcs(runner, adapters, tmp_path):  # noqa: F811
@@ -155,4 +172,16 @@ def test_kernel_backend_triton_without_cuda_is_refused(monkeypatch):
         r.load_lora_model(TinyDecoder(), vllm_config(), torch.device("cpu"))
     install_runner_mixin(r, SLoRAConfig(kernel_backend="torch"))
     r.load_lora_model(TinyDecoder(), vllm_config(), torch.device("cpu"))
-    assert r.slora.state.use_triton is False
+    assert r.slora.backend.name == "torch"
+
+
+def test_kernel_backend_auto_on_cpu_is_native_when_built(monkeypatch):
+    from vllm_slora.paged.ops import cpu_native
+
+    monkeypatch.setattr(
+        runner_module, "worker_lora_internals", lambda: (lambda m: True, (FakeLinear, nn.Identity), TPGroup)
+    )
+    r = StandInRunner()
+    install_runner_mixin(r, SLoRAConfig())
+    r.load_lora_model(TinyDecoder(), vllm_config(), torch.device("cpu"))
+    assert r.slora.backend.name == ("native" if cpu_native.available() else "torch")

@@ -140,7 +140,7 @@ def run_rank(rank, group, base, weights, placements, token_ids, inputs, results)
             shard = RowShard(w, rank, tp) if row else ColumnShard(w, column_rows(module, rank))
             setattr(block.self_attn if module in ("qkv_proj", "o_proj") else block.mlp, module, shard)
         model.model.layers.append(block)
-    wrapped = install_paged_layers(model, manager.state, base, (ColumnShard, RowShard), tp)
+    wrapped = install_paged_layers(model, manager.state, manager.backend, base, (ColumnShard, RowShard), tp)
     assert len(wrapped) == 8
     for w in wrapped:
         x = inputs[w.layer_index, w.module_name]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from vllm_slora import trace
 from vllm_slora.config import SLoRAConfig, SLoRAConfigError
 
@@ -11,8 +13,11 @@ CPU_WORKER = "vllm_slora.worker.SLoRACPUWorker"
 GPU_WORKER = "vllm_slora.worker.SLoRAGPUWorker"
 
 
-def activate_if_requested(vllm_config) -> SLoRAConfig | None:
+def activate_if_requested(vllm_config, requested_compile_mode=None) -> SLoRAConfig | None:
     """Swap in vllm-slora's scheduler and worker classes if the `slora` key is present.
+
+    ``requested_compile_mode`` is the compilation mode the user asked for (None: vLLM's
+    default), so that an explicit choice is never overridden.
 
     Raises SLoRAConfigError (a ValueError) naming the problem when the section is
     invalid or the engine's other settings cannot work with it.
@@ -55,5 +60,40 @@ def activate_if_requested(vllm_config) -> SLoRAConfig | None:
             "was given; drop one of them"
         )
     sched.scheduler_cls = ASYNC_SCHEDULER if sched.async_scheduling else SCHEDULER
-    trace.record("activated", worker_cls=parallel.worker_cls, scheduler_cls=sched.scheduler_cls)
+    compiled = _compile_on_cpu(vllm_config, requested_compile_mode)
+    trace.record("activated", worker_cls=parallel.worker_cls, scheduler_cls=sched.scheduler_cls,
+                 compile_mode=str(vllm_config.compilation_config.mode), cpu_compile_restored=compiled)
     return slora
+
+
+def _compile_on_cpu(vllm_config, requested_mode) -> bool:
+    """Run plugin engines on CPU compiled, as vLLM runs the base model there.
+
+    vLLM's CPU platform forces eager mode for every LoRA engine (its punica CPU path is
+    not traceable). The plugin's paged layers are: their LoRA work is one opaque custom
+    op reading static metadata (paged/layers.py), so the compiled graph is right for any
+    adapter set. Restores exactly what the platform sets for engines without LoRA,
+    unless the user asked for eager (`enforce_eager`, -O0, an explicit compilation mode,
+    or TORCH_COMPILE_DISABLE=1).
+    """
+    from vllm_slora.compat import CompilationMode, current_platform
+
+    config = vllm_config.compilation_config
+    if (
+        not current_platform.is_cpu()
+        or vllm_config.model_config.enforce_eager
+        or requested_mode is not None
+        or int(vllm_config.optimization_level) == 0  # -O0
+        or os.environ.get("TORCH_COMPILE_DISABLE") == "1"
+        or config.mode != CompilationMode.NONE
+    ):
+        return False
+    config.mode = CompilationMode.DYNAMO_TRACE_ONCE
+    # vLLM's own CPU CI switch: trace with dynamo, run the graph eagerly (fast start-up).
+    config.backend = "eager" if os.environ.get("VLLM_CPU_CI_ENV") == "1" else "inductor"
+    config.inductor_compile_config.update(
+        {"dce": True, "size_asserts": False, "nan_asserts": False, "epilogue_fusion": True,
+         "cpp.dynamic_threads": True}
+    )
+    config.ir_enable_torch_wrap = False
+    return True

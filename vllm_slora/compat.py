@@ -34,12 +34,13 @@ def check_vllm_version() -> None:
 
 
 # Engine-side (API / LLM process, EngineCore).
-from vllm.config import VllmConfig  # noqa: E402
+from vllm.config import CompilationMode, VllmConfig  # noqa: E402
 from vllm.engine.arg_utils import EngineArgs  # noqa: E402
 from vllm.entrypoints.openai.models.serving import OpenAIServingModels  # noqa: E402
 from vllm.entrypoints.serve import create_error_response  # noqa: E402
-from vllm.exceptions import VLLMValidationError  # noqa: E402
+from vllm.exceptions import VLLMNotFoundError, VLLMValidationError  # noqa: E402
 from vllm.logger import init_logger  # noqa: E402
+from vllm.platforms import current_platform  # noqa: E402
 from vllm.v1.engine.input_processor import InputProcessor  # noqa: E402
 from vllm.v1.core import kv_cache_utils  # noqa: E402
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler  # noqa: E402
@@ -66,6 +67,8 @@ def gpu_worker_cls():
 
 
 __all__ = [
+    "CompilationMode",
+    "current_platform",
     "AsyncScheduler",
     "EngineArgs",
     "Scheduler",
@@ -73,6 +76,7 @@ __all__ = [
     "InputProcessor",
     "OpenAIServingModels",
     "create_error_response",
+    "VLLMNotFoundError",
     "VLLMValidationError",
     "kv_cache_utils",
     "logger",

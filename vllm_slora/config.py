@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 SLORA_KEY = "slora"
 
-KERNEL_BACKENDS = ("auto", "torch", "triton")
+KERNEL_BACKENDS = ("auto", "native", "torch", "triton")
 
 
 class SLoRAConfigError(ValueError):
@@ -30,7 +30,8 @@ class SLoRAConfig:
     prefetch_depth: int = 8
     # Pickle-based `adapter_model.bin` can run code when loaded; refused unless allowed.
     allow_pickle_adapters: bool = False
-    # Which LoRA compute path the workers use: "auto" = Triton on CUDA, torch on CPU.
+    # Which LoRA compute path the workers use: "auto" = Triton on CUDA, the native
+    # C++ kernel on CPU (the torch path where it was not built); see paged/backends.py.
     kernel_backend: str = "auto"
 
     @classmethod

@@ -1,9 +1,8 @@
 """Where a resident adapter's rows are, and the per-step tables the kernels read.
 
 `ResidentAdapter` is built once when an adapter's pages are filled and lives until the
-scheduler reports it evicted. `StepTables` stacks the resident adapters a step uses
-into dense per-module tables indexed [layer, adapter row, slice, rank]; adapter row i is
-the i-th entry of the step's active list, which is what token->adapter maps point at.
+scheduler reports it evicted; the step metadata copies its rows into a slot of the
+static per-module tables when a step first uses it (step_metadata.py).
 
 Tensor parallelism (column-parallel modules, tp > 1): a rank holds ``r_pad / tp`` rows
 of A but all ``r_pad`` rows of B^T (vllm_slora/adapters/base_model.py). After the
@@ -14,11 +13,10 @@ with the B^T rows of that chunk: `ModuleRows.b_chunk_offsets`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from dataclasses import dataclass
+from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from vllm_slora.adapters.modules import COLUMN_PARALLEL
 
@@ -102,46 +100,3 @@ def _b_chunk_offsets(
             for k in range(tp_size):
                 chunks[k, layer, s, :rows] = b_offsets[layer, s, k * rows : (k + 1) * rows]
     return chunks
-
-
-@dataclass(frozen=True)
-class StepTables:
-    """The active adapters' rows stacked per module: [L, A, n_slices, R] etc."""
-
-    lora_int_ids: tuple[int, ...]  # adapter row -> lora_int_id
-    modules: dict[str, ModuleRows]
-    # CPU path: row runs per (module, layer, matrix), computed on first use. They depend
-    # only on these tables, which are rebuilt whenever the active adapters change.
-    _runs: dict = field(default_factory=dict, compare=False, repr=False)
-
-    def runs(self, key: tuple, compute: Callable[[], dict]) -> dict:
-        found = self._runs.get(key)
-        if found is None:
-            found = self._runs[key] = compute()
-        return found
-
-
-def stack_step_tables(adapters: Sequence[ResidentAdapter]) -> StepTables:
-    """Stack resident adapters (in adapter-row order), padding rows to the widest one."""
-    modules = {}
-    for name in SLICE_RANGE:
-        rows = [a.modules[name] for a in adapters]
-        width = max(r.max_rows for r in rows)
-
-        def stacked(field: str, pad: bool, dim: int = 1) -> torch.Tensor:
-            parts = [getattr(r, field) for r in rows]
-            if pad:
-                # Padding offsets are never read: the rank bounds every row loop.
-                parts = [F.pad(p, (0, width - p.shape[-1])) for p in parts]
-            return torch.stack(parts, dim=dim).contiguous()
-
-        chunked = rows[0].b_chunk_offsets is not None  # column-parallel at tp > 1
-        modules[name] = ModuleRows(
-            a_offsets=stacked("a_offsets", True),
-            b_offsets=stacked("b_offsets", True),
-            a_ranks=stacked("a_ranks", False),
-            b_ranks=stacked("b_ranks", False),
-            scalings=stacked("scalings", False),
-            b_chunk_offsets=stacked("b_chunk_offsets", True, dim=2) if chunked else None,
-        )
-    return StepTables(tuple(a.lora_int_id for a in adapters), modules)

@@ -22,6 +22,7 @@ scheduler plan on every rank.
 from __future__ import annotations
 
 import re
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -29,8 +30,7 @@ from torch import nn
 from vllm_slora.adapters import BaseModelShape
 
 from .modules import PAGED_MODULES
-from .ops import expand_torch, paged_lora_expand, paged_lora_shrink, prepare_runs, row_runs, shrink_torch
-from .step_state import StepState
+from .step_metadata import StepMetadata
 from .tensor_parallel import SINGLE, TPGroup
 
 _LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -40,6 +40,86 @@ def decoder_layer_index(module_name: str) -> int | None:
     """3 for "model.layers.3.self_attn.qkv_proj"; None outside the decoder layers."""
     match = _LAYER_INDEX.search(module_name)
     return int(match.group(1)) if match else None
+
+
+class LayerLoRA:
+    """Everything one wrapped projection needs to add its LoRA delta, found by key.
+
+    The custom op below receives only ``(x, y, key)``: the key is a Python int that
+    torch.compile bakes into the graph as a constant, and everything per step (the
+    token->slot map, the tables, the pool) is read through the shared `StepMetadata`
+    when the op runs. So a graph traced before the KV cache exists, or in a step
+    without adapters, is right for every later step.
+    """
+
+    def __init__(self, md: StepMetadata, backend, module_name: str, layer_index: int,
+                 out_sizes: Sequence[int], tp: TPGroup, row_parallel: bool) -> None:
+        self.md = md
+        self.backend = backend
+        self.module_name = module_name
+        self.layer_index = layer_index
+        self.out_sizes = list(out_sizes)
+        self.tp = tp
+        self.row_parallel = row_parallel
+
+    def apply(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """y[t] += scaling * B A x[t] for every token t with an adapter (in place)."""
+        md, backend = self.md, self.backend
+        x2 = x.reshape(-1, x.shape[-1])  # [T, in]
+        y2 = y.view(-1, y.shape[-1])  # [T, sum(out_sizes)], y's storage (a view, never a copy)
+        num_tokens = x2.shape[0]
+        # The no-LoRA decision, inside the op: on CPU a host flag; on CUDA nothing is
+        # skipped (the kernels exit early per token) so what a graph captures is what
+        # every step needs.
+        if num_tokens == 0 or (not backend.cuda_safe and not md.any_adapter):
+            return
+        tables = md.tables[self.module_name]
+        layer = self.layer_index
+        pool = md.pool(layer, x2.dtype)
+        tokens = md.token_adapter[:num_tokens]
+        a_offsets, a_ranks, scalings = tables.a_offsets[layer], tables.a_ranks[layer], tables.scalings[layer]
+        key = (self.module_name, layer)
+        buf = torch.empty(a_offsets.shape[1], num_tokens, md.max_rows, dtype=torch.float32, device=x2.device)
+        backend.shrink(md, key + ("a",), x2, pool, a_offsets, a_ranks, tokens, buf)  # [n_slices, T, R]
+        if self.row_parallel and self.tp.size > 1:
+            # Partial sums over this rank's input columns -> the full x @ A^T everywhere.
+            buf = self.tp.all_reduce(buf)
+        if self.row_parallel or self.tp.size == 1:
+            backend.expand(md, key + ("b",), buf, pool, tables.b_offsets[layer], tables.b_ranks[layer], scalings,
+                           tokens, y2, self.out_sizes)
+            return
+        # Column-parallel: chunk k of the gathered vector is rank k's rows of x @ A^T.
+        gathered = self.tp.all_gather_last(buf)  # [n_slices, T, tp * R]
+        width = buf.shape[2]
+        for k in range(self.tp.size):
+            backend.expand(md, key + (f"b{k}",), gathered[..., k * width : (k + 1) * width], pool,
+                           tables.b_chunk_offsets[k, layer], a_ranks, scalings, tokens, y2, self.out_sizes)
+
+
+_LAYERS: list[LayerLoRA] = []  # key -> layer; lives as long as the process (one model per worker)
+
+
+@torch.library.custom_op("slora::paged_lora_delta", mutates_args=("y",))
+def paged_lora_delta(x: torch.Tensor, y: torch.Tensor, key: int) -> None:
+    """y += the LoRA delta of layer ``key`` for this step's tokens (opaque to compile)."""
+    _LAYERS[key].apply(x, y)
+
+
+_TRACED: set[int] = set()
+
+
+@paged_lora_delta.register_fake
+def _(x: torch.Tensor, y: torch.Tensor, key: int) -> None:
+    # Runs while torch.compile traces, never per step: note what the trace saw, so
+    # tests can prove a graph traced without adapters serves steps with adapters.
+    if key not in _TRACED:
+        _TRACED.add(key)
+        md = _LAYERS[key].md
+        if len(_TRACED) == 1:
+            from vllm_slora import trace
+
+            trace.record("lora_op_traced", step=md.step, any_adapter=md.any_adapter)
+    return None
 
 
 class PagedLoRALinear(nn.Module):
@@ -53,7 +133,8 @@ class PagedLoRALinear(nn.Module):
         module_name: str,
         layer_index: int,
         out_sizes: tuple[int, ...],
-        state: StepState,
+        md: StepMetadata,
+        backend,
         tp: TPGroup = SINGLE,
         row_parallel: bool = False,
         out_start: int = 0,
@@ -63,12 +144,14 @@ class PagedLoRALinear(nn.Module):
         self.module_name = module_name  # key of PAGED_MODULES, e.g. "qkv_proj"
         self.layer_index = layer_index
         self.out_sizes = tuple(out_sizes)  # this TP rank's output width of every slice
-        self.state = state
         self.tp = tp
         self.row_parallel = row_parallel
         # Row-parallel at tp > 1: where this rank's LoRA output slice starts in the base
         # layer's (full-width, partial-sum) output.
         self.out_start = out_start
+        self.lora = LayerLoRA(md, backend, module_name, layer_index, out_sizes, tp, row_parallel)
+        self.lora_key = len(_LAYERS)
+        _LAYERS.append(self.lora)
 
     def __getattr__(self, name: str):
         # Model code may read attributes of the layer it built (sizes, quant_method...).
@@ -78,11 +161,11 @@ class PagedLoRALinear(nn.Module):
             return getattr(self.base_layer, name)
 
     def forward(self, x: torch.Tensor):
-        if self.row_parallel and self.tp.size > 1 and self.state.has_lora:
+        # Static per layer (set at start-up), not per step: safe to branch on.
+        if self.row_parallel and self.tp.size > 1:
             return self._row_parallel_forward(x)
         result = self.base_layer(x)  # vLLM contract: (output, bias) or output
-        if self.state.has_lora:
-            self.add_lora(x, result[0] if isinstance(result, tuple) else result)
+        self.add_lora(x, result[0] if isinstance(result, tuple) else result)
         return result
 
     def _row_parallel_forward(self, x: torch.Tensor):
@@ -102,53 +185,10 @@ class PagedLoRALinear(nn.Module):
 
     def add_lora(self, x: torch.Tensor, out: torch.Tensor) -> None:
         """out[t] += scaling * B A x[t] for every token t with an adapter (in place)."""
-        state = self.state
-        rows = state.tables.modules[self.module_name]
-        layer = self.layer_index
-        pool = state.pools[layer]
-        x2 = x.reshape(-1, x.shape[-1])  # [T, in]
-        out2 = out.reshape(-1, out.shape[-1])  # [T, sum(out_sizes)], shares out's storage
-        assert out2.data_ptr() == out.data_ptr(), "the LoRA delta must land in the layer's output"
-        num_tokens = x2.shape[0]
-        meta = state.prepared_meta(num_tokens)  # no-op unless the batch was padded
-        tokens = state.tokens(num_tokens)
-        a_offsets, a_ranks, scalings = rows.a_offsets[layer], rows.a_ranks[layer], rows.scalings[layer]
-        buf = torch.empty(a_offsets.shape[1], num_tokens, a_offsets.shape[2], dtype=torch.float32, device=x.device)
-        self._shrink(x2, pool, a_offsets, a_ranks, tokens, buf, meta)  # [n_slices, T, R]
-        if self.row_parallel and self.tp.size > 1:
-            # Partial sums over this rank's input columns -> the full x @ A^T everywhere.
-            buf = self.tp.all_reduce(buf)
-        if self.row_parallel or self.tp.size == 1:
-            self._expand(buf, pool, rows.b_offsets[layer], rows.b_ranks[layer], scalings, tokens, out2, meta, "b")
-        else:
-            # Column-parallel: chunk k of the gathered vector is rank k's rows of x @ A^T.
-            gathered = self.tp.all_gather_last(buf)  # [n_slices, T, tp * R]
-            width = buf.shape[2]
-            for k in range(self.tp.size):
-                self._expand(gathered[..., k * width : (k + 1) * width], pool, rows.b_chunk_offsets[k][layer],
-                             a_ranks, scalings, tokens, out2, meta, f"b{k}")
-
-    # On CUDA the registered ops (Triton); on CPU the torch path called directly with the
-    # step's token grouping and the tables' row runs computed once, not per call. vLLM runs
-    # LoRA models eagerly on CPU (its platform sets CompilationMode.NONE), so the custom
-    # op boundary buys nothing there.
-    def _shrink(self, x, pool, offsets, ranks, tokens, buf, meta) -> None:
-        if x.is_cuda and self.state.use_triton:
-            paged_lora_shrink(x, pool, offsets, ranks, tokens, buf, meta)
-            return
-        runs = self.state.tables.runs((self.module_name, self.layer_index, "a"),
-                                      lambda: prepare_runs(pool, row_runs(offsets, ranks, x.shape[1]), x.shape[1], True))
-        shrink_torch(x, pool, offsets, ranks, tokens, buf, plan=self.state.token_plan(x.shape[0]), runs=runs)
-
-    def _expand(self, buf, pool, offsets, ranks, scalings, tokens, y, meta, which: str) -> None:
-        if y.is_cuda and self.state.use_triton:
-            paged_lora_expand(buf, pool, offsets, ranks, scalings, tokens, y, self.out_sizes, meta)
-            return
-        runs = self.state.tables.runs((self.module_name, self.layer_index, which),
-                                      lambda: prepare_runs(pool, row_runs(offsets, ranks, self.out_sizes),
-                                                           self.out_sizes, False))
-        expand_torch(buf, pool, offsets, ranks, scalings, tokens, y, self.out_sizes,
-                     plan=self.state.token_plan(y.shape[0]), runs=runs)
+        if torch.compiler.is_compiling():
+            torch.ops.slora.paged_lora_delta(x, out, self.lora_key)
+        else:  # eager: skip the dispatcher round trip (decided at trace time, not per step)
+            self.lora.apply(x, out)
 
     def extra_repr(self) -> str:
         return f"module={self.module_name}, layer={self.layer_index}, out_sizes={self.out_sizes}"
@@ -161,7 +201,7 @@ def slice_out_sizes(base: BaseModelShape, module_name: str, tp_size: int, tp_ran
 
 
 def install_paged_layers(
-    model: nn.Module, state: StepState, base: BaseModelShape, linear_types: tuple[type, type],
+    model: nn.Module, md: StepMetadata, backend, base: BaseModelShape, linear_types: tuple[type, type],
     tp: TPGroup = SINGLE,
 ) -> list[PagedLoRALinear]:
     """Replace every LoRA-able linear of ``model`` by a `PagedLoRALinear` around it.
@@ -189,7 +229,7 @@ def install_paged_layers(
                 f"adapter slices {leaf} expect {expected}"
             )
         out_start = base.for_tp(tp.size, tp.rank).out_range(PAGED_MODULES[leaf][0])[0] if row_parallel else 0
-        wrapper = PagedLoRALinear(module, leaf, layer, out_sizes, state, tp, row_parallel, out_start)
+        wrapper = PagedLoRALinear(module, leaf, layer, out_sizes, md, backend, tp, row_parallel, out_start)
         parent = model.get_submodule(name.rsplit(".", 1)[0])
         setattr(parent, leaf, wrapper)
         installed.append(wrapper)

@@ -13,12 +13,18 @@ import numpy as np
 import torch
 
 from vllm_slora.adapters import BaseModelShape
+from vllm_slora.adapters.modules import COLUMN_PARALLEL
 from vllm_slora.step_plan import SLoRAStepPlan
 
-from .adapter_tables import ResidentAdapter, StepTables, resident_adapter, stack_step_tables
+from .adapter_tables import ResidentAdapter, resident_adapter
+from .backends import pick_backend
 from .host_cache import HostAdapterCache
+from .modules import PAGED_MODULES
 from .page_writer import write_pages
-from .step_state import StepState
+from .step_metadata import StepMetadata
+
+# Rows per table entry when the engine gives no max_lora_rank (tests, tools).
+DEFAULT_MAX_ROWS = 64
 
 
 class PagedAdapterManager:
@@ -35,6 +41,7 @@ class PagedAdapterManager:
         allow_pickle: bool = False,
         max_num_tokens: int = 0,
         max_adapters_per_step: int = 1,
+        kernel_backend: str = "auto",
     ) -> None:
         self.base = base
         self.dtype = dtype
@@ -44,15 +51,22 @@ class PagedAdapterManager:
         self.tp_rank = tp_rank
         self.max_lora_rank = max_lora_rank
         self.allow_pickle = allow_pickle
-        self.state = StepState(self.device)
-        self.state.ensure_capacity(max(1, max_num_tokens))
-        self.state.max_adapters = max(1, max_adapters_per_step)
+        self.backend = pick_backend(kernel_backend, self.device)
+        # Rows an adapter can have in one table entry: its padded rank (B^T rows of a
+        # column-parallel TP shard are the whole padded rank).
+        max_rank = max_lora_rank or DEFAULT_MAX_ROWS
+        max_rows = -(-max_rank // tp_size) * tp_size
+        chunked = tuple(name for name, slices in PAGED_MODULES.items()
+                        if tp_size > 1 and slices[0] in COLUMN_PARALLEL)
+        self.state = StepMetadata(
+            base.num_layers, max(1, max_num_tokens), max(1, max_adapters_per_step), max_rows, self.device,
+            chunked_modules=chunked, tp_size=tp_size, segment_meta=self.backend.name == "triton",
+        )
         self.page_elems: int | None = None
         self.host_cache: HostAdapterCache | None = None
         self.resident: dict[int, ResidentAdapter] = {}
         # lora_int_id -> (name, path, latest version seen), from plans and add_lora.
         self.known: dict[int, tuple[str, str, int]] = {}
-        self._tables: StepTables | None = None  # reused while the active set is unchanged
 
     # -- pool --------------------------------------------------------------------------
     def attach_pool(self, pools: Sequence[torch.Tensor], page_elems: int) -> None:
@@ -69,7 +83,7 @@ class PagedAdapterManager:
                 tp_rank=self.tp_rank, max_lora_rank=self.max_lora_rank, allow_pickle=self.allow_pickle,
             )
         self.resident.clear()
-        self._tables = None
+        self.state.release_all()
 
     # -- the scheduler's plan ----------------------------------------------------------
     def apply_plan(self, plan: SLoRAStepPlan) -> None:
@@ -79,6 +93,7 @@ class PagedAdapterManager:
                 self.host_cache.warm(source.lora_name, source.lora_path, source.version)
         for lora_int_id in plan.evicted:
             self.resident.pop(lora_int_id, None)
+            self.state.release(lora_int_id)
         for placement in plan.load:
             if self.host_cache is None:
                 raise RuntimeError("vllm-slora: an adapter plan arrived before the KV cache exists")
@@ -88,38 +103,31 @@ class PagedAdapterManager:
                 placement.lora_int_id, packed, placement.block_ids, self.device
             )
             self.known[placement.lora_int_id] = (placement.lora_name, placement.lora_path, placement.version)
-        if plan.evicted or plan.load:
-            self._tables = None
 
     # -- per step ----------------------------------------------------------------------
     def set_token_mapping(self, token_lora_mapping: Sequence[int] | np.ndarray) -> None:
-        """Map each token's lora_int_id (0 = none) to its adapter row (-1 = none)."""
+        """Map each token's lora_int_id (0 = none) to its adapter slot (-1 = none)."""
         ids = np.asarray(token_lora_mapping, dtype=np.int64)  # [T]
-        state = self.state
-        state.ensure_capacity(ids.size)
-        state.token_adapter.fill_(-1)
-        used = np.unique(ids[ids > 0])  # sorted: adapter row i serves used[i]
-        if used.size == 0:
-            state.tables, state.has_lora = None, False
-            return
+        used = np.unique(ids[ids > 0])
         missing = [int(i) for i in used if int(i) not in self.resident]
         if missing:
             raise RuntimeError(
                 f"vllm-slora: adapters {missing} are used in this step but their pages were never "
                 "filled (no load in the scheduler's plan, or evicted since)"
             )
-        key = tuple(int(i) for i in used)
-        if self._tables is None or self._tables.lora_int_ids != key:
-            self._tables = stack_step_tables([self.resident[i] for i in key])
-        rows = np.searchsorted(used, ids).astype(np.int32)
-        rows[ids <= 0] = -1
-        state.token_adapter[: ids.size].copy_(torch.from_numpy(rows), non_blocking=True)
-        state.prepared_meta(ids.size, num_adapters=len(key))
-        state.tables, state.has_lora = self._tables, True
+        in_step = {int(i) for i in used}
+        slots = np.full(ids.size, -1, dtype=np.int32)
+        if used.size:
+            # used is sorted: slot_sorted[i] is the slot of adapter used[i].
+            slot_sorted = np.array([self.state.assign_slot(int(i), self.resident[int(i)], in_step) for i in used],
+                                   dtype=np.int32)
+            adapted = ids > 0
+            slots[adapted] = slot_sorted[np.searchsorted(used, ids[adapted])]
+        self.state.set_step(slots)
 
     def clear_step(self) -> None:
         """No adapter for any token (profile / warm-up / dummy runs)."""
-        self.state.clear()
+        self.state.clear_step()
 
     # -- engine RPCs (add_lora / remove_lora / pin_lora / list_loras) -------------------
     def add_adapter(self, lora_int_id: int, name: str, path: str, load_inplace: bool = False) -> bool:

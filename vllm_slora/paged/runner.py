@@ -47,32 +47,19 @@ class SLoRARunnerMixin:
             allow_pickle=self.slora_config.allow_pickle_adapters,
             max_num_tokens=vllm_config.scheduler_config.max_num_batched_tokens,
             max_adapters_per_step=vllm_config.lora_config.max_loras,
+            kernel_backend=self.slora_config.kernel_backend,
         )
-        self.slora.state.use_triton = self._slora_use_triton(device)
         # vLLM code checks `hasattr(runner, "lora_manager")` to mean "LoRA is enabled".
         self.lora_manager = self.slora
-        installed = install_paged_layers(model, self.slora.state, base, linear_types, tp)
+        installed = install_paged_layers(model, self.slora.state, self.slora.backend, base, linear_types, tp)
         expected = len(PAGED_MODULES) * base.num_layers
         if len(installed) != expected:
             raise NotImplementedError(
                 f"vllm-slora found {len(installed)} of the {expected} qkv/o/gate_up/down projections "
                 f"in {model.__class__.__name__}; only Llama-style decoders are supported"
             )
-        trace.record("paged_layers", count=len(installed))
+        trace.record("paged_layers", count=len(installed), backend=self.slora.backend.name)
         return model
-
-    def _slora_use_triton(self, device) -> bool:
-        """The slora config's kernel_backend, checked against what this worker has."""
-        from .ops import HAS_TRITON
-
-        backend = self.slora_config.kernel_backend
-        on_cuda = str(device).startswith("cuda")
-        if backend == "triton" and not (on_cuda and HAS_TRITON):
-            raise ValueError(
-                "slora config key 'kernel_backend' is 'triton', but this worker has "
-                f"{'no Triton' if on_cuda else 'no CUDA device'}; use 'auto' or 'torch'"
-            )
-        return backend != "torch" and on_cuda and HAS_TRITON
 
     def initialize_kv_cache(self, kv_cache_config, *args, **kwargs):
         super().initialize_kv_cache(kv_cache_config, *args, **kwargs)
@@ -115,10 +102,10 @@ class SLoRARunnerMixin:
         if getattr(self, "slora", None) is None:
             raise RuntimeError("LoRA is not enabled. Use --enable-lora to enable LoRA.")
 
-    # -- profile / warm-up / capture: run the base model only ------------------------------
-    # These runs happen before the pool exists (profile) or only to warm shapes; on CPU
-    # nothing is captured, so no-adapter runs are exact. CUDA-graph capture of the paged
-    # kernels will need dummy adapters in reserved pages here (GPU work, not done yet).
+    # -- profile / warm-up / capture: no token has an adapter --------------------------------
+    # The paged layers still call their op (the op decides there is nothing to do), so
+    # a graph traced or captured here runs the LoRA kernels in every later step, reading
+    # the same static metadata tensors (step_metadata.py).
     @contextmanager
     def maybe_setup_dummy_loras(self, lora_config, remove_lora: bool = True):
         yield
