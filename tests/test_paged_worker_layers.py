@@ -162,7 +162,7 @@ def test_mixed_adapters_match_dense_reference_and_other_pages_untouched(base, ma
     random.Random(3).shuffle(free)
     placements = place(manager, adapters, free)
     assert all(list(p.block_ids) != sorted(p.block_ids) for p in placements[:2])  # really scattered
-    manager.apply_plan(SLoRAStepPlan(load=placements, active={p.lora_int_id: p for p in placements}))
+    manager.apply_plan(SLoRAStepPlan(load=placements))
 
     used = {b for p in placements for b in p.block_ids}
     for layer, (pool, old) in enumerate(zip(manager.state.pools, before)):

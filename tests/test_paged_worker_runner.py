@@ -112,7 +112,7 @@ def test_plan_is_applied_before_the_forward(runner, adapters):  # noqa: F811
     # Two requests: one with the adapter (3 tokens), one without (2 tokens).
     batch = SimpleNamespace(request_lora_mapping=np.array([lora_id, 0, 0], dtype=np.int32), num_reqs=2)
     out = SimpleNamespace(
-        slora=SLoRAStepPlan(load=[placement], active={lora_id: placement}),
+        slora=SLoRAStepPlan(load=[placement]),
         input_batch=batch, num_scheduled_tokens=np.array([3, 2]), x=torch.randn(5, 128),
     )
     with_lora, base = runner.execute_model(out)

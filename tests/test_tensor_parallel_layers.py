@@ -126,7 +126,7 @@ def run_rank(rank, group, base, weights, placements, token_ids, inputs, results)
     per_layer = NUM_BLOCKS * PAGE_ELEMS // TP
     storage = torch.randn(TINY["num_hidden_layers"] * per_layer)
     manager.attach_pool([storage[i * per_layer : (i + 1) * per_layer] for i in range(2)], PAGE_ELEMS // TP)
-    manager.apply_plan(SLoRAStepPlan(load=placements, active={p.lora_int_id: p for p in placements}))
+    manager.apply_plan(SLoRAStepPlan(load=placements))
     manager.set_token_mapping(token_ids)
 
     model = nn.Module()

@@ -141,7 +141,6 @@ class SLoRASchedulerMixin:
         warm = self._slora_prefetch()
         plan = SLoRAStepPlan(
             load=self._slora_pending_loads,
-            active={i: self.slora_residency.placement(i) for i in in_use},
             evicted=self._slora_pending_evictions,
             warm=warm,
         )

@@ -38,9 +38,6 @@ class SLoRAStepPlan:
     # Adapters whose pages must be filled before this step's forward (newly allocated,
     # or reclaimed and re-allocated since they were last filled).
     load: list[AdapterPlacement] = field(default_factory=list)
-    # Every adapter a request of this step uses: lora_int_id -> placement. A superset
-    # of `load`; an adapter absent here must not be read by this step.
-    active: dict[int, AdapterPlacement] = field(default_factory=dict)
     # Adapters whose blocks were handed to someone else since the previous plan: their
     # pages no longer hold their weights.
     evicted: list[int] = field(default_factory=list)

@@ -237,7 +237,7 @@ def run_config(module, phase, tokens, adapter_spec, dtype, device, flush) -> dic
     times = {}
     for name in ("paged", "padded", "loop"):
         y = w.y.clone()
-        fn = (lambda f=getattr(w, name), y=y: f(y))
+        fn = (lambda f=getattr(w, name), y=y: f(y))  # noqa: B008  (binds this loop's method)
         times[name] = time_cuda(fn, flush) if device.type == "cuda" else time_cpu(fn)
     moved = w.weight_bytes() + w.activation_bytes()
     return {

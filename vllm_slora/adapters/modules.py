@@ -39,11 +39,10 @@ PACKED_MODULES: dict[str, tuple[str, ...]] = {
     "gate_up_proj": ("gate_proj", "up_proj"),
     "down_proj": ("down_proj",),
 }
-PACKED_MODULE_OF: dict[str, str] = {s: packed for packed, slices in PACKED_MODULES.items() for s in slices}
 
-# Column-parallel layers split their output across TP ranks; row-parallel their input.
+# Column-parallel layers split their output across TP ranks; the others (o, down) are
+# row-parallel and split their input.
 COLUMN_PARALLEL: frozenset[str] = frozenset({"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"})
-ROW_PARALLEL: frozenset[str] = frozenset({"o_proj", "down_proj"})
 
 
 def module_name(layer: int, projection: str) -> str:

@@ -73,9 +73,6 @@ class AdapterResidency:
         entry = self._entries.get(lora_int_id)
         return entry.placement if entry else None
 
-    def pinned_ids(self) -> set[int]:
-        return {i for i, e in self._entries.items() if e.state is Residency.PINNED}
-
     def stats(self) -> PoolStats:
         pinned = [e for e in self._entries.values() if e.state is Residency.PINNED]
         cached = [e for e in self._entries.values() if e.state is Residency.CACHED]
