@@ -7,7 +7,7 @@ the largest batch. Nothing here reads a device value on the host, so `prepare` c
 before a captured CUDA graph is replayed (its buffers keep their addresses) and the ops
 that read them never synchronize.
 
-Grouping (``T`` tokens, ``A`` adapter rows, ``M = tile_tokens``)::
+Grouping (of the map given to `prepare`, ``A_max`` adapter rows, ``M = tile_tokens``)::
 
     key[t]            = token_adapter[t], or A_max when it is -1 (no adapter: sorts last)
     token_order       = stable argsort of key            -> tokens of adapter 0, 1, ..., none
@@ -15,8 +15,14 @@ Grouping (``T`` tokens, ``A`` adapter rows, ``M = tile_tokens``)::
     tiles[:, i]       = (adapter, start in token_order, length <= M) of tile i;
                         tiles cover each adapter's run in chunks of M, adapter -1 = unused
 
-The tile list is bounded by ``ceil(T / M) + min(A_max, T)`` (each adapter wastes at most
-one partial tile), so the kernel grid depends on ``T`` only.
+Tokens mapped to -1 get no tile. The tiles in use are at most ``ceil(n / M) + min(A_max,
+n)`` for the ``n`` tokens that have an adapter (each adapter wastes at most one partial
+tile). The worker prepares over all ``max_tokens`` entries of its token map, whose
+entries past the step's tokens are -1, so every adapted token is among the batch's
+first ``T`` and the segment grid ``max_tiles(T, A_max, M)`` covers every tile in use.
+That grid comes from the batch's ``T`` and the static ``A_max`` and ``M`` only (never
+from the step's tiles, adapters or ``max_tokens``); programs of unused tiles (adapter
+-1) exit at once.
 """
 
 from __future__ import annotations

@@ -11,10 +11,17 @@ where row j of A_s(a) / B_s(a)^T is read from ``pool[row_offsets[a, s, j]:]``
 when a `PagedLoRAMeta` is passed and the batch has >= ``meta.segment_min_tokens``
 tokens), kernels/torch_ops.py on CPU or without Triton.
 
-The ops are opaque to torch.compile (fake impls give it the shapes) and never read a
-device value on the host on CUDA, so they can be captured in CUDA graphs: all per-step
-metadata lives in tensors updated in place (token_adapter, the meta's buffers, the
-row tables).
+The ops are opaque to torch.compile (fake impls give it the shapes). On CUDA with
+Triton they never read a device value on the host, and every launch decision (form,
+grid, block sizes, split-K: kernels/triton_config.py) depends only on static bounds:
+the batch's token count T, the tables' A (= S_max), n_slices and R, the feature sizes,
+the meta's tile_tokens and segment_min_tokens, and the device. So a CUDA graph captured
+in a step where no token has an adapter replays correctly for every later step, as long
+as the per-step state is rewritten in place, outside the graph, before each replay: the
+token->slot map (int32 [max_tokens], passed as its first T entries; entries past the
+step's tokens are -1), the row tables (kernels/slot_tables.py) and the meta, prepared
+over all max_tokens entries of that map. The torch path (CPU, or CUDA without Triton)
+groups tokens on the host and is not capture-safe.
 
 This module can be imported twice in one process (as ``kernels.ops`` and as
 ``vllm_slora.kernels.ops``); the second import finds the ops registered and reuses them.

@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from ._triton_jit import dot_in_fp32, jitted
+from .triton_config import get_launch_config
 
 MAX_SLICES = 3  # slice widths travel as scalar arguments OUT_0..OUT_2
 
@@ -150,6 +151,10 @@ def _slice_widths(out_sizes: Sequence[int]) -> list[int]:
     return list(out_sizes) + [0] * (MAX_SLICES - len(out_sizes))
 
 
+# Launch decisions here depend only on static quantities (the batch's T, the tables'
+# n_slices and R, out_sizes, tile_tokens, the device): see the note in triton_shrink.py.
+
+
 def expand_token(
     buf: torch.Tensor,  # float32 [n_slices, T, R], unit last stride
     pool: torch.Tensor,  # [N] flat, y.dtype
@@ -162,15 +167,17 @@ def expand_token(
 ) -> None:
     """Per-token (decode) form."""
     num_slices, num_tokens, max_rank = buf.shape
-    block_r = min(16, triton.next_power_of_2(max_rank))
-    block_n = 128
-    grid = (num_tokens, num_slices, triton.cdiv(max(out_sizes), block_n))
+    config = get_launch_config(
+        "expand_token", num_tokens=num_tokens, num_slices=num_slices, max_rank=max_rank, features=max(out_sizes),
+        device=y.device,
+    )  # fmt: skip
+    grid = (num_tokens, num_slices, triton.cdiv(max(out_sizes), config["BLOCK_N"]))
     jitted(_expand_token_kernel)[grid](
         buf, pool, b_row_offsets, ranks, scalings, token_adapter, y,
         *_slice_widths(out_sizes),
         buf.stride(0), buf.stride(1), b_row_offsets.stride(0), b_row_offsets.stride(1),
         ranks.stride(0), scalings.stride(0), y.stride(0),
-        BLOCK_R=block_r, BLOCK_N=block_n,
+        **config,
     )  # fmt: skip
 
 
@@ -182,20 +189,22 @@ def expand_segment(
     scalings: torch.Tensor,  # float32 [A, n_slices], contiguous
     token_order: torch.Tensor,  # int64 [>= T], PagedLoRAMeta.token_order
     tiles: torch.Tensor,  # int32 [3, max_tiles], PagedLoRAMeta.tiles
-    num_tiles: int,  # grid size, PagedLoRAMeta.num_tiles(T)
+    num_tiles: int,  # grid size, PagedLoRAMeta.num_tiles(T): a bound from T, not the step's tiles
     tile_tokens: int,  # PagedLoRAMeta.tile_tokens
     y: torch.Tensor,  # [T, sum(out_sizes)], unit column stride; updated in place
     out_sizes: Sequence[int],
 ) -> None:
     """Segment (prefill) form."""
-    num_slices, _, max_rank = buf.shape
-    block_r = max(16, min(32, triton.next_power_of_2(max_rank)))
-    block_n = max(16, min(64, triton.next_power_of_2(max(out_sizes))))
-    grid = (num_tiles, num_slices, triton.cdiv(max(out_sizes), block_n))
+    num_slices, num_tokens, max_rank = buf.shape
+    config = get_launch_config(
+        "expand_segment", num_tokens=num_tokens, num_slices=num_slices, max_rank=max_rank, features=max(out_sizes),
+        device=y.device,
+    )  # fmt: skip
+    grid = (num_tiles, num_slices, triton.cdiv(max(out_sizes), config["BLOCK_N"]))
     jitted(_expand_segment_kernel)[grid](
         buf, pool, b_row_offsets, ranks, scalings, token_order, tiles, y,
         *_slice_widths(out_sizes),
         buf.stride(0), buf.stride(1), b_row_offsets.stride(0), b_row_offsets.stride(1),
         ranks.stride(0), scalings.stride(0), tiles.stride(0), y.stride(0),
-        BLOCK_M=tile_tokens, BLOCK_R=block_r, BLOCK_N=block_n, DOT_IN_FP32=dot_in_fp32(pool.dtype),
+        BLOCK_M=tile_tokens, DOT_IN_FP32=dot_in_fp32(pool.dtype), **config,
     )  # fmt: skip

@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from ._triton_jit import dot_in_fp32, jitted
+from .triton_config import get_launch_config
 
 
 def _shrink_token_kernel(
@@ -137,7 +138,13 @@ def _shrink_segment_kernel(
     tl.store(out_ptrs, acc, mask=m_mask[:, None] & row_mask[None, :])
 
 
-_SMS_TO_FILL = 264  # programs wanted in flight on an H100-class GPU (2 x 132 SMs)
+# Launch decisions (below and in kernels/triton_config.py) depend only on static
+# quantities: the batch's token count T (fixed per captured CUDA graph), the tables'
+# n_slices and width R (out.shape), in_features, the meta's tile_tokens and max tile
+# count for T, and the device's SM count. Never on token_adapter, ranks, the number of
+# adapters in the step or any other device value: split_k (and so whether `out` is
+# zeroed first), the grid and the constexprs of a graph captured without adapters are
+# exactly those of every later step, and nothing here synchronizes with the host.
 
 
 def shrink_token(
@@ -151,24 +158,21 @@ def shrink_token(
     """Per-token (decode) form; writes every element of ``out``."""
     num_slices, num_tokens, max_rank = out.shape
     in_features = x.shape[1]
-    block_r = min(16, triton.next_power_of_2(max_rank))
-    block_k = min(256, triton.next_power_of_2(in_features))
-    rank_tiles = triton.cdiv(max_rank, block_r)
-    programs = num_tokens * num_slices * rank_tiles
-    # Small batches cannot fill the GPU with one program per rank tile: split K too
-    # (partial sums meet through fp32 atomics, so `out` must start at zero).
-    split_k = 1
-    if programs < _SMS_TO_FILL:
-        split_k = min(triton.cdiv(in_features, block_k), triton.cdiv(_SMS_TO_FILL, programs), 16)
-    if split_k > 1:
+    config = get_launch_config(
+        "shrink_token", num_tokens=num_tokens, num_slices=num_slices, max_rank=max_rank, features=in_features,
+        device=x.device,
+    )  # fmt: skip
+    # Small batches split K to fill the GPU; partial sums meet through fp32 atomics, so
+    # `out` must start at zero.
+    if config["SPLIT_K"] > 1:
         out.zero_()
-    grid = (num_tokens, num_slices, rank_tiles * split_k)
+    grid = (num_tokens, num_slices, triton.cdiv(max_rank, config["BLOCK_R"]) * config["SPLIT_K"])
     jitted(_shrink_token_kernel)[grid](
         x, pool, a_row_offsets, ranks, token_adapter, out,
         in_features, max_rank,
         x.stride(0), a_row_offsets.stride(0), a_row_offsets.stride(1), ranks.stride(0),
         out.stride(0), out.stride(1),
-        BLOCK_R=block_r, BLOCK_K=block_k, SPLIT_K=split_k,
+        **config,
     )  # fmt: skip
 
 
@@ -179,7 +183,7 @@ def shrink_segment(
     ranks: torch.Tensor,  # int32 [A, n_slices], contiguous
     token_order: torch.Tensor,  # int64 [>= T], PagedLoRAMeta.token_order
     tiles: torch.Tensor,  # int32 [3, max_tiles], PagedLoRAMeta.tiles
-    num_tiles: int,  # grid size, PagedLoRAMeta.num_tiles(T)
+    num_tiles: int,  # grid size, PagedLoRAMeta.num_tiles(T): a bound from T, not the step's tiles
     tile_tokens: int,  # PagedLoRAMeta.tile_tokens
     out: torch.Tensor,  # float32 [n_slices, T, R], unit last stride; overwritten
 ) -> None:
@@ -187,13 +191,15 @@ def shrink_segment(
     out.zero_()  # tokens without adapter and rows past each rank stay zero
     num_slices, _, max_rank = out.shape
     in_features = x.shape[1]
-    block_r = max(16, min(64, triton.next_power_of_2(max_rank)))
-    block_k = max(16, min(64, triton.next_power_of_2(in_features)))
-    grid = (num_tiles, num_slices, triton.cdiv(max_rank, block_r))
+    config = get_launch_config(
+        "shrink_segment", num_tokens=x.shape[0], num_slices=num_slices, max_rank=max_rank, features=in_features,
+        device=x.device,
+    )  # fmt: skip
+    grid = (num_tiles, num_slices, triton.cdiv(max_rank, config["BLOCK_R"]))
     jitted(_shrink_segment_kernel)[grid](
         x, pool, a_row_offsets, ranks, token_order, tiles, out,
         in_features,
         x.stride(0), a_row_offsets.stride(0), a_row_offsets.stride(1), ranks.stride(0), tiles.stride(0),
         out.stride(0), out.stride(1),
-        BLOCK_M=tile_tokens, BLOCK_R=block_r, BLOCK_K=block_k, DOT_IN_FP32=dot_in_fp32(x.dtype),
+        BLOCK_M=tile_tokens, DOT_IN_FP32=dot_in_fp32(x.dtype), **config,
     )  # fmt: skip
