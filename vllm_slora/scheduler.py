@@ -24,6 +24,7 @@ from vllm_slora.adapters.registry import AdapterRegistry
 from vllm_slora.compat import AsyncScheduler, Scheduler, SchedulerOutput, logger
 from vllm_slora.config import SLoRAConfig
 from vllm_slora.patches import apply_patches
+from vllm_slora.pool.geometry import page_elems
 from vllm_slora.pool.residency import AdapterResidency, Residency
 from vllm_slora.step_plan import AdapterPlacement, AdapterSource, SLoRAStepPlan
 
@@ -43,7 +44,7 @@ def page_elems_of(kv_cache_config, dtype) -> int:
             f"vllm-slora supports models with one KV cache group; this one has {len(groups)} "
             "(hybrid / sliding-window models are not supported yet)"
         )
-    return groups[0].kv_cache_spec.page_size_bytes // dtype.itemsize
+    return page_elems(groups[0].kv_cache_spec.page_size_bytes, dtype)
 
 
 class SLoRASchedulerMixin:

@@ -13,13 +13,14 @@ from typing import Sequence
 
 import torch
 
+from vllm_slora.pool.geometry import page_elems
+
 
 def flat_pool_views(
     kv_caches: Sequence[torch.Tensor], num_blocks: int, page_bytes: int, dtype: torch.dtype
 ) -> list[torch.Tensor]:
     """[num_blocks * page_elems] views of ``dtype`` sharing the KV tensors' memory."""
-    if page_bytes % dtype.itemsize:
-        raise ValueError(f"a KV page of {page_bytes} bytes does not hold whole {dtype} elements")
+    page_elems(page_bytes, dtype)  # raises unless a page holds whole elements
     views = []
     for layer, kv in enumerate(kv_caches):
         nbytes = kv.numel() * kv.element_size()

@@ -19,6 +19,7 @@ from vllm_slora import trace
 from vllm_slora.adapters import BaseModelShape
 from vllm_slora.compat import worker_lora_internals
 from vllm_slora.config import SLoRAConfig
+from vllm_slora.pool.geometry import page_elems
 
 from .layers import install_paged_layers
 from .manager import PagedAdapterManager
@@ -70,7 +71,7 @@ class SLoRARunnerMixin:
             raise NotImplementedError(f"vllm-slora supports one KV cache group, this model has {len(groups)}")
         page_bytes = groups[0].kv_cache_spec.page_size_bytes
         pools = flat_pool_views(self.kv_caches, kv_cache_config.num_blocks, page_bytes, self.slora.dtype)
-        self.slora.attach_pool(pools, page_bytes // self.slora.dtype.itemsize)
+        self.slora.attach_pool(pools, page_elems(page_bytes, self.slora.dtype))
         trace.record("pool_attached", layers=len(pools), num_blocks=kv_cache_config.num_blocks,
                      page_elems=self.slora.page_elems)
 
