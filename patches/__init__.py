@@ -92,25 +92,33 @@ PATCHES: tuple[Patch, ...] = (
         ),
         how=(
             "Wrap the per-request LoRA check: for engines with the 'slora' key, validate "
-            "the adapter's config and weight-file header (cached per file fingerprint) "
-            "and raise VLLMValidationError (HTTP 400 in the OpenAI server)."
+            "the adapter's config, weight-file header and weight values (cached per file "
+            "fingerprint) and raise VLLMNotFoundError (HTTP 404, stock's code) when there is "
+            "no adapter at the path, VLLMValidationError (HTTP 400) for any other problem."
         ),
         removal="Drop when vLLM validates adapters at request admission (or offers a hook).",
     ),
     Patch(
         module="patch_serving_models",
-        target="vllm.entrypoints.openai.models.serving.OpenAIServingModels.load_lora_adapter",
+        target=(
+            "vllm.entrypoints.openai.models.serving.OpenAIServingModels.load_lora_adapter "
+            "and .init_static_loras"
+        ),
         why=(
             "Loading a bad adapter through /v1/load_lora_adapter must answer 4xx with "
             "the adapter's name and the problem; stock vLLM maps every engine-side load "
-            "failure to HTTP 500 InternalServerError."
+            "failure to HTTP 500 InternalServerError. A bad --lora-modules entry must stop "
+            "start-up with one line, not a traceback."
         ),
         how=(
-            "Wrap the coroutine: for engines with the 'slora' key, validate the adapter "
-            "(cached header check) and return a 400 ErrorResponse before the engine is "
-            "involved; otherwise call the original."
+            "Wrap load_lora_adapter: for engines with the 'slora' key, validate the adapter "
+            "in a worker thread (off the event loop; cached per file fingerprint) and return "
+            "404 (no adapter at the path, stock's code and phrase) or 400 before the engine "
+            "is involved; otherwise call the original. Wrap init_static_loras to turn its "
+            "ValueError into SystemExit with one line."
         ),
-        removal="Drop when vLLM maps adapter validation errors to 400 itself.",
+        removal="Drop when vLLM maps adapter validation errors to 4xx itself and reports bad "
+                "--lora-modules without a traceback.",
     ),
     Patch(
         module="patch_cpu_ray",

@@ -113,3 +113,100 @@ def test_cli(tmp_path, capsys):
     generate_main([str(config_path), str(tmp_path / "out"), "-n", "2", "--ranks", "4", "--target-modules", "v_proj"])
     lines = capsys.readouterr().out.strip().splitlines()
     assert [line.split("\t")[:2] for line in lines] == [["adapter-0000", "4"], ["adapter-0001", "4"]]
+
+
+# -- `vllm-slora adapters` / `demo`: every bad argument is one line and a non-zero exit ------
+
+@pytest.fixture
+def tiny_base(tmp_path):
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps(TINY_LLAMA))
+    return base
+
+
+def run_cli(argv, capsys):
+    from vllm_slora.cli import main
+
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--targets", "lm_head"], "invalid choice: 'lm_head'"),
+        (["--alpha", "0"], "--alpha: must be a finite number > 0"),
+        (["--alpha", "nan"], "--alpha: must be a finite number > 0"),
+        (["--ranks", "0"], "--ranks: must be at least 1, got 0"),
+        (["--ranks", "8", "-4"], "--ranks: must be at least 1, got -4"),
+        (["--num", "0"], "--num: must be at least 1, got 0"),
+        (["--num", "x"], "--num: 'x' is not an integer"),
+        (["--base", "/nonexistent"], "--base /nonexistent: no such model folder or config.json"),
+    ],
+)
+def test_adapters_cli_refuses_bad_arguments_in_one_line(tmp_path, tiny_base, capsys, args, needle):
+    argv = ["adapters", "--out", str(tmp_path / "out")]
+    if "--base" not in args:
+        argv += ["--base", str(tiny_base)]
+    code, out, err = run_cli(argv + args, capsys)
+    assert code != 0 and needle in err, (code, err)
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_adapters_cli_refuses_a_base_that_is_not_a_llama_config(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 64}))
+    code, _, err = run_cli(["adapters", "--out", str(tmp_path / "out"), "--base", str(tmp_path)], capsys)
+    assert code == 1 and "not a Llama-family model config (no 'num_attention_heads')" in err, err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_adapters_cli_does_not_overwrite_without_force(tmp_path, tiny_base, capsys):
+    argv = ["adapters", "--out", str(tmp_path / "out"), "--base", str(tiny_base), "--num", "2", "--ranks", "4"]
+    code, out, _ = run_cli(argv, capsys)
+    assert code == 0 and len(out.strip().splitlines()) == 2
+    weights = tmp_path / "out" / "adapter-0000" / "adapter_model.safetensors"
+    before = weights.read_bytes()
+    assert run_cli(argv, capsys)[0] == 0  # the same settings again: nothing to overwrite
+    code, _, err = run_cli([*argv[:-1], "8"], capsys)  # other ranks into the same folder
+    assert code == 1 and "already holds an adapter written with other settings" in err and "--force" in err
+    assert weights.read_bytes() == before
+    code, out, _ = run_cli([*argv[:-1], "8", "--force"], capsys)
+    assert code == 0 and weights.read_bytes() != before
+
+
+def test_every_cli_option_has_help():
+    from vllm_slora.cli import build_parser
+
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, __import__("argparse")._SubParsersAction))
+    for name in ("prepare", "adapters", "demo"):
+        for action in subparsers.choices[name]._actions:
+            assert action.help, f"{name} {action.option_strings} has no help"
+
+
+@pytest.mark.parametrize("port, needle", [("99999", "must be a TCP port in 1..65535"), ("0", "must be at least 1")])
+def test_demo_port_is_checked_before_anything_starts(capsys, monkeypatch, port, needle):
+    import vllm_slora.demo
+
+    monkeypatch.setattr(vllm_slora.demo, "run_demo", lambda *a: pytest.fail("the demo started"))
+    code, _, err = run_cli(["demo", "--port", port], capsys)
+    assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_demo_port_in_use_is_refused_before_loading(capsys, monkeypatch):
+    import socket
+
+    import vllm_slora.demo
+
+    monkeypatch.setattr(vllm_slora.demo, "run_demo", lambda *a: pytest.fail("the demo started"))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        code, _, err = run_cli(["demo", "--port", str(sock.getsockname()[1])], capsys)
+    assert code == 1 and "cannot be used" in err and len(err.strip().splitlines()) == 1, err

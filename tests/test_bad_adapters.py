@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.bad_adapters import make_bad_adapters, make_model_bad_adapters
+from tests.bad_adapters import BREAKERS, STATUS, make_bad_adapters, make_model_bad_adapters
 from tests.engines import close_llm, make_llm
 
 pytestmark = pytest.mark.engine
@@ -21,20 +21,20 @@ def bad_adapters(default_model, default_adapters, tmp_path_factory):
     return cases
 
 
-CASES = ["missing_weights", "truncated", "corrupt", "dora", "modules_to_save",
-         "unsupported_target", "pickle_only", "rank_above_max", "wrong_shapes"]
+CASES = [*BREAKERS, "rank_above_max", "wrong_shapes"]
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_bad_adapter_is_rejected_and_engine_keeps_serving(slora_llm, bad_adapters, default_adapters, case):
     from vllm import SamplingParams
-    from vllm.exceptions import VLLMValidationError
+    from vllm.exceptions import VLLMNotFoundError, VLLMValidationError
     from vllm.lora.request import LoRARequest
 
     path, needle = bad_adapters[case]
     name = f"bad-{case}"
     params = SamplingParams(temperature=0.0, max_tokens=4)
-    with pytest.raises(VLLMValidationError) as err:
+    expected = VLLMNotFoundError if STATUS.get(case) == 404 else VLLMValidationError
+    with pytest.raises(expected) as err:
         slora_llm.generate(["Hello"], params, lora_request=LoRARequest(name, 5000 + CASES.index(case), str(path)))
     assert name in str(err.value) and needle in str(err.value)
 

@@ -12,8 +12,8 @@ scheduler process and tests can use it without an engine.
 """
 
 from .base_model import BaseModelShape, ShardShape
-from .errors import AdapterError
-from .loading import AdapterWeights, SliceWeights, load_adapter_weights
+from .errors import AdapterError, AdapterNotFoundError
+from .loading import AdapterWeights, SliceWeights, check_adapter_weights, load_adapter_weights
 from .modules import PACKED_MODULES, SLICE_ORDER
 from .peft_config import LoraHyperparams, parse_lora_config
 from .registry import AdapterRegistry
@@ -22,10 +22,12 @@ from .validation import inspect_adapter
 
 __all__ = [
     "AdapterError",
+    "AdapterNotFoundError",
     "AdapterRegistry",
     "AdapterSpec",
     "AdapterWeights",
     "BaseModelShape",
+    "check_adapter_weights",
     "GeneratedAdapter",
     "LoraHyperparams",
     "PACKED_MODULES",

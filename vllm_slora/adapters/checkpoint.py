@@ -57,24 +57,29 @@ def read_safetensors_header(adapter_name: str, path: str) -> dict[str, TensorInf
 
     Checks that the header is valid JSON describing tensors whose byte ranges are
     consistent with their shapes and dtypes and exactly cover the data that follows
-    (a shorter file is truncated, a longer one is not a safetensors file).
+    (a shorter file is truncated, a longer one is not a safetensors file). Messages
+    never state the file's size or quote its bytes: the file may be a symlink to
+    something else on the server.
     """
 
     def bad(problem: str) -> AdapterError:
         return AdapterError(adapter_name, f"{os.path.basename(path)} is corrupt or truncated: {problem}")
 
-    file_size = os.path.getsize(path)
-    if file_size < 8:
-        raise bad(f"file has {file_size} bytes, less than the 8-byte header length")
-    with open(path, "rb") as f:
-        (header_len,) = struct.unpack("<Q", f.read(8))
-        if header_len > _MAX_HEADER_BYTES or 8 + header_len > file_size:
-            raise bad(f"header length {header_len} does not fit a file of {file_size} bytes")
-        raw = f.read(header_len)
+    try:
+        file_size = os.path.getsize(path)
+        if file_size < 8:
+            raise bad("the file is shorter than the 8-byte header length")
+        with open(path, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            if header_len > _MAX_HEADER_BYTES or 8 + header_len > file_size:
+                raise bad("the header length does not fit the file")
+            raw = f.read(header_len)
+    except OSError as exc:
+        raise AdapterError(adapter_name, f"{os.path.basename(path)} could not be read ({exc.strerror})") from None
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise bad(f"header is not valid JSON ({exc})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise bad("header is not valid JSON") from None
     if not isinstance(header, dict):
         raise bad("header is not a JSON object")
 
@@ -86,21 +91,23 @@ def read_safetensors_header(adapter_name: str, path: str) -> dict[str, TensorInf
             continue
         try:
             dtype, shape, (start, stop) = entry["dtype"], entry["shape"], entry["data_offsets"]
-            shape = tuple(int(d) for d in shape)
+            if not all(type(v) is int for v in (*shape, start, stop)):
+                raise TypeError
+            shape = tuple(shape)
             itemsize = _SAFETENSORS_ITEMSIZE[dtype]
         except (KeyError, TypeError, ValueError):
-            raise bad(f"malformed header entry for tensor {key!r}: {entry!r}") from None
+            raise bad(f"malformed header entry for tensor {key[:200]!r}") from None
         if any(d < 0 for d in shape) or not 0 <= start <= stop:
-            raise bad(f"tensor {key!r} has a negative size or offset")
+            raise bad(f"tensor {key[:200]!r} has a negative size or offset")
         if stop - start != math.prod(shape) * itemsize:
-            raise bad(f"tensor {key!r} spans {stop - start} bytes, its shape {list(shape)} {dtype} needs "
+            raise bad(f"tensor {key[:200]!r} spans {stop - start} bytes, its shape {list(shape)} {dtype} needs "
                       f"{math.prod(shape) * itemsize}")
         data_end = max(data_end, stop)
         tensors[key] = TensorInfo(shape, dtype)
     if data_end > data_len:
-        raise bad(f"tensor data needs {data_end} bytes after the header, the file has {data_len}")
+        raise bad(f"tensor data needs {data_end} bytes after the header, the file has fewer")
     if data_end < data_len:
-        raise bad(f"{data_len - data_end} unexpected bytes after the last tensor")
+        raise bad("unexpected bytes after the last tensor")
     return tensors
 
 
@@ -112,7 +119,9 @@ def _load_pickle(adapter_name: str, path: str) -> dict[str, torch.Tensor]:
         except RuntimeError:
             state = torch.load(path, map_location="cpu", weights_only=True)  # legacy format
     except Exception as exc:  # any unpickling failure means the file cannot be served
-        raise AdapterError(adapter_name, f"{os.path.basename(path)} could not be read: {exc}") from None
+        # Only the exception type: unpickling messages quote the file's bytes.
+        raise AdapterError(adapter_name, f"{os.path.basename(path)} could not be read as a PyTorch checkpoint "
+                                         f"({type(exc).__name__})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise AdapterError(adapter_name, f"{os.path.basename(path)} does not hold a dict of tensors")
     return state
@@ -134,12 +143,13 @@ def index_checkpoint(adapter_name: str, adapter_dir: str, allow_pickle: bool = F
             with safe_open(st_path, framework="pt") as f:
                 f.keys()
         except Exception as exc:  # SafetensorError and OS errors alike
-            raise AdapterError(adapter_name, f"{SAFETENSORS_NAME} is corrupt: {exc}") from None
+            raise AdapterError(adapter_name, f"{SAFETENSORS_NAME} is corrupt ({type(exc).__name__})") from None
         return CheckpointIndex(st_path, "safetensors", tensors)
 
     pickles = [os.path.join(adapter_dir, n) for n in PICKLE_NAMES if os.path.isfile(os.path.join(adapter_dir, n))]
     if not pickles:
-        raise AdapterError(adapter_name, f"no {SAFETENSORS_NAME} (or {' / '.join(PICKLE_NAMES)}) in {adapter_dir}")
+        raise AdapterError(adapter_name, f"no {SAFETENSORS_NAME} (or {' / '.join(PICKLE_NAMES)}) in the adapter "
+                                         "directory")
     if not allow_pickle:
         raise AdapterError(
             adapter_name,
@@ -169,4 +179,6 @@ def read_tensors(adapter_name: str, index: CheckpointIndex, keys: Iterable[str])
     except AdapterError:
         raise
     except Exception as exc:  # the file changed or broke since registration
-        raise AdapterError(adapter_name, f"reading weights from {index.path} failed: {exc}") from None
+        detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        raise AdapterError(adapter_name, f"reading weights from {os.path.basename(index.path)} failed ({detail}); "
+                                         "was the file changed after the adapter was loaded?") from None

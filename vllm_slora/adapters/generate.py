@@ -129,6 +129,7 @@ def generate_adapters(
     rank_pattern: Mapping[str, int] | None = None,
     alpha_pattern: Mapping[str, float] | None = None,
     output_scale: float = 0.25,
+    overwrite: bool = True,
 ) -> list[GeneratedAdapter]:
     """Write ``num_adapters`` random PEFT LoRA adapters under ``out_dir``.
 
@@ -138,10 +139,16 @@ def generate_adapters(
     to every adapter's config (PEFT semantics). ``output_scale`` sets the LoRA delta's
     size relative to its input (see module docstring). Adapter ``i`` depends only on ``seed``,
     ``i`` and the settings, never on ``num_adapters``; an adapter whose files already
-    hold the same settings is left untouched. Returns (name, path, rank) per adapter.
+    hold the same settings is left untouched; one written with other settings is
+    rewritten, or with ``overwrite=False`` FileExistsError is raised before anything is
+    written. Returns (name, path, rank) per adapter.
     """
     if num_adapters < 0 or not ranks or rank_choice not in ("cycle", "random"):
         raise ValueError("need num_adapters >= 0, a non-empty ranks list and rank_choice 'cycle' or 'random'")
+    if not all(isinstance(r, int) and not isinstance(r, bool) and r > 0 for r in ranks):
+        raise ValueError(f"ranks must be positive integers, got {list(ranks)}")
+    if lora_alpha is not None and (not math.isfinite(lora_alpha) or lora_alpha == 0):
+        raise ValueError(f"lora_alpha must be a finite number other than 0, got {lora_alpha}")
     unknown = [t for t in target_modules if t not in SLICE_ORDER]
     if unknown or not target_modules:
         raise ValueError(f"target_modules must be a non-empty subset of {SLICE_ORDER}, got {list(target_modules)}")
@@ -156,7 +163,7 @@ def generate_adapters(
         base_name = path if os.path.isdir(path) else os.path.dirname(path)
     out_dir = os.fspath(out_dir)
     rng = random.Random(seed)
-    generated = []
+    generated, to_write = [], []
     for i in range(num_adapters):
         rank = ranks[i % len(ranks)] if rank_choice == "cycle" else rng.choice(list(ranks))
         alpha = 2 * rank if lora_alpha is None else lora_alpha
@@ -172,8 +179,12 @@ def generate_adapters(
         config_path = os.path.join(adapter_dir, "adapter_config.json")
         weights_path = os.path.join(adapter_dir, "adapter_model.safetensors")
         if not (os.path.isfile(config_path) and _existing_fingerprint(weights_path) == fingerprint):
-            _write_adapter(adapter_dir, config, base, adapter_seed, dtype, output_scale, fingerprint)
+            if not overwrite and os.path.isdir(adapter_dir) and os.listdir(adapter_dir):
+                raise FileExistsError(f"{adapter_dir} already holds an adapter written with other settings")
+            to_write.append((adapter_dir, config, adapter_seed, fingerprint))
         generated.append(GeneratedAdapter(name, adapter_dir, rank))
+    for adapter_dir, config, adapter_seed, fingerprint in to_write:
+        _write_adapter(adapter_dir, config, base, adapter_seed, dtype, output_scale, fingerprint)
     return generated
 
 
@@ -192,13 +203,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--name-prefix", default="adapter")
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
     args = parser.parse_args(argv)
-    adapters = generate_adapters(
-        args.config, args.out_dir, args.num_adapters,
-        ranks=[int(r) for r in args.ranks.split(",")],
-        target_modules=args.target_modules.split(","),
-        lora_alpha=args.lora_alpha, use_rslora=args.use_rslora, seed=args.seed,
-        name_prefix=args.name_prefix, dtype=getattr(torch, args.dtype), rank_choice=args.rank_choice,
-    )
+    try:
+        adapters = generate_adapters(
+            args.config, args.out_dir, args.num_adapters,
+            ranks=[int(r) for r in args.ranks.split(",")],
+            target_modules=args.target_modules.split(","),
+            lora_alpha=args.lora_alpha, use_rslora=args.use_rslora, seed=args.seed,
+            name_prefix=args.name_prefix, dtype=getattr(torch, args.dtype), rank_choice=args.rank_choice,
+        )
+    except (ValueError, OSError, KeyError) as e:  # bad values, unreadable or non-Llama config
+        parser.error(f"{type(e).__name__}: {e}")
     for adapter in adapters:
         print(f"{adapter.name}\t{adapter.rank}\t{adapter.path}")
 

@@ -60,10 +60,46 @@ class AdapterWeights:
         return out
 
 
+def _finite(name: str, key: str, stored: torch.Tensor, converted: torch.Tensor) -> torch.Tensor:
+    """``converted`` if every value is finite, else AdapterError naming the tensor.
+
+    One NaN or Inf in a LoRA weight turns every output it touches into NaN, and through
+    shared batches and KV pages could reach other requests; such an adapter is refused.
+    """
+    if not bool(torch.isfinite(converted).all()):
+        if bool(torch.isfinite(stored).all()):
+            problem = f"overflows {converted.dtype} (values up to {stored.abs().max().item():.3g})"
+        else:
+            problem = "holds NaN or Inf values"
+        raise AdapterError(name, f"tensor {key} {problem}")
+    return converted
+
+
+def check_adapter_weights(spec: AdapterSpec, dtype: torch.dtype | None = None) -> None:
+    """Read every LoRA tensor once and refuse non-finite values (see `_finite`).
+
+    Tensors are read one at a time (safetensors is memory-mapped), so checking a large
+    adapter never holds more than one layer's tensors. Raises AdapterError.
+    """
+    dtype = dtype or spec.base.dtype
+    per_layer = [[k for s in layer if s.rank for k in (s.a_key, s.b_key)] for layer in spec.layers]
+    if spec.checkpoint.format != "safetensors":  # a pickle is read whole anyway
+        per_layer = [[k for keys in per_layer for k in keys]]
+    for keys in per_layer:
+        tensors = read_tensors(spec.name, spec.checkpoint, keys)
+        for key in keys:
+            _finite(spec.name, key, tensors[key], tensors[key].to(dtype))
+        del tensors
+
+
 def load_adapter_weights(
     spec: AdapterSpec, dtype: torch.dtype | None = None, device: torch.device | str = "cpu"
 ) -> AdapterWeights:
-    """Read every lora_A / lora_B of a validated adapter (dtype defaults to the base's)."""
+    """Read every lora_A / lora_B of a validated adapter (dtype defaults to the base's).
+
+    Raises AdapterError for a tensor with NaN / Inf values, in the file or once
+    converted to ``dtype`` (packing for the pool goes through here).
+    """
     dtype = dtype or spec.base.dtype
     keys = [k for layer in spec.layers for s in layer if s.rank for k in (s.a_key, s.b_key)]
     tensors = read_tensors(spec.name, spec.checkpoint, keys)
@@ -77,8 +113,8 @@ def load_adapter_weights(
                 # The file may have been replaced since registration.
                 if tuple(a.shape) != (s.rank, in_features) or tuple(b.shape) != (out_features, s.rank):
                     raise AdapterError(spec.name, f"weights of {s.a_key} changed shape since registration")
-                a = a.to(device=device, dtype=dtype).contiguous()
-                b = b.to(device=device, dtype=dtype).contiguous()
+                a = _finite(spec.name, s.a_key, tensors[s.a_key], a.to(device=device, dtype=dtype).contiguous())
+                b = _finite(spec.name, s.b_key, tensors[s.b_key], b.to(device=device, dtype=dtype).contiguous())
             else:
                 a = torch.zeros(0, in_features, dtype=dtype, device=device)
                 b = torch.zeros(out_features, 0, dtype=dtype, device=device)

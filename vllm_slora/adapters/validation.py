@@ -10,17 +10,22 @@ that could never fit the pool. Tensor data is read later (`loading.py`).
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
+import threading
+from collections import OrderedDict
 
 from .base_model import BaseModelShape
-from .checkpoint import FLOAT_DTYPES, CheckpointIndex, TensorInfo, index_checkpoint
-from .errors import AdapterError
+from .checkpoint import FLOAT_DTYPES, PICKLE_NAMES, SAFETENSORS_NAME, CheckpointIndex, TensorInfo, index_checkpoint
+from .errors import AdapterError, AdapterNotFoundError
 from .modules import PARENT_MODULE, SLICE_ORDER, module_name, unsupported_module_names
-from .peft_config import LoraHyperparams, parse_lora_config
+from .peft_config import MAX_ABS_SCALING, LoraHyperparams, parse_lora_config
 from .spec import AdapterSpec, SliceSpec
 
 CONFIG_NAME = "adapter_config.json"
+# Real configs are a few KiB (a rank_pattern naming every module of a 70B model: ~60 KiB).
+MAX_CONFIG_BYTES = 1 << 20
 
 # PEFT's saved key: base_model.model.<module name>.lora_A.weight (adapter name stripped).
 _LORA_KEY = re.compile(
@@ -30,17 +35,33 @@ _LORA_KEY = re.compile(
 
 
 def read_adapter_config(adapter_name: str, adapter_dir: str) -> dict:
-    """The parsed `adapter_config.json`, or AdapterError when absent or unreadable."""
-    if not os.path.isdir(adapter_dir):
-        raise AdapterError(adapter_name, f"adapter directory {adapter_dir} does not exist")
+    """The parsed `adapter_config.json`.
+
+    Raises AdapterNotFoundError (the same message whether the directory is missing or
+    only its config, so nothing is revealed about other paths) or AdapterError.
+    """
     path = os.path.join(adapter_dir, CONFIG_NAME)
-    if not os.path.isfile(path):
-        raise AdapterError(adapter_name, f"missing {CONFIG_NAME} in {adapter_dir}")
+    if not os.path.isdir(adapter_dir) or not os.path.isfile(path):
+        raise AdapterNotFoundError(adapter_name, adapter_dir)
     try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdapterError(adapter_name, f"{CONFIG_NAME} is not valid JSON: {exc}") from None
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise AdapterError(adapter_name, f"{CONFIG_NAME} could not be read ({exc.strerror})") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise AdapterError(adapter_name, f"{CONFIG_NAME} is larger than {MAX_CONFIG_BYTES // 1024} KiB")
+    try:
+        config = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise AdapterError(adapter_name, f"{CONFIG_NAME} is not valid JSON (not UTF-8 text)") from None
+    except json.JSONDecodeError as exc:
+        raise AdapterError(adapter_name, f"{CONFIG_NAME} is not valid JSON ({exc.msg} at line {exc.lineno} "
+                                         f"column {exc.colno})") from None
+    except RecursionError:
+        raise AdapterError(adapter_name, f"{CONFIG_NAME} is not valid JSON (nested too deeply)") from None
+    if not isinstance(config, dict):
+        raise AdapterError(adapter_name, f"{CONFIG_NAME} must hold a JSON object")
+    return config
 
 
 def _check_targets(name: str, params: LoraHyperparams, base: BaseModelShape) -> None:
@@ -115,7 +136,12 @@ def _slice_spec(
         if info.shape != expected[kind]:
             raise AdapterError(name, f"tensor {key} has shape {list(info.shape)}, expected "
                                      f"{list(expected[kind])} (rank {rank} for the base model's {proj})")
-    return SliceSpec(proj, rank, params.scaling_for(module), found["lora_A"][0], found["lora_B"][0])
+    scaling = params.scaling_for(module)
+    if not math.isfinite(scaling) or abs(scaling) > MAX_ABS_SCALING:
+        raise AdapterError(name, f"scaling {scaling:g} of {module} (lora_alpha {params.alpha_for(module)!r}, rank "
+                                 f"{rank}{', rslora' if params.use_rslora else ''}) is outside "
+                                 f"[-{MAX_ABS_SCALING:g}, {MAX_ABS_SCALING:g}]")
+    return SliceSpec(proj, rank, scaling, found["lora_A"][0], found["lora_B"][0])
 
 
 def inspect_adapter(
@@ -134,9 +160,67 @@ def inspect_adapter(
     Reads only `adapter_config.json` and the weight file's header (pickle checkpoints,
     when allowed, are memory-mapped). ``page_elems`` (per TP rank) and ``pool_blocks``
     enable the "fits the pool" check. Raises AdapterError naming the adapter and the
-    problem.
+    problem, and nothing else: an unforeseen failure is reported as one too.
     """
     path = os.fspath(path)
+    key = (name, path, _files_identity(path), base, max_lora_rank, page_elems, pool_blocks, tp_size, allow_pickle)
+    with _cache_lock:
+        cached = _cache.get(key)
+        if cached is not None:
+            _cache.move_to_end(key)
+    if cached is None:
+        try:
+            cached = _inspect_adapter(name, path, base, max_lora_rank=max_lora_rank, page_elems=page_elems,
+                                      pool_blocks=pool_blocks, tp_size=tp_size, allow_pickle=allow_pickle)
+        except AdapterError as exc:
+            cached = exc
+        with _cache_lock:
+            _cache[key] = cached
+            while len(_cache) > _CACHE_SIZE:
+                _cache.popitem(last=False)
+    if isinstance(cached, AdapterError):
+        cls, args = cached.__reduce__()
+        raise cls(*args)  # a fresh exception per caller: threads share the cache
+    return cached
+
+
+# Validation runs once per adapter version and process: results (specs and errors)
+# are kept per name, path, limits and the files' (inode, size, mtime).
+_CACHE_SIZE = 128  # specs of ~200 KB each (a header index + per-slice specs)
+_cache: OrderedDict = OrderedDict()
+_cache_lock = threading.Lock()
+
+
+def _files_identity(path: str) -> tuple:
+    identity = []
+    for file in (CONFIG_NAME, SAFETENSORS_NAME, *PICKLE_NAMES):
+        try:
+            st = os.stat(os.path.join(path, file))
+            identity.append((st.st_ino, st.st_size, st.st_mtime_ns))
+        except (OSError, ValueError):
+            identity.append(None)
+    return tuple(identity)
+
+
+def _inspect_adapter(
+    name: str, path: str, base: BaseModelShape, *, max_lora_rank: int | None,
+    page_elems: int | None, pool_blocks: int | None, tp_size: int, allow_pickle: bool,
+) -> AdapterSpec:
+    try:
+        return _inspect_uncached(name, path, base, max_lora_rank=max_lora_rank, page_elems=page_elems,
+                                 pool_blocks=pool_blocks, tp_size=tp_size, allow_pickle=allow_pickle)
+    except AdapterError:
+        raise
+    except OSError as exc:  # strerror only: the filename may be a path the caller did not give
+        raise AdapterError(name, f"adapter files could not be read ({exc.strerror or type(exc).__name__})") from None
+    except Exception as exc:
+        raise AdapterError(name, f"adapter could not be validated ({type(exc).__name__}: {exc})") from None
+
+
+def _inspect_uncached(
+    name: str, path: str, base: BaseModelShape, *, max_lora_rank: int | None,
+    page_elems: int | None, pool_blocks: int | None, tp_size: int, allow_pickle: bool,
+) -> AdapterSpec:
     params = parse_lora_config(name, read_adapter_config(name, path))
     _check_targets(name, params, base)
     checkpoint: CheckpointIndex = index_checkpoint(name, path, allow_pickle=allow_pickle)
@@ -148,7 +232,7 @@ def inspect_adapter(
     ranks = [params.rank_for(module_name(i, p)) for i in range(base.num_layers) for p in SLICE_ORDER
              if params.targets(module_name(i, p))]
     if max_lora_rank is not None and ranks and max(ranks) > max_lora_rank:
-        raise AdapterError(name, f"rank {max(ranks)} is above max_lora_rank {max_lora_rank}")
+        raise AdapterError(name, f"LoRA rank {max(ranks)} is greater than max_lora_rank {max_lora_rank}")
 
     layers = tuple(
         tuple(_slice_spec(name, params, base, i, p, grouped.get((i, p))) for p in SLICE_ORDER)
