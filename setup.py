@@ -93,7 +93,10 @@ setup(
         "vllm_slora.kernels": "kernels",
         "vllm_slora.patches": "patches",
     },
-    install_requires=["safetensors", "huggingface-hub", "numpy", "openai", "tqdm", "matplotlib"],
+    install_requires=["safetensors", "huggingface-hub", "numpy", "tqdm", "regex"],
+    # The demo and the benchmarks drive a server through the `openai` client and plot with
+    # matplotlib; serving needs neither (scripts/setup.sh installs both, pinned).
+    extras_require={"bench": ["openai", "matplotlib"]},
     entry_points={
         "vllm.general_plugins": ["slora = vllm_slora:register"],
         "console_scripts": ["vllm-slora = vllm_slora.cli:main"],

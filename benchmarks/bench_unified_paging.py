@@ -27,7 +27,7 @@ import json
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -180,7 +180,7 @@ def main() -> int:
             if p["system"].startswith("slora") and stock:
                 p["ratio_to_stock"] = p["tok_s"] / stock
     machine = machine_info()
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%d")
+    stamp = datetime.now(UTC).strftime("%Y%m%d")
     stem = RESULTS / f"unified_paging-{stamp}-{machine_tag(machine)}"
     RESULTS.mkdir(exist_ok=True)
     config = {"models": {"smollm2": {"name": "SmolLM2-135M-Instruct", "num_requests": NUM_REQUESTS},

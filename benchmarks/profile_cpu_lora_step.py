@@ -20,7 +20,7 @@ import cProfile
 import json
 import pstats
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -137,7 +137,7 @@ def main() -> None:
     }
     print(json.dumps({k: v for k, v in result.items() if k != "machine"}, indent=1))
     RESULTS.mkdir(exist_ok=True)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%d")
+    stamp = datetime.now(UTC).strftime("%Y%m%d")
     path = RESULTS / f"cpu_lora_step-{stamp}-{machine_tag(result['machine'])}.json"
     path.write_text(json.dumps(result, indent=2))
     print(f"saved {path}")

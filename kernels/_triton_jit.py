@@ -8,7 +8,7 @@ interpreter on after `kernels` was imported elsewhere in the same process.
 from __future__ import annotations
 
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import triton

@@ -22,7 +22,7 @@ once.
 from __future__ import annotations
 
 import importlib
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

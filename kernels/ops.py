@@ -29,7 +29,7 @@ This module can be imported twice in one process (as ``kernels.ops`` and as
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

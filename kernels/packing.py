@@ -8,8 +8,8 @@ oracle (dense math on the original matrices) never goes through the code under t
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 

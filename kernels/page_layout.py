@@ -32,8 +32,8 @@ row-offset table serves all layers (offsets are relative to the layer's base).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 

@@ -22,8 +22,8 @@ This is the only table builder: the worker writes resident adapters into slots
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 

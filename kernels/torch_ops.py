@@ -17,8 +17,8 @@ pool, so each (adapter, slice) costs one matmul per run, typically 1-2.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 

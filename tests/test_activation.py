@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 from importlib.metadata import entry_points
+from pathlib import Path
 
 import pytest
 
@@ -29,8 +29,9 @@ def test_importing_the_package_does_not_import_vllm():
 
 
 def test_register_is_idempotent():
-    import vllm_slora
     from vllm.engine.arg_utils import EngineArgs
+
+    import vllm_slora
 
     vllm_slora.register()
     vllm_slora.register()
@@ -64,7 +65,7 @@ def test_with_flag_config_selects_slora_classes(tiny_model):
     "slora, needle",
     [
         ({"no_such_key": 1}, "unknown slora config key 'no_such_key'"),
-        ({"kernel_backend": "fast"}, "'kernel_backend' must be one of auto, torch, triton"),
+        ({"kernel_backend": "fast"}, "'kernel_backend' must be one of auto, native, torch, triton"),
         ({"host_cache_mb": -5}, "'host_cache_mb' must be a positive"),
     ],
 )
@@ -108,8 +109,9 @@ def test_flag_present_runs_slora_classes_in_every_process(slora_llm, trace_file)
 @pytest.mark.engine
 def test_flag_absent_runs_stock_engine(tiny_model, tmp_path, monkeypatch):
     """Plugin installed and loaded everywhere, but nothing of it runs without the flag."""
-    from tests.engines import close_llm, make_llm
     from vllm import SamplingParams
+
+    from tests.engines import close_llm, make_llm
 
     stock_trace = tmp_path / "stock.jsonl"
     monkeypatch.setenv(trace.TRACE_ENV, str(stock_trace))

@@ -13,8 +13,15 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from vllm_slora.adapters import AdapterError, AdapterNotFoundError, AdapterRegistry, BaseModelShape, generate_adapters, inspect_adapter
-from vllm_slora.adapters import load_adapter_weights
+from vllm_slora.adapters import (
+    AdapterError,
+    AdapterNotFoundError,
+    AdapterRegistry,
+    BaseModelShape,
+    generate_adapters,
+    inspect_adapter,
+    load_adapter_weights,
+)
 
 TINY_LLAMA = dict(
     hidden_size=64,

@@ -30,7 +30,7 @@ def test_values_are_taken():
         ({"allow_pickle_adapters": 1}, ["'allow_pickle_adapters'", "bool"]),
         ({"host_cache_mb": 0}, ["'host_cache_mb'", "positive"]),
         ({"prefetch_depth": -1}, ["'prefetch_depth'", ">= 0"]),
-        ({"kernel_backend": "cuda"}, ["'kernel_backend'", "auto, torch, triton", "'cuda'"]),
+        ({"kernel_backend": "cuda"}, ["'kernel_backend'", "auto, native, torch, triton", "'cuda'"]),
         ([1, 2], ["must be a JSON object"]),
     ],
 )

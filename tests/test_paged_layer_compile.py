@@ -26,7 +26,16 @@ import torch
 from torch import nn
 
 from tests.test_paged_worker_layers import (  # noqa: F401  (fixtures)
-    MODULE_PROJECTIONS, NUM_BLOCKS, PAGE_ELEMS, TINY, FakeLinear, adapters, base, cpu_backends, make_pools, place,
+    MODULE_PROJECTIONS,
+    NUM_BLOCKS,
+    PAGE_ELEMS,
+    TINY,
+    FakeLinear,
+    adapters,
+    base,
+    cpu_backends,
+    make_pools,
+    place,
     reference_delta,
 )
 from vllm_slora.paged.layers import PagedLoRALinear, slice_out_sizes

@@ -14,14 +14,13 @@ import torch
 from torch import nn
 
 import vllm_slora.paged.runner as runner_module
+from tests.test_paged_worker_layers import TINY, FakeLinear, adapters  # noqa: F401  (fixture)
 from vllm_slora.config import SLoRAConfig
 from vllm_slora.paged.layers import PagedLoRALinear
 from vllm_slora.paged.manager import PagedAdapterManager
 from vllm_slora.paged.runner import SLoRARunnerMixin, install_runner_mixin
 from vllm_slora.paged.tensor_parallel import TPGroup
 from vllm_slora.step_plan import AdapterPlacement, SLoRAStepPlan
-
-from tests.test_paged_worker_layers import TINY, FakeLinear, adapters  # noqa: F401  (fixture)
 
 NUM_BLOCKS, KV_HEADS, BLOCK_TOKENS, HEAD_DIM = 40, 2, 16, 32
 PAGE_BYTES = KV_HEADS * 2 * BLOCK_TOKENS * HEAD_DIM * 4  # K and V, float32

@@ -16,14 +16,13 @@ import pytest
 import torch
 from torch import nn
 
+from tests.test_paged_worker_layers import NUM_BLOCKS, PAGE_ELEMS, TINY, base, reference_delta  # noqa: F401
 from vllm_slora.adapters import inspect_adapter
 from vllm_slora.adapters.generate import generate_adapters
 from vllm_slora.paged.layers import install_paged_layers
 from vllm_slora.paged.manager import PagedAdapterManager
 from vllm_slora.paged.tensor_parallel import TPGroup
 from vllm_slora.step_plan import AdapterPlacement, SLoRAStepPlan
-
-from tests.test_paged_worker_layers import NUM_BLOCKS, PAGE_ELEMS, TINY, base, reference_delta  # noqa: F401
 
 TP = 2
 MODULE_SHAPES = {  # name -> (in, out) of the full weight, and whether it is row-parallel

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from packaging.version import Version
-
 import vllm
+from packaging.version import Version
 
 # The vLLM releases whose internals this package was written against and tested on.
 SUPPORTED_VLLM = (Version("0.32.0"), Version("0.33.0"))  # [min, max)
@@ -41,11 +40,12 @@ from vllm.entrypoints.serve import create_error_response  # noqa: E402
 from vllm.exceptions import VLLMNotFoundError, VLLMValidationError  # noqa: E402
 from vllm.logger import init_logger  # noqa: E402
 from vllm.platforms import current_platform  # noqa: E402
-from vllm.v1.engine.input_processor import InputProcessor  # noqa: E402
+from vllm.utils.torch_utils import kv_cache_dtype_str_to_dtype  # noqa: E402
 from vllm.v1.core import kv_cache_utils  # noqa: E402
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler  # noqa: E402
 from vllm.v1.core.sched.output import SchedulerOutput  # noqa: E402
 from vllm.v1.core.sched.scheduler import Scheduler  # noqa: E402
+from vllm.v1.engine.input_processor import InputProcessor  # noqa: E402
 
 logger = init_logger("vllm_slora")
 
@@ -67,6 +67,7 @@ def gpu_worker_cls():
 
 
 __all__ = [
+    "kv_cache_dtype_str_to_dtype",
     "CompilationMode",
     "current_platform",
     "AsyncScheduler",

@@ -8,8 +8,9 @@ key and what it accepts. Imports nothing from vLLM.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Any, Mapping
+from typing import Any
 
 SLORA_KEY = "slora"
 
@@ -35,14 +36,14 @@ class SLoRAConfig:
     kernel_backend: str = "auto"
 
     @classmethod
-    def from_additional_config(cls, additional_config: Mapping[str, Any] | None) -> "SLoRAConfig | None":
+    def from_additional_config(cls, additional_config: Mapping[str, Any] | None) -> SLoRAConfig | None:
         """None when the plugin is not enabled for this engine."""
         if not additional_config or SLORA_KEY not in additional_config:
             return None
         return cls.from_dict(additional_config[SLORA_KEY])
 
     @classmethod
-    def from_dict(cls, raw: Any) -> "SLoRAConfig":
+    def from_dict(cls, raw: Any) -> SLoRAConfig:
         if raw is None:
             raw = {}
         if not isinstance(raw, Mapping):

@@ -18,8 +18,10 @@ from functools import lru_cache
 
 from vllm_slora.adapters import AdapterError, check_adapter_weights, inspect_adapter
 from vllm_slora.adapters.base_model import BaseModelShape
+from vllm_slora.compat import kv_cache_dtype_str_to_dtype
 from vllm_slora.config import SLoRAConfig
 from vllm_slora.patches.patch_kv_cache_utils import adapter_fingerprint
+from vllm_slora.pool.geometry import kv_page_bytes, page_elems
 
 
 class AdapterValidator:
@@ -41,9 +43,9 @@ class AdapterValidator:
         if not cache.num_gpu_blocks:
             return None, None
         kv_heads = max(1, self.base.num_kv_heads // self.tp_size)
-        # K and V of block_size tokens, in the model dtype (the adapters' dtype too).
-        page_elems = cache.block_size * kv_heads * self.base.head_dim * 2
-        return page_elems, cache.num_gpu_blocks - 1
+        kv_dtype = kv_cache_dtype_str_to_dtype(cache.cache_dtype, self._vllm_config.model_config)
+        page_bytes = kv_page_bytes(cache.block_size, kv_heads, self.base.head_dim, kv_dtype.itemsize)
+        return page_elems(page_bytes, self.dtype), cache.num_gpu_blocks - 1
 
     def _check_uncached(self, name: str, path: str, fingerprint: str) -> AdapterError | None:
         page_elems, pool_blocks = self._pool_geometry()

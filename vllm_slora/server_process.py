@@ -19,8 +19,8 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 _HEALTH_POLL_S = 0.5
 _STOP_GRACE_S = (20.0, 10.0)  # wait after SIGINT, then after SIGTERM, before SIGKILL
@@ -85,7 +85,7 @@ class ServerProcess:
     def command(self) -> list[str]:
         return vllm_serve_command(self.model, [*self.args, "--host", self.host, "--port", str(self.port)])
 
-    def __enter__(self) -> "ServerProcess":
+    def __enter__(self) -> ServerProcess:
         self.start()
         try:
             self.wait_until_healthy()

@@ -303,7 +303,7 @@ def main() -> None:
                           f"paged {t['paged']:9.1f}us ({row['paged_pct_peak']:5.1f}% peak) "
                           f"padded x{row['speedup_vs_padded']:6.2f} loop x{row['speedup_vs_loop']:7.2f}",
                           flush=True)  # fmt: skip
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
     tag = "smoke" if args.smoke else device.type
     args.out_dir.mkdir(parents=True, exist_ok=True)
     result = {

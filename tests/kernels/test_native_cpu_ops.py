@@ -18,7 +18,6 @@ import torch
 
 from kernels import cpu_native
 from kernels.torch_ops import expand_torch, shrink_torch
-
 from tests.kernels.lora_cases import POPULARITIES, assert_close, assert_untouched_rows, make_case
 
 if not cpu_native.available():

@@ -16,7 +16,6 @@ import pytest
 import torch
 
 from kernels import paged_lora_expand, paged_lora_linear, paged_lora_shrink
-
 from tests.kernels.lora_cases import POPULARITIES, assert_close, assert_untouched_rows, make_case
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

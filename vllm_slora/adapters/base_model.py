@@ -20,8 +20,9 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -75,7 +76,7 @@ class BaseModelShape:
     @classmethod
     def from_hf_config(
         cls, config: Mapping[str, Any] | str | os.PathLike, dtype: torch.dtype | str | None = None
-    ) -> "BaseModelShape":
+    ) -> BaseModelShape:
         """Build from a HF `config.json` (dict, file path or model directory).
 
         ``dtype`` overrides the config's ``torch_dtype``/``dtype`` (the pool's dtype is
@@ -110,7 +111,7 @@ class BaseModelShape:
             "down_proj": (self.intermediate, self.hidden),
         }[projection]
 
-    def for_tp(self, tp_size: int, tp_rank: int) -> "ShardShape":
+    def for_tp(self, tp_size: int, tp_rank: int) -> ShardShape:
         """Per-rank LoRA matrix sizes and weight ranges for tensor parallelism."""
         return ShardShape(self, tp_size, tp_rank)
 

@@ -13,8 +13,8 @@ import json
 import math
 import os
 import struct
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Iterable, Mapping
 
 import torch
 

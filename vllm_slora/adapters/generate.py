@@ -28,7 +28,8 @@ import json
 import math
 import os
 import random
-from typing import Any, Mapping, NamedTuple, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
 
 import torch
 from safetensors import safe_open

@@ -13,8 +13,8 @@ request keeps its error string and is counted, never dropped.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Iterable, Sequence
 
 DEFAULT_TTFT_SLO_S = 6.0  # S-LoRA's first-token SLO
 

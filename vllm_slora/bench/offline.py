@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import gc
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 from vllm_slora.bench.metrics import RequestRecord, summarize
 from vllm_slora.bench.runner import Point, RunOptions

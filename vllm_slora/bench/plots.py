@@ -7,8 +7,8 @@ that dropped work cannot pass unnoticed.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import matplotlib
 

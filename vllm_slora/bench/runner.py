@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 from vllm_slora.bench.metrics import DEFAULT_TTFT_SLO_S, summarize
 from vllm_slora.bench.replay import replay_trace

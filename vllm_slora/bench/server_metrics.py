@@ -60,7 +60,7 @@ class MetricsSampler:
         self.scrape_errors = 0
         self._task: asyncio.Task | None = None
 
-    async def __aenter__(self) -> "MetricsSampler":
+    async def __aenter__(self) -> MetricsSampler:
         self._task = asyncio.create_task(self._run())
         return self
 

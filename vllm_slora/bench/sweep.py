@@ -10,9 +10,9 @@ adapters removed, measured once per rate.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 from tqdm.auto import tqdm
 

@@ -13,8 +13,8 @@ of a request selects them exactly as a user would.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 SYSTEMS = ("base", "stock", "slora")
 BASE_MODEL_NAME = "base"  # --served-model-name; requests without adapter use it

@@ -16,9 +16,9 @@ base model.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -37,7 +37,7 @@ class LengthRange:
             raise ValueError(f"length range needs 1 <= low <= high, got [{self.low}, {self.high}]")
 
     @classmethod
-    def parse(cls, text: str) -> "LengthRange":
+    def parse(cls, text: str) -> LengthRange:
         """'32' (fixed) or '8:64' (uniform, inclusive)."""
         low, _, high = str(text).partition(":")
         return cls(int(low), int(high or low))
@@ -99,7 +99,7 @@ class TraceRequest:
         return json.dumps(asdict(self), separators=(",", ":"))
 
     @classmethod
-    def from_dict(cls, data: dict) -> "TraceRequest":
+    def from_dict(cls, data: dict) -> TraceRequest:
         return cls(**{name: data[name] for name in cls.__dataclass_fields__})
 
 

@@ -13,8 +13,8 @@ with the B^T rows of that chunk: `ModuleRows.b_chunk_offsets`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 

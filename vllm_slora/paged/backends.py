@@ -14,12 +14,21 @@ All three take the same static tables (step_metadata.py) and the same op semanti
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
-from .ops import HAS_TRITON, PreparedRuns, cpu_native, expand_torch, paged_lora_expand, paged_lora_shrink
-from .ops import prepare_runs, row_runs, shrink_torch
+from .ops import (
+    HAS_TRITON,
+    PreparedRuns,
+    cpu_native,
+    expand_torch,
+    paged_lora_expand,
+    paged_lora_shrink,
+    prepare_runs,
+    row_runs,
+    shrink_torch,
+)
 from .step_metadata import StepMetadata
 
 BACKENDS = ("native", "torch", "triton")

@@ -22,7 +22,7 @@ scheduler plan on every rank.
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn

@@ -7,7 +7,7 @@ token->adapter-row map and stacked tables the paged layers read.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

@@ -7,16 +7,33 @@ Installed, `kernels/` is the subpackage `vllm_slora.kernels`; in a bare checkout
 from __future__ import annotations
 
 try:
-    from vllm_slora.kernels import HAS_TRITON, PagedLoRAMeta, SlotTables, paged_lora_expand, paged_lora_shrink
-    from vllm_slora.kernels import cpu_native
+    from vllm_slora.kernels import (
+        HAS_TRITON,
+        PagedLoRAMeta,
+        SlotTables,
+        cpu_native,
+        paged_lora_expand,
+        paged_lora_shrink,
+    )
     from vllm_slora.kernels.torch_ops import (
-        PreparedRuns, TokenPlan, expand_torch, plan_tokens, prepare_runs, row_runs, shrink_torch,
+        PreparedRuns,
+        TokenPlan,
+        expand_torch,
+        plan_tokens,
+        prepare_runs,
+        row_runs,
+        shrink_torch,
     )
 except ImportError:  # not installed: running from the repository root
-    from kernels import HAS_TRITON, PagedLoRAMeta, SlotTables, paged_lora_expand, paged_lora_shrink
-    from kernels import cpu_native
+    from kernels import HAS_TRITON, PagedLoRAMeta, SlotTables, cpu_native, paged_lora_expand, paged_lora_shrink
     from kernels.torch_ops import (
-        PreparedRuns, TokenPlan, expand_torch, plan_tokens, prepare_runs, row_runs, shrink_torch,
+        PreparedRuns,
+        TokenPlan,
+        expand_torch,
+        plan_tokens,
+        prepare_runs,
+        row_runs,
+        shrink_torch,
     )
 
 __all__ = [

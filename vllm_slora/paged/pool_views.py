@@ -9,7 +9,7 @@ smaller than the block only splits the outer dimension).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

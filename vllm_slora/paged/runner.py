@@ -11,13 +11,13 @@ created, and reads each step's `SLoRAStepPlan` before the forward.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 
 from vllm_slora import trace
 from vllm_slora.adapters import BaseModelShape
-from vllm_slora.compat import worker_lora_internals
+from vllm_slora.compat import logger, worker_lora_internals
 from vllm_slora.config import SLoRAConfig
 from vllm_slora.pool.geometry import page_elems
 
@@ -60,6 +60,10 @@ class SLoRARunnerMixin:
                 f"in {model.__class__.__name__}; only Llama-style decoders are supported"
             )
         trace.record("paged_layers", count=len(installed), backend=self.slora.backend.name)
+        if self.slora.backend.name == "torch" and self.slora_config.kernel_backend == "auto":
+            from vllm_slora.paged.ops import cpu_native
+
+            logger.warning("vllm-slora: %s; LoRA runs on the slower torch path", cpu_native.unavailable_reason())
         return model
 
     def initialize_kv_cache(self, kv_cache_config, *args, **kwargs):
@@ -148,7 +152,7 @@ class SLoRARunnerMixin:
         return self.slora.list_adapters()
 
 
-@lru_cache(maxsize=None)
+@cache
 def runner_class_with_slora(runner_cls: type) -> type:
     """``(SLoRARunnerMixin, runner_cls)``, one class per runner class."""
     return type(f"SLoRA{runner_cls.__name__}", (SLoRARunnerMixin, runner_cls), {})

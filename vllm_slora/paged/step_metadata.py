@@ -25,7 +25,7 @@ CUDA path never branches on per-step state.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch

@@ -7,8 +7,8 @@ code imports no vLLM module and tests can drive it with fakes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

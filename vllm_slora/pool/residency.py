@@ -16,9 +16,9 @@ whole adapter absent (its pages are about to be overwritten) and reports it evic
 
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Callable, Hashable
 
 from vllm_slora.step_plan import AdapterPlacement
 
