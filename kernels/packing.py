@@ -62,7 +62,18 @@ def pack_lora_layer(
     row_offsets = layout.row_offsets(block_ids)
     matrices = [m for a, b in zip(lora_a, lora_b) for m in (a, b.t())]
     for matrix, starts in zip(matrices, row_offsets):
-        if starts.numel():
-            index = starts[:, None] + torch.arange(matrix.shape[1], dtype=torch.int64)
-            pool[index.reshape(-1).to(pool.device)] = matrix.reshape(-1).to(pool.dtype, copy=False).to(pool.device)
+        write_rows(pool, starts, matrix)
     return PackedRows(tuple(row_offsets[0::2]), tuple(row_offsets[1::2]))
+
+
+def write_rows(
+    flat: torch.Tensor,  # [N] flat pages, written in place
+    row_starts: torch.Tensor,  # int64 [rows]: where each row of `matrix` begins in `flat`
+    matrix: torch.Tensor,  # [rows, row_len]
+) -> None:
+    """Row j of ``matrix`` -> ``flat[row_starts[j] : row_starts[j] + row_len]`` (the one packer)."""
+    if row_starts.numel() == 0:
+        return
+    assert matrix.shape[0] == row_starts.numel(), f"{matrix.shape[0]} rows for {row_starts.numel()} row starts"
+    index = row_starts[:, None] + torch.arange(matrix.shape[1], dtype=torch.int64)  # [rows, row_len]
+    flat.index_copy_(0, index.reshape(-1).to(flat.device), matrix.reshape(-1).to(flat.dtype).to(flat.device))

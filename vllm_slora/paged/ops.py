@@ -15,6 +15,7 @@ try:
         paged_lora_expand,
         paged_lora_shrink,
     )
+    from vllm_slora.kernels.packing import write_rows
     from vllm_slora.kernels.torch_ops import (
         PreparedRuns,
         TokenPlan,
@@ -26,6 +27,7 @@ try:
     )
 except ImportError:  # not installed: running from the repository root
     from kernels import HAS_TRITON, PagedLoRAMeta, SlotTables, cpu_native, paged_lora_expand, paged_lora_shrink
+    from kernels.packing import write_rows
     from kernels.torch_ops import (
         PreparedRuns,
         TokenPlan,
@@ -38,5 +40,5 @@ except ImportError:  # not installed: running from the repository root
 
 __all__ = [
     "HAS_TRITON", "PagedLoRAMeta", "PreparedRuns", "SlotTables", "TokenPlan", "cpu_native", "expand_torch",
-    "paged_lora_expand", "paged_lora_shrink", "plan_tokens", "prepare_runs", "row_runs", "shrink_torch",
+    "paged_lora_expand", "paged_lora_shrink", "plan_tokens", "prepare_runs", "row_runs", "shrink_torch", "write_rows",
 ]

@@ -15,6 +15,8 @@ import torch
 
 from vllm_slora.adapters import AdapterSpec, load_adapter_weights
 
+from .ops import write_rows
+
 
 @dataclass(frozen=True)
 class PackedAdapter:
@@ -61,11 +63,7 @@ def pack_adapter(
         num_pages, rows = layouts[key]
         flat = torch.zeros(num_pages * page_elems, dtype=dtype)  # [pages * page_elems]
         for matrix, row_starts in zip(weights.page_matrices(layer, tp_size, tp_rank), rows):
-            if row_starts.numel() == 0:
-                continue
-            # [rows, row_len] element indices: each row is contiguous from its start.
-            index = row_starts[:, None] + torch.arange(matrix.shape[1], dtype=torch.int64)
-            flat.index_copy_(0, index.reshape(-1), matrix.reshape(-1))
+            write_rows(flat, row_starts, matrix)
         all_pages.append(flat.view(num_pages, page_elems))
         all_rows.append(rows)
     return PackedAdapter(spec, tp_size, tp_rank, page_elems, tuple(all_pages), tuple(all_rows))
