@@ -57,6 +57,9 @@ class StepMetadata:
         self._token_host = (
             torch.full((max_tokens,), -1, dtype=torch.int32, pin_memory=True) if on_cuda else self.token_adapter
         )
+        # Set once the device has read the host buffer; the next step waits for it before
+        # rewriting the buffer (with async scheduling the CPU can run a step ahead).
+        self._host_read = torch.cuda.Event() if on_cuda else None
         self.tables = {
             name: SlotTables(num_layers, num_slots, hi - lo, max_rows, self.device,
                              tp_chunks=tp_size if name in chunked_modules else 0)
@@ -154,11 +157,14 @@ class StepMetadata:
         if num_tokens > self.max_tokens:
             raise RuntimeError(f"vllm-slora: {num_tokens} tokens in a step sized for {self.max_tokens}")
         host = self._token_host
+        if self._host_read is not None:
+            self._host_read.synchronize()
         host[:num_tokens].copy_(torch.from_numpy(np.ascontiguousarray(token_slots, dtype=np.int32)))
         if self.num_mapped > num_tokens:
             host[num_tokens : self.num_mapped].fill_(-1)
         if host is not self.token_adapter:
             self.token_adapter.copy_(host, non_blocking=True)
+            self._host_read.record()
         if self.meta is not None:
             self.meta.prepare(self.token_adapter)
         self.num_mapped = num_tokens
