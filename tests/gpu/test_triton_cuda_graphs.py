@@ -38,7 +38,7 @@ except ImportError:
 from kernels import PagedLoRAMeta, SlotTables, pack_lora_layer, paged_lora_expand, paged_lora_shrink
 from kernels.packing import lora_layer_layout
 from kernels.torch_ops import expand_torch, shrink_torch
-from tests.kernels.lora_cases import TOLERANCES, adapter_counts
+from tests.kernels.lora_cases import TOLERANCES, step_token_map
 
 pytestmark = pytest.mark.gpu
 
@@ -164,16 +164,7 @@ class StaticState:
 
     def token_map(self, step: Step, slots: list[int], num_tokens: int, gen: torch.Generator) -> torch.Tensor:
         """int32 [num_tokens] on the host: the step's tokens, then padding (-1)."""
-        mapping = torch.full((num_tokens,), -1, dtype=torch.int32)
-        real = max(1, round(step.fill * num_tokens))
-        groups = adapter_counts(step.popularity, real)
-        tokens = torch.tensor([slots[i % len(slots)] for i, c in enumerate(groups) for _ in range(c)],
-                              dtype=torch.int32)  # fmt: skip
-        tokens = tokens[torch.randperm(real, generator=gen)]
-        if step.idle_every:
-            tokens[:: step.idle_every] = -1
-        mapping[:real] = tokens
-        return mapping
+        return step_token_map(slots, step.popularity, step.fill, step.idle_every, num_tokens, gen)
 
     def oracle(self, layer: int, module: str, mapping: torch.Tensor, x: torch.Tensor, y0: torch.Tensor):
         """(shrink [n_slices, T, R], y [T, out]) in float64 from the dense matrices."""

@@ -181,3 +181,37 @@ def assert_untouched_rows(y: torch.Tensor, y0: torch.Tensor, token_adapter: torc
         before = y0.cpu()[idle].view(torch.int16 if y0.element_size() == 2 else torch.int32)
         after = y.cpu()[idle].view(torch.int16 if y.element_size() == 2 else torch.int32)
         assert torch.equal(before, after), "rows of tokens without adapter changed"
+
+
+def step_token_map(
+    slots: list[int], popularity: str, fill: float, idle_every: int, num_tokens: int, gen: torch.Generator
+) -> torch.Tensor:
+    """int32 [num_tokens]: a padded batch's token->slot map (static-table tests).
+
+    The first ``round(fill * num_tokens)`` tokens are spread over ``slots`` with
+    ``popularity`` (see `adapter_counts`) in random order, every ``idle_every``-th of them
+    without adapter; the rest is padding (-1).
+    """
+    mapping = torch.full((num_tokens,), -1, dtype=torch.int32)
+    real = max(1, round(fill * num_tokens))
+    groups = adapter_counts(popularity, real)
+    tokens = torch.tensor([slots[i % len(slots)] for i, c in enumerate(groups) for _ in range(c)],
+                          dtype=torch.int32)  # fmt: skip
+    tokens = tokens[torch.randperm(real, generator=gen)]
+    if idle_every:
+        tokens[::idle_every] = -1
+    mapping[:real] = tokens
+    return mapping
+
+
+def require_triton_interpreter() -> None:
+    """Skip unless Triton runs compiled on a GPU or was imported in interpreter mode."""
+    import pytest
+    import triton
+
+    if torch.cuda.is_available():
+        return
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if not isinstance(triton.language.standard.sum, InterpretedFunction):
+        pytest.skip("triton was imported before TRITON_INTERPRET=1 was set; run tests/kernels on its own")

@@ -10,7 +10,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.kernels.lora_cases import POPULARITIES, assert_close, assert_untouched_rows, make_case
+from tests.kernels.lora_cases import (
+    POPULARITIES,
+    assert_close,
+    assert_untouched_rows,
+    make_case,
+    require_triton_interpreter,
+)
 
 triton = pytest.importorskip("triton")
 
@@ -22,12 +28,7 @@ DEVICE = "cuda" if ON_GPU else "cpu"
 @pytest.fixture(autouse=True)
 def triton_interpreter():
     """Without a GPU, Triton must have been imported in interpreter mode (conftest.py)."""
-    if ON_GPU:
-        return
-    from triton.runtime.interpreter import InterpretedFunction
-
-    if not isinstance(triton.language.standard.sum, InterpretedFunction):
-        pytest.skip("triton was imported before TRITON_INTERPRET=1 was set; run tests/kernels on its own")
+    require_triton_interpreter()
 
 
 def run_triton(case, form: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -34,7 +34,7 @@ import torch
 
 from kernels import PagedLoRAMeta, SlotTables, pack_lora_layer, paged_lora_expand, paged_lora_shrink
 from kernels.packing import lora_layer_layout
-from tests.kernels.lora_cases import adapter_counts, assert_close
+from tests.kernels.lora_cases import assert_close, require_triton_interpreter, step_token_map
 
 triton = pytest.importorskip("triton")
 
@@ -75,12 +75,7 @@ STEPS = [
 @pytest.fixture(autouse=True)
 def triton_interpreter():
     """Without a GPU, Triton must have been imported in interpreter mode (conftest.py)."""
-    if ON_GPU:
-        return
-    from triton.runtime.interpreter import InterpretedFunction
-
-    if not isinstance(triton.language.standard.sum, InterpretedFunction):
-        pytest.skip("triton was imported before TRITON_INTERPRET=1 was set; run tests/kernels on its own")
+    require_triton_interpreter()
 
 
 @pytest.fixture
@@ -212,18 +207,9 @@ class StaticState:
 
     def token_map(self, step: Step | None, slots: list[int], num_tokens: int, gen: torch.Generator) -> torch.Tensor:
         """int32 [num_tokens]: the step's tokens then padding, all -1 without a step."""
-        mapping = torch.full((num_tokens,), -1, dtype=torch.int32)
         if step is None:
-            return mapping
-        real = max(1, round(step.fill * num_tokens))
-        groups = adapter_counts(step.popularity, real)
-        tokens = torch.tensor([slots[i % len(slots)] for i, c in enumerate(groups) for _ in range(c)],
-                              dtype=torch.int32)  # fmt: skip
-        tokens = tokens[torch.randperm(real, generator=gen)]
-        if step.idle_every:
-            tokens[:: step.idle_every] = -1
-        mapping[:real] = tokens
-        return mapping
+            return torch.full((num_tokens,), -1, dtype=torch.int32)
+        return step_token_map(slots, step.popularity, step.fill, step.idle_every, num_tokens, gen)
 
     def run(self, num_tokens: int) -> None:
         """One "graph": shrink + expand of every module over the first num_tokens entries."""
