@@ -35,6 +35,18 @@ def make_llm(model: Path, slora: dict | None, **overrides):
     return LLM(**kwargs)
 
 
+def make_adapters_known(llm, loras) -> None:
+    """One token per adapter, so a later batch of them arrives in one engine step.
+
+    The first sight of an adapter is validated where its request enters (every weight is
+    read once) while the engine already steps, so a batch of new adapters would otherwise
+    spread over several steps.
+    """
+    from vllm import SamplingParams
+
+    llm.generate(["Hi."] * len(loras), SamplingParams(max_tokens=1), lora_request=list(loras), use_tqdm=False)
+
+
 def close_llm(llm) -> None:
     llm.llm_engine.engine_core.shutdown()
     del llm

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.engines import close_llm, make_llm
+from tests.engines import close_llm, make_adapters_known, make_llm
 
 pytestmark = pytest.mark.engine
 
@@ -57,10 +57,7 @@ def test_plugin_starts_and_serves_all_32_in_one_step(default_model, adapters32, 
     llm = make_llm(default_model, slora={}, **MEMORY)
     try:
         loras = [LoRARequest(a.name, 1 + i, a.path) for i, a in enumerate(adapters32)]
-        # The first sight of an adapter is validated where the request enters (every weight
-        # read once); the engine already steps meanwhile. A first pass makes the 32 known,
-        # so the measured pass arrives as one batch.
-        llm.generate(["Hi."] * NUM_ADAPTERS, SamplingParams(max_tokens=1), lora_request=loras, use_tqdm=False)
+        make_adapters_known(llm, loras)
         before = len(trace.read(str(trace_file)))
         outs = llm.generate(["Tell me about the sea."] * NUM_ADAPTERS,
                             SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), lora_request=loras,

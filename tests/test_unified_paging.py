@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 
+from tests.engines import make_adapters_known
 from tests.hf_reference import hf_greedy, trim_after_eos
 from vllm_slora import trace
 
@@ -74,6 +75,7 @@ def test_mixed_batch_matches_hf_peft(slora_llm, default_model, mixed_adapters, t
     loras = [
         LoRARequest(a.name, 1000 + i, a.path) if a else None for i, (a, _) in enumerate(jobs)
     ]
+    make_adapters_known(slora_llm, [lora for lora in loras if lora])
     steps_before = len([e for e in trace.read(str(trace_file)) if e["event"] == "step"])
     outs = slora_llm.generate(
         [TokensPrompt(prompt_token_ids=ids) for _, ids in jobs],
