@@ -1,0 +1,69 @@
+"""The independent reference for finetuning tests: HF transformers + PEFT on the same weights.
+
+The code under test (vllm_slora.finetune) is only used to *provide* identical inputs here
+(the initial A/B values, the examples); every number compared against it comes from HF's
+model, PEFT's LoRA layers and HF's own causal-LM loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from vllm_slora.finetune.data import TrainingExample
+from vllm_slora.finetune.lora_params import LoraParams
+
+
+def load_hf(model_dir, **config_overrides):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **config_overrides)
+    model.eval()  # no dropout anywhere (there is none in Llama, but be explicit)
+    return model
+
+
+def peft_key(our_key: str) -> str:
+    """Our PEFT-file key -> the key in a live PeftModel's state dict (adapter name 'default')."""
+    return our_key.replace(".lora_A.weight", ".lora_A.default.weight").replace(".lora_B.weight", ".lora_B.default.weight")
+
+
+def peft_model_like(hf_model, lora: LoraParams):
+    """Wrap `hf_model` (in place, as PEFT does) with LoRA layers holding `lora`'s current A/B."""
+    from peft import LoraConfig, get_peft_model
+
+    s = lora.settings
+    config = LoraConfig(
+        r=s.r, lora_alpha=s.alpha, target_modules=list(s.target_modules), use_rslora=s.use_rslora, lora_dropout=0.0
+    )
+    model = get_peft_model(hf_model, config)
+    state = model.state_dict()
+    with torch.no_grad():
+        for key, param in lora.named_parameters():
+            state[peft_key(key)].copy_(param)
+    return model
+
+
+def peft_lora_tensors(model, lora: LoraParams) -> dict[str, torch.Tensor]:
+    """The PEFT model's live A/B, keyed like ours."""
+    live = dict(model.named_parameters())
+    return {key: live[peft_key(key)] for key, _ in lora.named_parameters()}
+
+
+def hf_micro_batch_loss(model, examples: Sequence[TrainingExample]) -> torch.Tensor:
+    """HF's loss for a micro-batch: each sequence alone, HF's ForCausalLMLoss summing token
+    losses divided by the micro-batch's loss-token count (num_items_in_batch), summed over
+    sequences == token mean over the whole micro-batch (what a padded HF batch computes)."""
+    count = sum(e.num_loss_tokens for e in examples)
+    total = 0.0
+    for example in examples:
+        ids = torch.tensor([example.input_ids])
+        labels = torch.tensor([example.labels])
+        total = total + model(input_ids=ids, labels=labels, num_items_in_batch=count).loss
+    return total
+
+
+def relative_error(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |ours - ref| relative to the reference's scale (max |ref|)."""
+    scale = ref.detach().abs().max().clamp_min(1e-12)
+    return float((ours.detach() - ref.detach()).abs().max() / scale)

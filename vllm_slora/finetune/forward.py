@@ -1,0 +1,185 @@
+"""A functional Llama decoder forward for training LoRA on frozen vLLM-layout base weights.
+
+vLLM's model `forward()` cannot be trained through (inference mode, in-place fused norm
+and rotary ops, paged attention without backward, KV-cache writes), so training runs this
+plain-torch forward instead, over the same base tensors (`base_weights.py`) and LoRA
+parameters (`lora_params.py`). Only the LoRA A/B get gradients. Every op is out of place.
+
+Packing: a micro-batch is one row of T tokens holding several sequences back to back.
+Positions restart at 0 per sequence and attention is causal *within* each sequence
+(a block-diagonal causal mask), so every sequence computes exactly what it would alone
+and no padding is spent.
+
+Each decoder layer is a separate function of (hidden [T, hidden], weights) so that later
+work can run layers as separately scheduled units (research/flexllm.md §4.2); here
+`checkpoint_layers=True` recomputes each layer in backward (torch.utils.checkpoint),
+keeping only the layer-boundary activations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .base_weights import (  # noqa: F401  (re-exported: the forward's weight sources)
+    BaseWeights,
+    LayerWeights,
+    base_weights_from_checkpoint,
+    base_weights_from_hf,
+    base_weights_from_vllm,
+)
+from .lora_params import LoraModule, LoraParams
+from .model_config import DecoderConfig
+from .rope import apply_rope, inverse_frequencies, rope_cos_sin
+
+
+@dataclass
+class PackedLayout:
+    """Where the sequences of a packed micro-batch lie, and what that means for attention."""
+
+    seq_lens: tuple[int, ...]
+    position_ids: torch.Tensor  # [T] int64, restarting at 0 for every sequence
+    attn_mask: torch.Tensor | None  # [T, T] bool, True = may attend; None for a single sequence (plain causal)
+    cos: torch.Tensor  # [T, head_dim]
+    sin: torch.Tensor  # [T, head_dim]
+
+    @classmethod
+    def build(cls, seq_lens: Sequence[int], config: DecoderConfig, dtype: torch.dtype, device) -> PackedLayout:
+        lens = torch.tensor(list(seq_lens), dtype=torch.int64, device=device)
+        if len(seq_lens) == 0 or bool((lens <= 0).any()):
+            raise ValueError(f"a packed micro-batch needs sequences of positive length, got {list(seq_lens)}")
+        total = int(lens.sum())
+        seq_id = torch.repeat_interleave(torch.arange(len(seq_lens), device=device), lens)
+        starts = torch.cumsum(lens, 0) - lens
+        position_ids = torch.arange(total, device=device) - starts[seq_id]
+        mask = None
+        if len(seq_lens) > 1:
+            index = torch.arange(total, device=device)
+            mask = (seq_id[:, None] == seq_id[None, :]) & (index[None, :] <= index[:, None])
+        cos, sin = rope_cos_sin(inverse_frequencies(config.rope, config.head_dim), position_ids, dtype)
+        return cls(tuple(int(n) for n in seq_lens), position_ids, mask, cos, sin)
+
+
+def rms_norm(
+    x: torch.Tensor,  # [T, hidden]
+    weight: torch.Tensor,  # [hidden]
+    eps: float,
+) -> torch.Tensor:
+    # Normalise in float32 and scale in the input dtype, as HF Llama and vLLM's native op do.
+    xf = x.to(torch.float32)
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def lora_delta(
+    x: torch.Tensor,  # [T, in_features]
+    module: LoraModule,
+    dropout: float = 0.0,
+    training: bool = False,
+) -> torch.Tensor:  # [T, out_features]
+    """PEFT's LoRA term: (dropout(x) @ A^T) @ B^T * scaling (A/B cast to the compute dtype)."""
+    if dropout and training:
+        x = F.dropout(x, dropout, training=True)
+    return F.linear(F.linear(x, module.a.to(x.dtype)), module.b.to(x.dtype)) * module.scaling
+
+
+def fused_projection(
+    x: torch.Tensor,  # [T, in_features]
+    weight: torch.Tensor,  # [sum(out sizes), in_features], vLLM's fused layout
+    parts: Sequence[tuple[str, int]],  # (projection name, out rows) in weight row order
+    lora: dict[str, LoraModule],
+    dropout: float,
+    training: bool,
+) -> list[torch.Tensor]:  # one [T, out] per part
+    """One GEMM over the fused base weight, then each targeted part gets its LoRA delta."""
+    outputs = torch.split(F.linear(x, weight), [size for _, size in parts], dim=-1)
+    result = []
+    for (name, _), out in zip(parts, outputs):
+        module = lora.get(name)
+        result.append(out if module is None else out + lora_delta(x, module, dropout, training))
+    return result
+
+
+def attention(
+    q: torch.Tensor,  # [T, num_heads * head_dim]
+    k: torch.Tensor,  # [T, num_kv_heads * head_dim]
+    v: torch.Tensor,  # [T, num_kv_heads * head_dim]
+    layout: PackedLayout,
+    config: DecoderConfig,
+) -> torch.Tensor:  # [T, num_heads * head_dim]
+    tokens, d = q.shape[0], config.head_dim
+    q = apply_rope(q.view(tokens, config.num_heads, d).transpose(0, 1), layout.cos, layout.sin)
+    k = apply_rope(k.view(tokens, config.num_kv_heads, d).transpose(0, 1), layout.cos, layout.sin)
+    v = v.view(tokens, config.num_kv_heads, d).transpose(0, 1)
+    group = config.num_heads // config.num_kv_heads
+    if group > 1:  # GQA: query head h reads kv head h // group
+        k = k.repeat_interleave(group, dim=0)
+        v = v.repeat_interleave(group, dim=0)
+    out = F.scaled_dot_product_attention(
+        q[None], k[None], v[None], attn_mask=layout.attn_mask, is_causal=layout.attn_mask is None
+    )  # [1, heads, T, head_dim]; default scale 1/sqrt(head_dim)
+    return out[0].transpose(0, 1).reshape(tokens, config.q_size)
+
+
+def decoder_layer(
+    hidden: torch.Tensor,  # [T, hidden]
+    weights: LayerWeights,
+    lora: dict[str, LoraModule],
+    layout: PackedLayout,
+    config: DecoderConfig,
+    dropout: float = 0.0,
+    training: bool = False,
+) -> torch.Tensor:  # [T, hidden]
+    x = rms_norm(hidden, weights.input_norm, config.rms_norm_eps)
+    qkv_parts = (("q_proj", config.q_size), ("k_proj", config.kv_size), ("v_proj", config.kv_size))
+    q, k, v = fused_projection(x, weights.qkv, qkv_parts, lora, dropout, training)
+    (o,) = fused_projection(attention(q, k, v, layout, config), weights.o, (("o_proj", config.hidden_size),), lora, dropout, training)
+    hidden = hidden + o
+
+    x = rms_norm(hidden, weights.post_attention_norm, config.rms_norm_eps)
+    size = config.intermediate_size
+    gate, up = fused_projection(x, weights.gate_up, (("gate_proj", size), ("up_proj", size)), lora, dropout, training)
+    (down,) = fused_projection(F.silu(gate) * up, weights.down, (("down_proj", config.hidden_size),), lora, dropout, training)
+    return hidden + down
+
+
+def final_hidden(
+    base: BaseWeights,
+    lora: LoraParams | None,
+    input_ids: torch.Tensor,  # [T] int64, the packed sequences back to back
+    seq_lens: Sequence[int],  # lengths of the packed sequences, summing to T
+    checkpoint_layers: bool = False,
+    training: bool = False,
+) -> torch.Tensor:  # [T, hidden], after the final norm
+    config = base.config
+    if int(sum(seq_lens)) != input_ids.shape[0]:
+        raise ValueError(f"seq_lens sum to {sum(seq_lens)} but input_ids has {input_ids.shape[0]} tokens")
+    layout = PackedLayout.build(seq_lens, config, base.dtype, input_ids.device)
+    dropout = lora.settings.dropout if lora is not None else 0.0
+    hidden = F.embedding(input_ids, base.embed_tokens)
+    for index, weights in enumerate(base.layers):
+        layer_lora = lora.layer(index) if lora is not None else {}
+        if checkpoint_layers and torch.is_grad_enabled():
+            hidden = checkpoint(
+                decoder_layer, hidden, weights, layer_lora, layout, config, dropout, training, use_reentrant=False
+            )
+        else:
+            hidden = decoder_layer(hidden, weights, layer_lora, layout, config, dropout, training)
+    return rms_norm(hidden, base.norm, config.rms_norm_eps)
+
+
+def forward_logits(
+    base: BaseWeights,
+    lora: LoraParams | None,
+    input_ids: torch.Tensor,  # [T] int64
+    seq_lens: Sequence[int] | None = None,  # None: one sequence
+    checkpoint_layers: bool = False,
+) -> torch.Tensor:  # [T, vocab]
+    """Logits of every position (for tests and evaluation; training uses `packed_loss`)."""
+    seq_lens = [input_ids.shape[0]] if seq_lens is None else seq_lens
+    hidden = final_hidden(base, lora, input_ids, seq_lens, checkpoint_layers)
+    return F.linear(hidden, base.lm_head)

@@ -1,0 +1,202 @@
+"""The training loop (AdamW on the LoRA parameters only) and an offline `finetune()`.
+
+One optimizer step per packed micro-batch, micro-batches in data order, cycling through
+the data again when it runs out, until `max_steps`. The loss of a step is the token-mean
+cross-entropy over the micro-batch's loss tokens (loss.py). AdamW uses torch's defaults
+(betas (0.9, 0.999), eps 1e-8, weight decay 0.01) unless set; the learning rate is
+constant after an optional linear warmup; gradient clipping is off unless
+`max_grad_norm` is set.
+
+The loop enters `torch.inference_mode(False)` + `enable_grad()` itself, so it can be
+called from inside an inference-mode caller (vLLM's `execute_model`), as long as no
+tensor made in inference mode enters the graph (BaseWeights.check_usable_for_training).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..adapters.modules import SLICE_ORDER
+from .base_weights import BaseWeights, base_weights_from_checkpoint
+from .data import load_training_file
+from .lora_params import LoraParams, LoraSettings
+from .loss import packed_loss
+from .packing import PackedBatch, pack_examples
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    max_steps: int = 100
+    lr: float = 1e-4
+    weight_decay: float = 0.01  # torch.optim.AdamW's default
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_steps: int = 0  # linear warmup from lr / warmup_steps to lr
+    max_grad_norm: float | None = None  # clip the global grad norm when set
+    checkpoint_layers: bool = False  # recompute each layer in backward (less memory, ~1.3x time)
+
+    def lr_factor(self, step_index: int) -> float:
+        """Multiplier of `lr` at 0-based step `step_index`."""
+        if self.warmup_steps <= 0:
+            return 1.0
+        return min(1.0, (step_index + 1) / self.warmup_steps)
+
+
+@dataclass
+class StepRecord:
+    step: int  # 1-based
+    loss: float  # token-mean loss of the micro-batch, before this step's update
+    lr: float  # learning rate this step's update used
+    loss_tokens: int  # tokens trained on (with a target and in the loss mask)
+    tokens: int  # tokens computed (all packed tokens)
+    seconds: float  # wall time of forward + backward + update
+    grad_norm: float | None = None  # global norm before clipping (only when clipping)
+    lines: tuple[int, ...] = field(default=())  # source lines of the packed examples
+
+
+class LoraTrainer:
+    """AdamW over one adapter's LoRA parameters, on frozen base weights."""
+
+    def __init__(self, base: BaseWeights, lora: LoraParams, settings: TrainingSettings):
+        base.check_usable_for_training()
+        self.base, self.lora, self.settings = base, lora, settings
+        self.params = lora.parameters()
+        self.optimizer = torch.optim.AdamW(
+            self.params, lr=settings.lr, betas=settings.betas, eps=settings.eps, weight_decay=settings.weight_decay
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, settings.lr_factor)
+        self.steps_done = 0
+
+    def step(self, batch: PackedBatch) -> StepRecord:
+        """One forward + backward + AdamW update on one packed micro-batch."""
+        start = time.perf_counter()
+        lr = self.optimizer.param_groups[0]["lr"]
+        with torch.inference_mode(False), torch.enable_grad():
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = packed_loss(
+                self.base, self.lora, batch.input_ids, batch.seq_lens, batch.targets,
+                checkpoint_layers=self.settings.checkpoint_layers, training=True,
+            )
+            loss.backward()
+            grad_norm = None
+            if self.settings.max_grad_norm is not None:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.settings.max_grad_norm))
+            self.optimizer.step()
+            self.scheduler.step()
+        self.steps_done += 1
+        return StepRecord(
+            step=self.steps_done, loss=float(loss.detach()), lr=lr, loss_tokens=batch.num_loss_tokens,
+            tokens=batch.num_tokens, seconds=time.perf_counter() - start, grad_norm=grad_norm, lines=batch.lines,
+        )
+
+    def train(
+        self, batches: Sequence[PackedBatch], progress: Callable[[StepRecord], None] | None = None
+    ) -> list[StepRecord]:
+        """Run until `settings.max_steps`, cycling through `batches` in order; `progress` sees every step."""
+        if not batches:
+            raise ValueError("no micro-batches to train on")
+        records = []
+        while self.steps_done < self.settings.max_steps:
+            record = self.step(batches[self.steps_done % len(batches)])
+            records.append(record)
+            if progress is not None:
+                progress(record)
+        return records
+
+
+def plot_loss(records: Sequence[StepRecord], path: str | os.PathLike) -> Path:
+    """Write a PNG of loss per step. Needs matplotlib (an optional dependency)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only; never needs a display
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ImportError("the loss plot needs matplotlib, which is not installed (pip install matplotlib)") from None
+    figure, axis = plt.subplots(figsize=(6, 3.5))
+    axis.plot([r.step for r in records], [r.loss for r in records], marker="." if len(records) < 50 else None)
+    axis.set_xlabel("optimizer step")
+    axis.set_ylabel("training loss (token mean)")
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return Path(path)
+
+
+@dataclass
+class FinetuneResult:
+    adapter_dir: Path
+    records: list[StepRecord]
+    plot_path: Path | None
+
+
+def finetune(
+    base_model_dir: str | os.PathLike,
+    training_file: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    rank: int = 8,
+    alpha: float = 16.0,
+    target_modules: Sequence[str] = SLICE_ORDER,
+    max_steps: int = 100,
+    lr: float = 1e-4,
+    batch_tokens: int = 2048,
+    seed: int = 0,
+    max_length: int | None = None,
+    truncate: bool = False,
+    use_rslora: bool = False,
+    dropout: float = 0.0,
+    weight_decay: float = 0.01,
+    warmup_steps: int = 0,
+    max_grad_norm: float | None = None,
+    checkpoint_layers: bool = False,
+    dtype: torch.dtype = torch.float32,
+    progress: Callable[[StepRecord], None] | None = None,
+) -> FinetuneResult:
+    """Train a LoRA adapter offline (no vLLM) and write it as a PEFT adapter to `out_dir`.
+
+    Reads the base model's safetensors into vLLM layout (in `dtype`, float32 by default:
+    this path targets CPUs), tokenizes `training_file` (data.py; `max_length` defaults to
+    `batch_tokens`), packs it into micro-batches of at most `batch_tokens` tokens and runs
+    `max_steps` AdamW steps. Writes adapter_config.json + adapter_model.safetensors,
+    training_log.json (one record per step) and loss.png (skipped with a warning when
+    matplotlib is missing).
+    """
+    from transformers import AutoTokenizer
+
+    max_length = batch_tokens if max_length is None else max_length
+    if max_length > batch_tokens:
+        raise ValueError(f"max_length {max_length} exceeds batch_tokens {batch_tokens}: such examples could never be packed")
+    base_model_dir = Path(base_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(base_model_dir)
+    examples = load_training_file(training_file, tokenizer, max_length=max_length, truncate=truncate)
+    batches = pack_examples(examples, batch_tokens)
+
+    base = base_weights_from_checkpoint(base_model_dir, dtype=dtype)
+    settings = LoraSettings(r=rank, alpha=alpha, target_modules=tuple(target_modules), use_rslora=use_rslora, dropout=dropout)
+    lora = LoraParams.init(base.config, settings, seed=seed)
+    torch.manual_seed(seed)  # LoRA dropout draws from the global generator
+    trainer = LoraTrainer(
+        base, lora, TrainingSettings(
+            max_steps=max_steps, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
+            max_grad_norm=max_grad_norm, checkpoint_layers=checkpoint_layers,
+        ),
+    )
+    records = trainer.train(batches, progress)
+
+    out = lora.save_peft(out_dir, base_model_name_or_path=str(base_model_dir))
+    (out / "training_log.json").write_text(json.dumps([asdict(r) for r in records], indent=1))
+    plot_path = None
+    try:
+        plot_path = plot_loss(records, out / "loss.png")
+    except ImportError as e:
+        warnings.warn(f"{e}; no loss plot written", stacklevel=2)
+    return FinetuneResult(out, records, plot_path)
