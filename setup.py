@@ -82,6 +82,7 @@ setup(
         "vllm_slora",
         "vllm_slora.adapters",
         "vllm_slora.bench",
+        "vllm_slora.finetune",
         "vllm_slora.paged",
         "vllm_slora.pool",
         "vllm_slora.kernels",
