@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 
 import pytest
@@ -20,6 +21,7 @@ from torch import nn
 
 from vllm_slora.adapters import AdapterError, BaseModelShape
 from vllm_slora.adapters.generate import generate_adapters
+from vllm_slora.adapters.validation import adapter_files_identity
 from vllm_slora.paged.layers import PagedLoRALinear, decoder_layer_index, install_paged_layers, slice_out_sizes
 from vllm_slora.paged.manager import PagedAdapterManager
 from vllm_slora.paged.pool_views import flat_pool_views
@@ -103,7 +105,7 @@ def place(manager, adapters, block_pool: list[int]):
         spec = manager.host_cache.inspect(name, path)
         need = spec.blocks_needed(PAGE_ELEMS)
         blocks, block_pool[:] = tuple(block_pool[:need]), block_pool[need:]
-        placements.append(AdapterPlacement(lora_int_id, name, path, 1, blocks))
+        placements.append(AdapterPlacement(lora_int_id, name, path, 1, blocks, files=spec.files))
     return placements
 
 
@@ -225,19 +227,24 @@ def test_host_cache_is_bounded_lru(base, adapters):
     cache = small.host_cache
     cache.capacity_bytes = sizes[0] + sizes[1] - 1  # room for one of the two
     (_, n0, p0), (_, n1, p1) = adapters[:2]
-    cache.get(n0, p0, 1)
-    cache.get(n1, p1, 1)
-    assert (p1, 1, 0) in cache and (p0, 1, 0) not in cache and cache.nbytes <= cache.capacity_bytes
-    cache.get(n1, p1, 2)  # a new version replaces the old one
-    assert (p1, 2, 0) in cache and (p1, 1, 0) not in cache
+    f0, f1 = cache.get(n0, p0, 1).spec.files, cache.get(n1, p1, 1).spec.files
+    assert (p1, f1) in cache and (p0, f0) not in cache and cache.nbytes <= cache.capacity_bytes
+    # New files at a path replace the old entry (it can never be asked for again).
+    rewritten = f"{p1}/adapter_model.safetensors"
+    data = open(rewritten, "rb").read()
+    os.remove(rewritten)
+    open(rewritten, "wb").write(data)
+    new = cache.get(n1, p1, 2).spec.files
+    assert new != f1 and (p1, new) in cache and (p1, f1) not in cache and len(cache) == 1
 
 
 def test_add_lora_validates_and_caches(base, manager, adapters, tmp_path):
     lora_id, name, path = adapters[0]
     assert manager.add_adapter(lora_id, name, path)
-    assert (path, 1, 0) in manager.host_cache and lora_id in manager.list_adapters()
+    key = (path, adapter_files_identity(path))
+    assert key in manager.host_cache and lora_id in manager.list_adapters()
     assert manager.pin_adapter(lora_id)
-    assert manager.remove_adapter(lora_id) and (path, 1, 0) not in manager.host_cache
+    assert manager.remove_adapter(lora_id) and key not in manager.host_cache and len(manager.host_cache) == 0
     with pytest.raises(AdapterError, match="does not exist"):
         manager.add_adapter(99, "ghost", str(tmp_path / "nowhere"))
 
@@ -282,25 +289,30 @@ def test_install_wraps_projections_only(base, manager):
 def test_warm_reads_adapters_off_the_step(base, manager, adapters, tmp_path):
     (lora_id, name, path), (_, other_name, other_path) = adapters[:2]
     cache = manager.host_cache
-    manager.apply_plan(SLoRAStepPlan(warm=[AdapterSource(name, path, 1)]))
-    manager.apply_plan(SLoRAStepPlan(warm=[AdapterSource(name, path, 1)]))  # named twice: read once
+    files = adapter_files_identity(path)
+    manager.apply_plan(SLoRAStepPlan(warm=[AdapterSource(name, path, 1, lora_id, files)]))
+    manager.apply_plan(SLoRAStepPlan(warm=[AdapterSource(name, path, 1, lora_id, files)]))  # twice: read once
     cache.wait_warm()
-    assert cache.warmed == 1 and (path, 1, 0) in cache and cache.misses == 0
+    assert cache.warmed == 1 and (path, files) in cache and cache.misses == 0
+    # Both namings are answered: ready (the scheduler loads it only after this).
+    assert manager.take_report().ready == [(lora_id, 1), (lora_id, 1)]
     # The step that puts it into pages finds it packed: no disk read on the step.
     free = list(range(1, NUM_BLOCKS))
     manager.apply_plan(SLoRAStepPlan(load=place(manager, adapters[:1], free)))
     assert cache.misses == 0 and cache.hits == 1
     check_all_layers(base, manager, adapters, [lora_id, 0, lora_id])
-    # An adapter not warmed is read on the step, as before.
+    # An adapter not warmed is read on the step (fallback when the cache lost it).
     manager.apply_plan(SLoRAStepPlan(load=place(manager, adapters[1:2], free)))
-    assert cache.misses == 1 and (other_path, 1, 0) in cache and other_name
+    assert cache.misses == 1 and (other_path, adapter_files_identity(other_path)) in cache and other_name
 
-    # A broken adapter warmed in the background fails only when loaded, with its own error.
+    # A broken adapter warmed in the background is reported failed, with its own error.
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "adapter_config.json").write_text("{not json")
-    manager.apply_plan(SLoRAStepPlan(warm=[AdapterSource("broken", str(broken), 1)]))
+    manager.apply_plan(SLoRAStepPlan(warm=[AdapterSource("broken", str(broken), 1, 77, adapter_files_identity(broken))]))
     cache.wait_warm()
     assert cache.warmed == 1
+    (failed,) = manager.take_report().failed
+    assert failed[:2] == (77, 1) and "'broken'" in failed[2] and "TP rank 0" in failed[2]
     with pytest.raises(AdapterError, match="broken"):
         cache.get("broken", str(broken), 1)

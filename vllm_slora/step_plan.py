@@ -22,6 +22,9 @@ class AdapterPlacement:
     # worker must refill pages and drop host-cache entries of older versions.
     version: int
     block_ids: tuple[int, ...]
+    # Identity of the files the scheduler validated and sized (AdapterSpec.files): a
+    # worker that finds other files fails this adapter instead of filling its pages.
+    files: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,8 @@ class AdapterSource:
     lora_name: str
     lora_path: str
     version: int
+    lora_int_id: int = 0
+    files: tuple = ()
 
 
 @dataclass
@@ -43,5 +48,27 @@ class SLoRAStepPlan:
     evicted: list[int] = field(default_factory=list)
     # Adapters of requests near the head of the waiting queue: workers read and pack them
     # into their host cache in the background, so the step that later loads them into
-    # pages does not wait on the disk.
+    # pages does not wait on the disk. The scheduler loads an adapter into pages only
+    # after a worker report said it is ready.
     warm: list[AdapterSource] = field(default_factory=list)
+
+
+@dataclass
+class SLoRAWorkerReport:
+    """What the workers tell the scheduler after a step (rides on ModelRunnerOutput).
+
+    Sent by the output rank; load failures are agreed on by every TP rank first, so a
+    failure on any rank is reported. Lists hold what happened since the previous report.
+    """
+
+    # (lora_int_id, version) read and packed into the host cache: loadable without disk.
+    ready: list[tuple[int, int]] = field(default_factory=list)
+    # (lora_int_id, version, why) of adapters that could not be read or put into pages
+    # (the message names the TP rank).
+    failed: list[tuple[int, int, str]] = field(default_factory=list)
+    # (lora_int_id, version) the host cache no longer holds.
+    dropped: list[tuple[int, int]] = field(default_factory=list)
+    # Cumulative host-cache figures of the reporting rank: hits, misses, bytes, entries, warmed.
+    host_cache: dict = field(default_factory=dict)
+    disk_read_seconds: list[float] = field(default_factory=list)  # disk -> packed host copy
+    pool_copy_seconds: list[float] = field(default_factory=list)  # host copy -> pool pages

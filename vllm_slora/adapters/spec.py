@@ -42,6 +42,9 @@ class AdapterSpec:
     checkpoint: CheckpointIndex
     layers: tuple[tuple[SliceSpec, ...], ...]  # [layer][slice index in SLICE_ORDER]
     version: int = 1  # bumped when a name is registered again, for cache/prefix keys
+    # (inode, size, mtime_ns) of each adapter file when it was validated (None: absent).
+    # Carried with every load so a worker reads exactly the files the scheduler sized.
+    files: tuple = ()
 
     @property
     def max_rank(self) -> int:

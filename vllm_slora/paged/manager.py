@@ -7,14 +7,17 @@ token->adapter-row map and stacked tables the paged layers read.
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Sequence
+from functools import partial
 
 import numpy as np
 import torch
 
-from vllm_slora.adapters import BaseModelShape
+from vllm_slora.adapters import AdapterError, BaseModelShape
 from vllm_slora.adapters.modules import COLUMN_PARALLEL
-from vllm_slora.step_plan import SLoRAStepPlan
+from vllm_slora.step_plan import AdapterPlacement, SLoRAStepPlan, SLoRAWorkerReport
 
 from .adapter_tables import ResidentAdapter, resident_adapter
 from .backends import pick_backend
@@ -42,6 +45,7 @@ class PagedAdapterManager:
         max_num_tokens: int = 0,
         max_adapters_per_step: int = 1,
         kernel_backend: str = "auto",
+        gather_objects=None,
     ) -> None:
         self.base = base
         self.dtype = dtype
@@ -67,6 +71,21 @@ class PagedAdapterManager:
         self.resident: dict[int, ResidentAdapter] = {}
         # lora_int_id -> (name, path, latest version seen), from plans and add_lora.
         self.known: dict[int, tuple[str, str, int]] = {}
+        # Every TP rank's object in rank order (TPGroup.all_gather_object): how the ranks
+        # agree on load failures. Unused at TP 1.
+        self.gather_objects = gather_objects or (lambda obj: [obj])
+        # Adapters whose pages could not be filled (on any rank), with the reason: their
+        # tokens run without LoRA until the scheduler, told by the report, fails their
+        # requests and evicts them.
+        self.failed: dict[int, str] = {}
+        # What the next report tells the scheduler; warm threads append too.
+        self._events_lock = threading.Lock()
+        self._ready: list[tuple[int, int]] = []
+        self._failures: list[tuple[int, int, str]] = []
+        self._dropped: list[tuple[int, int]] = []
+        self._copy_seconds: list[float] = []
+        # Host-cache key -> the (lora_int_id, version)s warmed under it (for `dropped`).
+        self._key_owners: dict[tuple, set[tuple[int, int]]] = {}
 
     # -- pool --------------------------------------------------------------------------
     def attach_pool(self, pools: Sequence[torch.Tensor], page_elems: int) -> None:
@@ -78,36 +97,116 @@ class PagedAdapterManager:
         self.state.pools = list(pools)
         if page_elems != self.page_elems:
             self.page_elems = page_elems
+            if self.host_cache is not None:
+                self.host_cache.close()
             self.host_cache = HostAdapterCache(
                 self.base, page_elems, self.dtype, self.host_cache_bytes, tp_size=self.tp_size,
                 tp_rank=self.tp_rank, max_lora_rank=self.max_lora_rank, allow_pickle=self.allow_pickle,
+                on_drop=self._on_host_drop,
             )
         self.resident.clear()
         self.state.release_all()
 
     # -- the scheduler's plan ----------------------------------------------------------
     def apply_plan(self, plan: SLoRAStepPlan) -> None:
-        """Start background reads of `warm` adapters, forget evicted ones, fill new pages."""
-        if self.host_cache is not None:
-            for source in plan.warm:
-                self.host_cache.warm(source.lora_name, source.lora_path, source.version)
+        """Start background reads of `warm` adapters, forget evicted ones, fill new pages.
+
+        An adapter whose pages cannot be filled (files changed, unreadable, bad values)
+        fails alone: it is reported, its tokens run without LoRA this step and the
+        scheduler fails its requests. Every TP rank agrees on the failures first.
+        """
+        if self.host_cache is None:
+            if plan.load:
+                raise RuntimeError("vllm-slora: an adapter plan arrived before the KV cache exists")
+            return
+        for source in plan.warm:
+            key = (source.lora_path, source.files)
+            owner = (source.lora_int_id, source.version)
+            with self._events_lock:
+                self._key_owners.setdefault(key, set()).add(owner)
+            self.host_cache.warm(source.lora_name, source.lora_path, source.version, source.files,
+                                 done=partial(self._warm_done, owner))
         for lora_int_id in plan.evicted:
             self.resident.pop(lora_int_id, None)
+            self.failed.pop(lora_int_id, None)
             self.state.release(lora_int_id)
+        failures: dict[int, tuple[int, str]] = {}  # lora_int_id -> (version, why)
         for placement in plan.load:
-            if self.host_cache is None:
-                raise RuntimeError("vllm-slora: an adapter plan arrived before the KV cache exists")
-            packed = self.host_cache.get(placement.lora_name, placement.lora_path, placement.version)
-            write_pages(packed, self.state.pools, placement.block_ids)
-            self.resident[placement.lora_int_id] = resident_adapter(
-                placement.lora_int_id, packed, placement.block_ids, self.device
+            self.failed.pop(placement.lora_int_id, None)
+            try:
+                self._fill_pages(placement)
+            except AdapterError as exc:
+                failures[placement.lora_int_id] = (placement.version, str(exc))
+        if plan.load and self.tp_size > 1:
+            failures = self._agree_on_failures(failures)
+        for lora_int_id, (version, message) in failures.items():
+            self.resident.pop(lora_int_id, None)
+            self.state.release(lora_int_id)
+            self.failed[lora_int_id] = message
+            with self._events_lock:
+                self._failures.append((lora_int_id, version, message))
+
+    def _fill_pages(self, placement: AdapterPlacement) -> None:
+        files = placement.files or None  # () from callers that do not know the files
+        packed = None
+        if files is not None:
+            packed = self.host_cache.lookup(placement.lora_path, files)
+        if packed is None:  # the scheduler thought it ready, but it left the cache since
+            packed = self.host_cache.get(placement.lora_name, placement.lora_path, placement.version, files)
+        if packed.num_pages > len(placement.block_ids):
+            raise AdapterError(placement.lora_name, f"needs {packed.num_pages} blocks but the scheduler sized it "
+                                                    f"for {len(placement.block_ids)} (TP rank {self.tp_rank})")
+        started = time.perf_counter()
+        write_pages(packed, self.state.pools, placement.block_ids)
+        elapsed = time.perf_counter() - started
+        self.resident[placement.lora_int_id] = resident_adapter(
+            placement.lora_int_id, packed, placement.block_ids, self.device
+        )
+        self.known[placement.lora_int_id] = (placement.lora_name, placement.lora_path, placement.version)
+        with self._events_lock:
+            self._copy_seconds.append(elapsed)
+
+    def _agree_on_failures(self, failures: dict) -> dict:
+        """The union of every TP rank's load failures (one small collective, load steps only)."""
+        gathered = self.gather_objects(failures)
+        merged = {}
+        for rank_failures in gathered:
+            for lora_int_id, failure in (rank_failures or {}).items():
+                merged.setdefault(lora_int_id, failure)
+        return merged
+
+    # -- the report back to the scheduler -----------------------------------------------------
+    def _warm_done(self, owner: tuple[int, int], error: str | None) -> None:
+        with self._events_lock:
+            if error is None:
+                self._ready.append(owner)
+            else:
+                self._failures.append((*owner, error))
+
+    def _on_host_drop(self, key: tuple) -> None:
+        # Called with the host cache's lock held, maybe from the warm thread.
+        with self._events_lock:
+            self._dropped.extend(self._key_owners.pop(key, ()))
+
+    def take_report(self) -> SLoRAWorkerReport:
+        """What happened since the previous report (ready / failed / dropped adapters, timings)."""
+        with self._events_lock:
+            report = SLoRAWorkerReport(
+                ready=self._ready, failed=self._failures, dropped=self._dropped,
+                pool_copy_seconds=self._copy_seconds,
             )
-            self.known[placement.lora_int_id] = (placement.lora_name, placement.lora_path, placement.version)
+            self._ready, self._failures, self._dropped, self._copy_seconds = [], [], [], []
+        if self.host_cache is not None:
+            report.host_cache = self.host_cache.stats()
+            report.disk_read_seconds = self.host_cache.take_read_seconds()
+        return report
 
     # -- per step ----------------------------------------------------------------------
     def set_token_mapping(self, token_lora_mapping: Sequence[int] | np.ndarray) -> None:
         """Map each token's lora_int_id (0 = none) to its adapter slot (-1 = none)."""
         ids = np.asarray(token_lora_mapping, dtype=np.int64)  # [T]
+        if self.failed:  # their requests are being failed: no LoRA, no missing pages
+            ids = np.where(np.isin(ids, list(self.failed)), 0, ids)
         used = np.unique(ids[ids > 0])
         missing = [int(i) for i in used if int(i) not in self.resident]
         if missing:
@@ -151,8 +250,14 @@ class PagedAdapterManager:
         return True
 
     def remove_adapter(self, lora_int_id: int) -> bool:
-        """Drop an adapter's host-cache copy. Its pool pages belong to the scheduler."""
+        """Drop an adapter's host-cache copy (unload). Its pool pages belong to the
+        scheduler, which evicts them once no running request reads them."""
         entry = self.known.pop(lora_int_id, None)
+        with self._events_lock:
+            for key in [k for k, owners in self._key_owners.items() if any(o[0] == lora_int_id for o in owners)]:
+                self._key_owners[key] = {o for o in self._key_owners[key] if o[0] != lora_int_id}
+                if not self._key_owners[key]:
+                    del self._key_owners[key]
         if entry is None:
             return False
         if self.host_cache is not None:

@@ -17,7 +17,7 @@ import numpy as np
 
 from vllm_slora import trace
 from vllm_slora.adapters import BaseModelShape
-from vllm_slora.compat import logger, worker_lora_internals
+from vllm_slora.compat import attach_report, logger, worker_lora_internals
 from vllm_slora.config import SLoRAConfig
 from vllm_slora.pool.geometry import page_elems
 
@@ -49,6 +49,7 @@ class SLoRARunnerMixin:
             max_num_tokens=vllm_config.scheduler_config.max_num_batched_tokens,
             max_adapters_per_step=vllm_config.lora_config.max_loras,
             kernel_backend=self.slora_config.kernel_backend,
+            gather_objects=tp.all_gather_object,
         )
         # vLLM code checks `hasattr(runner, "lora_manager")` to mean "LoRA is enabled".
         self.lora_manager = self.slora
@@ -89,7 +90,19 @@ class SLoRARunnerMixin:
         if plan is not None and self.slora is not None:
             # Pages are filled before the forward that reads them: same stream on GPU.
             self.slora.apply_plan(plan)
-        return super().execute_model(scheduler_output, *args, **kwargs)
+        return self._slora_with_report(super().execute_model(scheduler_output, *args, **kwargs))
+
+    def sample_tokens(self, *args, **kwargs):
+        return self._slora_with_report(super().sample_tokens(*args, **kwargs))
+
+    def _slora_with_report(self, output):
+        """The step's output carrying this worker's SLoRAWorkerReport (see step_plan.py).
+
+        The scheduler reads it in update_from_output; only the output rank's reaches it.
+        """
+        if self.slora is None or output is None:
+            return output
+        return attach_report(output, self.slora.take_report)
 
     def set_active_loras(self, input_batch, num_scheduled_tokens, num_sampled_tokens=None, mapping_type=None):
         # Same mapping as vLLM's make_lora_inputs, without building Python tuples of

@@ -25,6 +25,8 @@ class TPGroup:
     all_gather_last: Callable[[torch.Tensor], torch.Tensor] = _identity
     # Elementwise sum over ranks; every rank gets the result.
     all_reduce: Callable[[torch.Tensor], torch.Tensor] = _identity
+    # Every rank's picklable object, in rank order (host side, for rare agreements).
+    all_gather_object: Callable[[object], list] = lambda obj: [obj]
 
 
 SINGLE = TPGroup()
