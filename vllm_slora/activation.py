@@ -36,6 +36,7 @@ def activate_if_requested(vllm_config, requested_compile_mode=None) -> SLoRAConf
         )
 
     parallel = vllm_config.parallel_config
+    _check_adapter_dirs(slora, parallel)
     workers = {STOCK_CPU_WORKER: CPU_WORKER, STOCK_GPU_WORKER: GPU_WORKER}
     if parallel.worker_cls in workers:
         parallel.worker_cls = workers[parallel.worker_cls]
@@ -63,7 +64,31 @@ def activate_if_requested(vllm_config, requested_compile_mode=None) -> SLoRAConf
     compiled = _compile_on_cpu(vllm_config, requested_compile_mode)
     trace.record("activated", worker_cls=parallel.worker_cls, scheduler_cls=sched.scheduler_cls,
                  compile_mode=str(vllm_config.compilation_config.mode), cpu_compile_restored=compiled)
+    # The line to look for: without it, the `slora` key was ignored (plugin not loaded,
+    # e.g. VLLM_PLUGINS set without `slora`; see README "Adapter sources and VLLM_PLUGINS").
+    from vllm_slora.compat import logger
+
+    logger.info("vllm-slora: active for this engine (scheduler %s, worker %s)", sched.scheduler_cls, parallel.worker_cls)
     return slora
+
+
+def _check_adapter_dirs(slora: SLoRAConfig, parallel) -> None:
+    """`adapter_dirs` must exist where the API server runs, and there must be one API server.
+
+    Checked here (the process that parses the arguments), not in SLoRAConfig: EngineCore
+    processes, possibly on other nodes, parse the same section but never read the dirs.
+    """
+    for directory in slora.adapter_dirs:
+        if not os.path.isdir(directory):
+            raise SLoRAConfigError(f"slora config key 'adapter_dirs': {directory!r} is not a directory")
+    # Each API server numbers the adapters it loads on its own; two servers resolving
+    # names on first use would give different adapters the same lora_int_id (vLLM refuses
+    # VLLM_ALLOW_RUNTIME_LORA_UPDATING with --api-server-count > 1 for the same reason).
+    if slora.adapter_dirs and getattr(parallel, "_api_process_count", 1) > 1:
+        raise SLoRAConfigError(
+            "slora config key 'adapter_dirs' needs a single API server; drop --api-server-count "
+            f"(it is {parallel._api_process_count}) or list the adapters with --lora-modules"
+        )
 
 
 def _compile_on_cpu(vllm_config, requested_mode) -> bool:

@@ -34,6 +34,10 @@ class SLoRAConfig:
     # Which LoRA compute path the workers use: "auto" = Triton on CUDA, the native
     # C++ kernel on CPU (the torch path where it was not built); see paged/backends.py.
     kernel_backend: str = "auto"
+    # Directories the OpenAI server looks in for an adapter named by a request's `model`
+    # that is not loaded yet: `<dir>/<model>` (first directory that has it), validated
+    # and loaded on first use. JSON gives a list; kept as a tuple (hashable).
+    adapter_dirs: tuple[str, ...] = ()
 
     @classmethod
     def from_additional_config(cls, additional_config: Mapping[str, Any] | None) -> SLoRAConfig | None:
@@ -58,6 +62,9 @@ class SLoRAConfig:
                 )
         values = {}
         for key, value in raw.items():
+            if key == "adapter_dirs":
+                values[key] = _directories(value)
+                continue
             expected = type(allowed[key].default)
             # bool is a subclass of int: reject True where a count is expected and 1
             # where a flag is expected.
@@ -85,3 +92,13 @@ class SLoRAConfig:
                 f"slora config key 'kernel_backend' must be one of {', '.join(KERNEL_BACKENDS)}, "
                 f"got {self.kernel_backend!r}"
             )
+
+
+def _directories(value: Any) -> tuple[str, ...]:
+    """`adapter_dirs`: a JSON list of non-empty path strings."""
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v.strip() for v in value):
+        raise SLoRAConfigError(
+            "slora config key 'adapter_dirs' must be a list of directory paths (non-empty strings), "
+            f"got {type(value).__name__}: {value!r}"
+        )
+    return tuple(value)
