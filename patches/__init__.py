@@ -24,6 +24,8 @@ class Patch:
     removal: str
     # "register": applied by vllm_slora.register() in every process;
     # "slora_scheduler": applied by the slora scheduler (only engines with the key);
+    # "slora_server": applied when the OpenAI server of an engine with the key starts
+    # (OpenAIServingModels.init_static_loras, patch_serving_models);
     # "install": run by scripts/setup.sh.
     when: str = "register"
 
@@ -75,16 +77,53 @@ PATCHES: tuple[Patch, ...] = (
             "with the old weights (vLLM issues #30931, #42125)."
         ),
         how=(
-            "Wrap the function to append a fingerprint (inode, size, mtime) of the "
-            "adapter's files. Applied by SLoRAScheduler.__init__, i.e. only in the "
-            "EngineCore of engines with the 'slora' key."
+            "Wrap the function to append the identity (inode, size, mtime) of the "
+            "adapter's files, read at the first request of a (name, path) and again only "
+            "for a request asking for load_inplace (once per request, kept if the files "
+            "are gone), never per block. Applied by SLoRAScheduler.__init__, i.e. only in "
+            "the EngineCore of engines with the 'slora' key."
         ),
         removal="Drop when vLLM hashes an adapter version or content digest itself.",
         when="slora_scheduler",
     ),
     Patch(
+        module="patch_engine_core",
+        target="vllm.v1.engine.core.EngineCore.remove_lora",
+        why=(
+            "Unloading an adapter must free its pool pages, host copies and table entries; "
+            "EngineCore.remove_lora only reaches the workers, never the scheduler that owns "
+            "the pages (research: 6,000 unloads left 6,000 cached adapters and ~14 KB each)."
+        ),
+        how=(
+            "Wrap remove_lora: call the scheduler's slora_unload (pages freed now, or when "
+            "the last running request of the adapter finishes), then the original. Applied "
+            "by SLoRAScheduler.__init__."
+        ),
+        removal="Drop when vLLM's scheduler is told about adapter removal (a scheduler hook).",
+        when="slora_scheduler",
+    ),
+    Patch(
+        module="patch_output_processor",
+        target=(
+            "vllm.v1.engine.output_processor.RequestState._new_completion_output and "
+            "vllm.entrypoints.generate.base.serving.GenerateBaseServing._raise_if_error"
+        ),
+        why=(
+            "A request failed because its adapter could not be loaded (files changed "
+            "behind the engine's back, unreadable on a TP rank) must say so; vLLM's server "
+            "answers every engine-side failure 'Internal server error'."
+        ),
+        how=(
+            "The scheduler puts the AdapterError message into the failed output's "
+            "stop_reason; the output processor turns the finish reason into a str subclass "
+            "equal to 'error' that carries it, and _raise_if_error raises GenerationError "
+            "with that message. Outputs without a LoRA-adapter stop_reason are untouched."
+        ),
+        removal="Drop when vLLM carries a request-level error message to the client (RequestError for generation).",
+    ),
+    Patch(
         module="patch_input_processor",
-        target="vllm.v1.engine.input_processor.InputProcessor._validate_lora",
+        target="vllm.v1.engine.input_processor.InputProcessor._validate_lora and .process_inputs",
         why=(
             "A bad adapter (corrupt file, rank too large, wrong shapes, DoRA, ...) must "
             "fail only its own request with a message naming it. Stock vLLM finds out "
@@ -92,17 +131,21 @@ PATCHES: tuple[Patch, ...] = (
         ),
         how=(
             "Wrap the per-request LoRA check: for engines with the 'slora' key, validate "
-            "the adapter's config, weight-file header and weight values (cached per file "
-            "fingerprint) and raise VLLMNotFoundError (HTTP 404, stock's code) when there is "
-            "no adapter at the path, VLLMValidationError (HTTP 400) for any other problem."
+            "the adapter's config, weight-file header and weight values (at its first "
+            "request and at explicit reloads only; later requests read no file) and raise "
+            "VLLMNotFoundError (HTTP 404, stock's code) when there is "
+            "no adapter at the path, VLLMValidationError (HTTP 400) for any other problem. "
+            "Wrap process_inputs (the first place that knows the prompt length): raise "
+            "VLLMValidationError when the adapter's blocks plus the prompt's KV blocks exceed "
+            "the pool, a request that could never be scheduled."
         ),
         removal="Drop when vLLM validates adapters at request admission (or offers a hook).",
     ),
     Patch(
         module="patch_serving_models",
         target=(
-            "vllm.entrypoints.openai.models.serving.OpenAIServingModels.load_lora_adapter "
-            "and .init_static_loras"
+            "vllm.entrypoints.openai.models.serving.OpenAIServingModels.load_lora_adapter, "
+            ".unload_lora_adapter and .init_static_loras"
         ),
         why=(
             "Loading a bad adapter through /v1/load_lora_adapter must answer 4xx with "
@@ -115,10 +158,38 @@ PATCHES: tuple[Patch, ...] = (
             "in a worker thread (off the event loop; cached per file fingerprint) and return "
             "404 (no adapter at the path, stock's code and phrase) or 400 before the engine "
             "is involved; otherwise call the original. Wrap init_static_loras to turn its "
-            "ValueError into SystemExit with one line."
+            "ValueError into SystemExit with one line. Wrap unload_lora_adapter to also call "
+            "engine_client.remove_lora (stock only forgets the name, so unloading freed "
+            "nothing in the engine)."
         ),
         removal="Drop when vLLM maps adapter validation errors to 4xx itself and reports bad "
                 "--lora-modules without a traceback.",
+    ),
+    Patch(
+        module="patch_engine_serving",
+        target="vllm.entrypoints.serve.engine.serving.BaseServing._check_model",
+        why=(
+            "The slora key 'adapter_dirs' serves adapters by name from directories on first "
+            "request. vLLM asks its LoRA resolvers only when VLLM_ALLOW_RUNTIME_LORA_UPDATING "
+            "is set (which also opens the load/unload endpoints), and resolver plugins load "
+            "only when VLLM_PLUGINS names them, which silently switches vllm-slora off "
+            "unless it is named too. BaseServing is built by vLLM's api_server."
+        ),
+        how=(
+            "Wrap _check_model: for servers whose engine has 'adapter_dirs', a model name "
+            "that is neither a base model nor a loaded adapter is looked up as <dir>/<name> "
+            "(path checks: 400 for names or links leading outside) and loaded through "
+            "OpenAIServingModels.load_lora_adapter (validated, 400/404 naming the problem); "
+            "then the original check runs. Everything else goes straight to the original. "
+            "Applied only in the API server of an engine with the key (importing BaseServing "
+            "costs every other vLLM process 0.3 s)."
+        ),
+        removal=(
+            "Drop when vLLM consults resolvers without the runtime-updating switch (or lets "
+            "a general plugin register one per engine), and VLLM_PLUGINS no longer turns off "
+            "unnamed plugins silently."
+        ),
+        when="slora_server",
     ),
     Patch(
         module="patch_cpu_ray",
@@ -135,6 +206,32 @@ PATCHES: tuple[Patch, ...] = (
             "report no accelerator ids; the class travels to EngineCore inside VllmConfig."
         ),
         removal="Drop when vLLM's CPU platform supports Ray (sets ray_device_key).",
+    ),
+    Patch(
+        module="patch_loggers",
+        target="vllm.v1.metrics.loggers.StatLoggerManager.__init__ and .record",
+        why=(
+            "Pool state (blocks by kind, resident adapters, loads, evictions, host cache, load "
+            "latencies, per-adapter counts) must be on /metrics next to vLLM's, and "
+            "vllm:lora_requests_info must not report the max_lora the plugin set. vLLM's API "
+            "server builds StatLoggerManager, which creates PrometheusStatLogger itself; the "
+            "vllm.stat_logger_plugins entry point would swap it, but a plugin logger turns "
+            "stats on for every engine in the environment (--disable-log-stats and engines "
+            "without the slora key included). The scheduler's figures reach the frontend in "
+            "SchedulerStats.kv_connector_stats (a SchedulerStats subclass loses its fields in "
+            "vLLM's typed msgspec decoder), which vLLM's loggers would hand to a KV connector."
+        ),
+        how=(
+            "Wrap __init__: for engines with the 'slora' key and no custom Prometheus logger, "
+            "put vllm_slora.metrics' PrometheusStatLogger subclass first in custom_stat_loggers "
+            "(the manager then creates no stock one). Wrap record: take the 'vllm_slora' payload "
+            "out of kv_connector_stats (restoring what stock made), call the original, then "
+            "hand the payload to loggers with record_slora. Inert without the key / payload."
+        ),
+        removal=(
+            "Drop when vLLM lets a plugin choose the Prometheus logger per engine without "
+            "enabling stats, and SchedulerStats has a field for scheduler extensions."
+        ),
     ),
 )
 

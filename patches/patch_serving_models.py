@@ -1,11 +1,12 @@
-"""Answer `/v1/load_lora_adapter` with a 4xx and the reason for a bad adapter; refuse
+"""Make `/v1/unload_lora_adapter` reach the engine; answer `/v1/load_lora_adapter` with a 4xx and the reason for a bad adapter; refuse
 bad `--lora-modules` at start-up in one line.
 
 `OpenAIServingModels.load_lora_adapter` (vllm/entrypoints/openai/models/serving.py:167)
 turns any failure of the engine-side load into HTTP 500 "InternalServerError" (404 for a
 missing adapter). For engines with the `slora` key we validate the adapter first
-(config, weight-file header and values, vllm_slora/frontend_validation.py) in a worker
-thread, so a slow disk or a hostile config never stalls the event loop, and answer
+(config, weight-file header and values, vllm_slora/frontend_validation.py; always
+against the files as they are now: an explicit load is the moment files are checked,
+requests afterwards trust it) in a worker thread, so a slow disk or a hostile config never stalls the event loop, and answer
 404 NotFoundError when there is no adapter at the path (stock's code and phrase "No
 adapter found for") or 400 BadRequestError naming the adapter and the problem (the
 code vLLM's own LoRA server tests expect); the engine is never asked to load it. An
@@ -51,10 +52,15 @@ def apply() -> None:
         if validator is None or not (request.lora_name and request.lora_path):
             return await current(self, request, base_model_name)
         probe = _Probe(request.lora_name, request.lora_path)
-        problem = await asyncio.to_thread(validator.problem, probe)
+        # An explicit (re)load: checked against the files as they are now, even when the
+        # same name and path passed before (requests then trust that check).
+        problem = await asyncio.to_thread(validator.problem, probe, reload=True)
         if problem is not None:
             return error_response(problem)
         result = await current(self, request, base_model_name)
+        loaded = self.lora_requests.get(request.lora_name)
+        if isinstance(result, str) and loaded is not None:
+            validator.accept(loaded)  # the object later requests carry: already checked
         error = getattr(result, "error", None)
         if error is not None and error.code == HTTPStatus.INTERNAL_SERVER_ERROR and (
             f"LoRA adapter {request.lora_name!r}:" in (error.message or "")
@@ -70,15 +76,34 @@ def apply() -> None:
 
         if validator_for(self.engine_client.vllm_config) is None:
             return await current_init(self)
+        from vllm_slora.patches import apply_patches
+
+        apply_patches("slora_server")  # API server of a slora engine, before any request
         try:
             return await current_init(self)
         except ValueError as exc:  # the ErrorResponse of one --lora-modules entry
             raise SystemExit(f"vllm-slora: cannot start: {exc}") from None
 
+    current_unload = OpenAIServingModels.unload_lora_adapter
+
+    async def unload_lora_adapter(self, request):
+        from vllm_slora.frontend_validation import validator_for
+
+        known = self.lora_requests.get(request.lora_name)
+        result = await current_unload(self, request)
+        validator = validator_for(self.engine_client.vllm_config)
+        if known is not None and isinstance(result, str) and validator is not None:
+            # Stock only forgets the name here; the engine keeps every copy. Tell it.
+            validator.forget(known.lora_name, known.lora_path)
+            await self.engine_client.remove_lora(known.lora_int_id)
+        return result
+
     setattr(load_lora_adapter, _ORIGINAL_ATTR, current)
     setattr(init_static_loras, _ORIGINAL_ATTR, current_init)
+    setattr(unload_lora_adapter, _ORIGINAL_ATTR, current_unload)
     OpenAIServingModels.load_lora_adapter = load_lora_adapter
     OpenAIServingModels.init_static_loras = init_static_loras
+    OpenAIServingModels.unload_lora_adapter = unload_lora_adapter
 
 
 class _Probe:

@@ -228,3 +228,9 @@ def test_registry_versions_survive_reregistration(specs):
     assert registry.unregister("a") is not None and "a" not in registry
     assert registry.register("a", specs[0].path).version == 3
     assert list(registry) == ["a"] and registry["a"].max_rank == 8
+    # Versions are unique across names too, and unregistered names leave nothing behind.
+    assert registry.register("b", specs[0].path).version == 4
+    for i in range(100):
+        registry.register(f"n{i}", specs[0].path)
+        registry.unregister(f"n{i}")
+    assert len(registry) == 2 and not isinstance(registry._last_version, dict)

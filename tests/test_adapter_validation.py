@@ -172,6 +172,14 @@ def test_unsupported_target_modules(bad, targets, shown):
     expect_error(bad, f"unsupported target module '{shown}'")
 
 
+@pytest.mark.parametrize("targets", [["q_proj", "lm_head"], ["embed_tokens"], r".*(q_proj|lm_head)"])
+def test_vocabulary_layer_refusal_says_why(bad, targets):
+    edit_config(bad, target_modules=targets)
+    message = str(expect_error(bad, "unsupported target module"))
+    assert "LoRA on embed_tokens / lm_head (the vocabulary layers) is not served" in message, message
+    assert "decoder layers' projections only" in message
+
+
 def test_regex_targets_nothing_supported(bad):
     edit_config(bad, target_modules=r".*\.w_in")
     expect_error(bad, "matches none of")
@@ -375,7 +383,8 @@ def test_catastrophic_regexes_are_bounded(good_adapter, tmp_path):
             cases.append((where, pattern))
             paths.append(path)
     for (where, pattern), (message, seconds) in zip(cases, _inspect_in_subprocess(paths)):
-        assert seconds < 5, (where, pattern, seconds)  # hours before
+        # Hours before; the budget is 1 s of matching, the rest is margin for a loaded machine.
+        assert seconds < 30, (where, pattern, seconds)
         if message is not None:  # refused in time, or the pattern matched nothing: an AdapterError
             assert NAME in message and any(
                 s in message for s in ("takes too long", "matches none", "targets no module", "does not belong")

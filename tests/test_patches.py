@@ -15,7 +15,7 @@ from vllm_slora.patches import PATCHES
 @pytest.mark.parametrize("patch", PATCHES, ids=lambda p: p.module)
 def test_every_patch_is_documented_and_loadable(patch):
     assert patch.target and len(patch.why) > 40 and len(patch.how) > 40 and patch.removal
-    assert patch.when in ("register", "slora_scheduler", "install")
+    assert patch.when in ("register", "slora_scheduler", "slora_server", "install")
     module = importlib.import_module(f"vllm_slora.patches.{patch.module}")
     assert module.__doc__
     if patch.when == "install":
@@ -24,27 +24,55 @@ def test_every_patch_is_documented_and_loadable(patch):
         assert callable(module.apply)
 
 
-def test_lora_block_hash_changes_when_adapter_files_are_rewritten(tmp_path):
+def test_lora_block_hash_follows_in_place_reloads_and_reads_files_once(tmp_path, monkeypatch):
+    """Files are statted at first sight and for load_inplace requests (once each), never per
+    block; a rewrite reaches the hash through load_inplace; a moved directory changes nothing."""
     from vllm.v1.core import kv_cache_utils
 
     from vllm_slora.patches import patch_kv_cache_utils
 
     original = kv_cache_utils._gen_lora_extra_hash_keys
+    monkeypatch.setattr(patch_kv_cache_utils, "IDENTITY", patch_kv_cache_utils.AdapterFilesIdentity())
     patch_kv_cache_utils.apply()
     patch_kv_cache_utils.apply()  # idempotent
+    stats = []
+    real_stat = os.stat
+    monkeypatch.setattr(patch_kv_cache_utils.os, "stat", lambda *a, **k: stats.append(a[0]) or real_stat(*a, **k))
     try:
-        weights = tmp_path / "adapter_model.safetensors"
+        served = tmp_path / "served"
+        served.mkdir()
+        weights = served / "adapter_model.safetensors"
         weights.write_bytes(b"old weights")
-        (tmp_path / "adapter_config.json").write_text("{}")
-        lora = SimpleNamespace(lora_name="a", lora_path=str(tmp_path), lora_int_id=1)
-        request = SimpleNamespace(lora_request=lora)
-        before = kv_cache_utils._gen_lora_extra_hash_keys(request)
-        assert before[0] == ("lora", "a", str(tmp_path))  # stock keys are kept
-        assert kv_cache_utils._gen_lora_extra_hash_keys(request) == before  # stable
+        (served / "adapter_config.json").write_text("{}")
+
+        def request(load_inplace=False):
+            lora = SimpleNamespace(lora_name="a", lora_path=str(served), lora_int_id=1, load_inplace=load_inplace)
+            return SimpleNamespace(lora_request=lora)
+
+        first = request()
+        before = kv_cache_utils._gen_lora_extra_hash_keys(first)
+        assert before[0] == ("lora", "a", str(served))  # stock keys are kept
+        assert kv_cache_utils._gen_lora_extra_hash_keys(first) == before  # every block of the request
+        assert kv_cache_utils._gen_lora_extra_hash_keys(request()) == before  # later requests
+        assert len(stats) == 3  # the three file names, once
         time.sleep(0.01)
         weights.write_bytes(b"new weights!")
         os.utime(weights)
-        assert kv_cache_utils._gen_lora_extra_hash_keys(request) != before
+        assert kv_cache_utils._gen_lora_extra_hash_keys(request()) == before  # no reload asked: not read
+        assert len(stats) == 3
+        reload = request(load_inplace=True)
+        after = kv_cache_utils._gen_lora_extra_hash_keys(reload)
+        assert after != before and kv_cache_utils._gen_lora_extra_hash_keys(reload) == after
+        assert len(stats) == 6  # once for the reloading request, not per block
+        assert kv_cache_utils._gen_lora_extra_hash_keys(request()) == after  # kept for later requests
+        served.rename(tmp_path / "moved")
+        assert kv_cache_utils._gen_lora_extra_hash_keys(request()) == after
+        assert kv_cache_utils._gen_lora_extra_hash_keys(request(load_inplace=True)) == after  # files gone: kept
+        (tmp_path / "moved").rename(served)
+        weights.write_bytes(b"replaced behind the engine's back")
+        assert kv_cache_utils._gen_lora_extra_hash_keys(request()) == after
+        patch_kv_cache_utils.IDENTITY.forget("a", str(served))  # the scheduler registered new files
+        assert kv_cache_utils._gen_lora_extra_hash_keys(request()) not in (before, after)
         assert kv_cache_utils._gen_lora_extra_hash_keys(SimpleNamespace(lora_request=None)) == []
     finally:
         kv_cache_utils._gen_lora_extra_hash_keys = original
@@ -66,7 +94,7 @@ def serving_models_patched(monkeypatch, tmp_path):
     threads = []
 
     class Validator:
-        def problem(self, probe):
+        def problem(self, probe, reload=False):
             threads.append(threading.current_thread())
             try:
                 inspect_adapter(probe.lora_name, probe.lora_path, base, max_lora_rank=4)
@@ -85,7 +113,8 @@ def serving_models_patched(monkeypatch, tmp_path):
 
 
 def _fake_models(cls, lora_modules):
-    fake = SimpleNamespace(static_lora_modules=lora_modules, engine_client=SimpleNamespace(vllm_config=None))
+    fake = SimpleNamespace(static_lora_modules=lora_modules, engine_client=SimpleNamespace(vllm_config=None),
+                           lora_requests={})
     fake.load_lora_adapter = lambda *a, **k: cls.load_lora_adapter(fake, *a, **k)
     return fake
 
@@ -119,3 +148,21 @@ def test_load_lora_adapter_answers_stock_status_codes_off_the_event_loop(serving
     too_big = load("big", path)
     assert too_big.error.code == 400 and "LoRA rank 8 is greater than max_lora_rank 4" in too_big.error.message
     assert threads and all(t is not threading.main_thread() for t in threads)
+
+
+def test_adapter_failure_reaches_the_client_with_its_reason():
+    from vllm.exceptions import GenerationError
+
+    from vllm_slora.compat import GenerateBaseServing
+    from vllm_slora.patches import patch_output_processor
+    from vllm_slora.patches.patch_output_processor import AdapterFailure
+
+    patch_output_processor.apply()
+    reason = AdapterFailure("LoRA adapter 'z': the adapter files at /a changed on disk (TP rank 1)")
+    assert reason == "error" and reason.message.endswith("(TP rank 1)")
+    with pytest.raises(GenerationError, match="'z'.*TP rank 1") as err:
+        GenerateBaseServing._raise_if_error(None, reason, "req-1")
+    assert err.value.status_code == 500
+    with pytest.raises(GenerationError, match="Internal server error"):  # stock failures as before
+        GenerateBaseServing._raise_if_error(None, "error", "req-2")
+    GenerateBaseServing._raise_if_error(None, "stop", "req-3")

@@ -35,9 +35,12 @@ def check_vllm_version() -> None:
 # Engine-side (API / LLM process, EngineCore).
 from vllm.config import CompilationMode, VllmConfig  # noqa: E402
 from vllm.engine.arg_utils import EngineArgs  # noqa: E402
+from vllm.entrypoints.generate.base.serving import GenerateBaseServing  # noqa: E402
 from vllm.entrypoints.openai.models.serving import OpenAIServingModels  # noqa: E402
 from vllm.entrypoints.serve import create_error_response  # noqa: E402
-from vllm.exceptions import VLLMNotFoundError, VLLMValidationError  # noqa: E402
+from vllm.entrypoints.serve.engine.serving import BaseServing  # noqa: E402
+from vllm.entrypoints.serve.lora.protocol import LoadLoRAAdapterRequest  # noqa: E402
+from vllm.exceptions import GenerationError, VLLMNotFoundError, VLLMValidationError  # noqa: E402
 from vllm.logger import init_logger  # noqa: E402
 from vllm.platforms import current_platform  # noqa: E402
 from vllm.utils.torch_utils import kv_cache_dtype_str_to_dtype  # noqa: E402
@@ -45,9 +48,13 @@ from vllm.v1.core import kv_cache_utils  # noqa: E402
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler  # noqa: E402
 from vllm.v1.core.sched.output import SchedulerOutput  # noqa: E402
 from vllm.v1.core.sched.scheduler import Scheduler  # noqa: E402
+from vllm.v1.engine.core import EngineCore  # noqa: E402
 from vllm.v1.engine.input_processor import InputProcessor  # noqa: E402
+from vllm.v1.engine.output_processor import RequestState  # noqa: E402
+from vllm.v1.metrics.loggers import PrometheusStatLogger, StatLoggerManager  # noqa: E402
 
-logger = init_logger("vllm_slora")
+# Under "vllm.": vLLM configures that logger tree, so INFO lines reach its log like its own.
+logger = init_logger("vllm.slora")
 
 # Worker-side qualnames the platforms resolve `worker_cls="auto"` to.
 STOCK_CPU_WORKER = "vllm.v1.worker.cpu_worker.CPUWorker"
@@ -74,8 +81,16 @@ __all__ = [
     "EngineArgs",
     "Scheduler",
     "SchedulerOutput",
+    "EngineCore",
     "InputProcessor",
+    "RequestState",
+    "GenerateBaseServing",
+    "GenerationError",
+    "PrometheusStatLogger",
+    "StatLoggerManager",
     "OpenAIServingModels",
+    "BaseServing",
+    "LoadLoRAAdapterRequest",
     "create_error_response",
     "VLLMNotFoundError",
     "VLLMValidationError",
@@ -123,9 +138,59 @@ def worker_lora_internals():
             rank=get_tensor_model_parallel_rank(),
             all_gather_last=lambda t: tensor_model_parallel_all_gather(t, dim=-1),
             all_reduce=tensor_model_parallel_all_reduce,
+            all_gather_object=_tp_all_gather_object,
         )
 
+    def _tp_all_gather_object(obj) -> list:
+        import torch.distributed as dist
+        from vllm.distributed.parallel_state import get_tp_group
+
+        group = get_tp_group()
+        gathered = [None] * group.world_size
+        dist.all_gather_object(gathered, obj, group=group.cpu_group)
+        return gathered
+
     return supports_lora, (ColumnParallelLinear, RowParallelLinear), tp_group
+
+
+def attach_report(output, take_report):
+    """``output`` (a runner's step result) carrying ``take_report()`` as `slora_report`.
+
+    A ModelRunnerOutput gets the attribute (a copy for vLLM's shared empty output); an
+    AsyncModelRunnerOutput is wrapped so the report rides on what it yields. Anything
+    else (IntermediateTensors of a non-last pipeline stage) is returned unchanged.
+    """
+    import copy
+
+    from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, AsyncModelRunnerOutput, ModelRunnerOutput
+
+    if isinstance(output, AsyncModelRunnerOutput):
+        return _async_with_report_cls()(output, take_report())
+    if not isinstance(output, ModelRunnerOutput):
+        return output
+    if output is EMPTY_MODEL_RUNNER_OUTPUT:
+        output = copy.copy(output)
+    output.slora_report = take_report()
+    return output
+
+
+@lru_cache(maxsize=1)
+def _async_with_report_cls():
+    from vllm.v1.outputs import AsyncModelRunnerOutput
+
+    class AsyncWithReport(AsyncModelRunnerOutput):
+        def __init__(self, inner, report) -> None:
+            self._inner = inner
+            self._report = report
+
+        def get_output(self):
+            import copy
+
+            output = copy.copy(self._inner.get_output())
+            output.slora_report = self._report
+            return output
+
+    return AsyncWithReport
 
 
 def cpu_platform_internals():

@@ -14,8 +14,8 @@ from .validation import inspect_adapter
 class AdapterRegistry:
     """Name -> `AdapterSpec`, with the engine-wide limits every adapter is checked against.
 
-    Registering a name again replaces its spec and bumps `version`, so anything keyed
-    on (name, version) (prefix-cache hashes, host caches) never reuses stale weights.
+    Registering a name again replaces its spec with a new, larger `version`, so anything
+    keyed on (name, version) (prefix-cache hashes, host caches) never reuses stale weights.
     """
 
     def __init__(
@@ -35,8 +35,9 @@ class AdapterRegistry:
         self.tp_size = tp_size
         self.allow_pickle = allow_pickle
         self._specs: dict[str, AdapterSpec] = {}
-        # Survives unregister, so a name registered again never repeats a version.
-        self._last_version: dict[str, int] = {}
+        # One counter for all names: a name registered again (even after unregister)
+        # never repeats a version, and unregistered names leave nothing behind.
+        self._last_version = 0
 
     def register(self, name: str, path: str | os.PathLike) -> AdapterSpec:
         """Validate the adapter at ``path`` and make it known as ``name``.
@@ -48,9 +49,8 @@ class AdapterRegistry:
             max_lora_rank=self.max_lora_rank, page_elems=self.page_elems, pool_blocks=self.pool_blocks,
             tp_size=self.tp_size, allow_pickle=self.allow_pickle,
         )
-        version = self._last_version.get(name, 0) + 1
-        spec = dataclasses.replace(spec, version=version)
-        self._last_version[name] = version
+        self._last_version += 1
+        spec = dataclasses.replace(spec, version=self._last_version)
         self._specs[name] = spec
         return spec
 

@@ -9,6 +9,7 @@ that could never fit the pool. Tensor data is read later (`loading.py`).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -73,14 +74,24 @@ def _check_targets(name: str, params: LoraHyperparams, base: BaseModelShape) -> 
         bad = [m for m in unsupported if params.targets(m)]
         if bad:
             raise AdapterError(name, f"unsupported target module {bad[0]!r} (target_modules regex "
-                                     f"{params.target_modules!r}); only {allowed} are supported")
+                                     f"{params.target_modules!r}); only {allowed} are supported"
+                                     + _vocab_note(bad[0]))
         if not any(params.targets(m) for m in supported):
             raise AdapterError(name, f"target_modules regex {params.target_modules!r} matches none of {allowed}")
         return
     for entry in params.target_modules:
         hits_unsupported = any(params.entry_matches(entry, m) for m in unsupported)
         if hits_unsupported or not any(params.entry_matches(entry, m) for m in supported):
-            raise AdapterError(name, f"unsupported target module {entry!r}; only {allowed} are supported")
+            raise AdapterError(name, f"unsupported target module {entry!r}; only {allowed} are supported"
+                                     + _vocab_note(entry))
+
+
+def _vocab_note(module: str) -> str:
+    """Why embedding / output-layer LoRA is refused, for messages naming such a module."""
+    if "embed_tokens" in module or "lm_head" in module or "embedding" in module:
+        return ("; LoRA on embed_tokens / lm_head (the vocabulary layers) is not served: vllm-slora "
+                "applies adapters to the decoder layers' projections only")
+    return ""
 
 
 def _classify_stray_key(name: str, key: str) -> AdapterError:
@@ -89,7 +100,7 @@ def _classify_stray_key(name: str, key: str) -> AdapterError:
     if key.endswith(".bias"):
         return AdapterError(name, f"LoRA bias tensor {key} is not supported")
     if "embed_tokens" in key or "lm_head" in key or "lora_embedding" in key:
-        return AdapterError(name, f"tensor {key} targets an unsupported module (embeddings / lm_head)")
+        return AdapterError(name, f"tensor {key} targets an unsupported module{_vocab_note(key)}")
     return AdapterError(name, f"tensor {key} does not belong to any target module")
 
 
@@ -163,7 +174,8 @@ def inspect_adapter(
     problem, and nothing else: an unforeseen failure is reported as one too.
     """
     path = os.fspath(path)
-    key = (name, path, _files_identity(path), base, max_lora_rank, page_elems, pool_blocks, tp_size, allow_pickle)
+    files = adapter_files_identity(path)
+    key = (name, path, files, base, max_lora_rank, page_elems, pool_blocks, tp_size, allow_pickle)
     with _cache_lock:
         cached = _cache.get(key)
         if cached is not None:
@@ -172,6 +184,7 @@ def inspect_adapter(
         try:
             cached = _inspect_adapter(name, path, base, max_lora_rank=max_lora_rank, page_elems=page_elems,
                                       pool_blocks=pool_blocks, tp_size=tp_size, allow_pickle=allow_pickle)
+            cached = dataclasses.replace(cached, files=files)
         except AdapterError as exc:
             cached = exc
         with _cache_lock:
@@ -191,7 +204,8 @@ _cache: OrderedDict = OrderedDict()
 _cache_lock = threading.Lock()
 
 
-def _files_identity(path: str) -> tuple:
+def adapter_files_identity(path: str) -> tuple:
+    """(inode, size, mtime_ns) of each file an adapter may have (None where absent)."""
     identity = []
     for file in (CONFIG_NAME, SAFETENSORS_NAME, *PICKLE_NAMES):
         try:
