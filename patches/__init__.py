@@ -233,6 +233,26 @@ PATCHES: tuple[Patch, ...] = (
             "enabling stats, and SchedulerStats has a field for scheduler extensions."
         ),
     ),
+    Patch(
+        module="patch_plugins",
+        target="vllm.plugins.load_endpoint_plugins",
+        why=(
+            "The OpenAI Files and Fine-tuning routes (/v1/files, /v1/fine_tuning/jobs, #10) are "
+            "a vLLM endpoint plugin, but vLLM loads endpoint plugins only when VLLM_PLUGINS names "
+            "them, and VLLM_PLUGINS also filters general plugins, so naming only the endpoint "
+            "plugin switches vllm-slora off; the slora key alone must turn the API on."
+        ),
+        how=(
+            "Wrap load_endpoint_plugins (called by build_app): return the original's plugins plus "
+            "one vllm_slora.finetune.api.FinetuneEndpointPlugin for servers supporting 'generate' "
+            "(unless already loaded). The plugin attaches its router only when the server's "
+            "additional_config has the 'slora' key and builds its state only for such engines."
+        ),
+        removal=(
+            "Drop when vLLM loads endpoint plugins without an allowlist that also gates general "
+            "plugins; register the plugin under vllm.endpoint_plugins in setup.py instead."
+        ),
+    ),
 )
 
 def apply_patches(when: str = "register") -> None:

@@ -33,6 +33,7 @@ def check_vllm_version() -> None:
 
 
 # Engine-side (API / LLM process, EngineCore).
+from vllm import plugins as vllm_plugins  # noqa: E402  (patch_plugins: endpoint plugin loading)
 from vllm.config import CompilationMode, VllmConfig  # noqa: E402
 from vllm.engine.arg_utils import EngineArgs  # noqa: E402
 from vllm.entrypoints.generate.base.serving import GenerateBaseServing  # noqa: E402
@@ -96,6 +97,7 @@ __all__ = [
     "VLLMValidationError",
     "kv_cache_utils",
     "logger",
+    "vllm_plugins",
     "STOCK_CPU_WORKER",
     "STOCK_GPU_WORKER",
     "VllmConfig",

@@ -12,13 +12,18 @@ Pieces, one concept per module:
 * `forward`, `loss`: a functional Llama forward (packed, block-diagonal causal attention,
   optional per-layer activation checkpointing) and the token-mean loss;
 * `trainer`: AdamW loop with per-step records and a progress callback; `finetune()` trains
-  offline from a HF checkpoint directory and writes a PEFT adapter plus a loss plot.
+  offline from a HF checkpoint directory and writes a PEFT adapter plus a loss plot;
+* `files`, `jobs`, `api`: the OpenAI Files and Fine-tuning API in `vllm serve` (slora
+  engines). Jobs run today in a background thread of the API server process on their own
+  copy of the base weights and publish each version through the server's adapter loading
+  (PEFT files on disk + in-place reload).
 
-Not done yet (later parts of #10): running training inside the engine (worker hook,
-layer-sliced work units scheduled into each step's latency slack), scheduler budgeting,
-publishing each optimizer step's adapter into the unified pool's pages as a new version,
-the OpenAI Files / Fine-tuning API, gradient accumulation over micro-batches, chunked LM
-head + loss for large vocabularies, tensor parallelism, quantized bases.
+Not done yet (later parts of #10): running training inside the engine on vLLM's own
+weights (worker hook, layer-sliced work units scheduled into each step's latency slack),
+scheduler budgeting, publishing each optimizer step straight into the unified pool's
+pages as a new version, job resume after a restart, gradient accumulation over
+micro-batches, chunked LM head + loss for large vocabularies, tensor parallelism,
+quantized bases.
 """
 
 from .base_weights import BaseWeights, base_weights_from_checkpoint, base_weights_from_hf, base_weights_from_vllm
