@@ -10,6 +10,15 @@ import pytest
 
 from tests.engines import TEST_KV_BYTES, close_llm, make_llm
 
+# Triton's interpreter for the kernel tests (tests/kernels/conftest.py says why): it must
+# be chosen before anything imports triton, and vllm_slora.adapters does (through
+# kernels.ops), so it is set here, before any test module is collected.
+if not os.environ.get("TRITON_INTERPRET"):
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
 # Set before any test runs: vLLM loads plugins once per process, so the pytest
 # process's own `plugin_loaded` record is written at the first EngineArgs of the session.
 _TRACE_PATH = Path(tempfile.mkdtemp(prefix="slora-trace-")) / "trace.jsonl"

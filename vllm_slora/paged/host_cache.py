@@ -65,10 +65,12 @@ class HostAdapterCache:
         # Told (lock held) about every entry that leaves the cache.
         self.on_drop = on_drop
         self._entries: OrderedDict[CacheKey, _Entry] = OrderedDict()  # oldest first
-        self._warming: dict[CacheKey, Future] = {}
+        # Reads in flight: the future and who waits to be told (`done` callbacks).
+        self._warming: dict[CacheKey, tuple[Future, list[WarmDone]]] = {}
         # Guards entries, _warming, the counters and the latency list: the warm thread
-        # writes all of them.
+        # writes all of them. `_idle` wakes wait_warm once no read is in flight.
         self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
         self._warmer: ThreadPoolExecutor | None = None  # started on first use
         self._nbytes_total = 0
         self.hits = 0
@@ -127,7 +129,7 @@ class HostAdapterCache:
         key = (path, files)
         with self._lock:
             entry = self._entries.get(key)
-            pending = self._warming.get(key) if entry is None else None
+            pending = self._warming.get(key, (None,))[0] if entry is None else None
             if entry is not None:
                 self._entries.move_to_end(key)
                 self.hits += 1
@@ -147,30 +149,47 @@ class HostAdapterCache:
         key = (path, files)
         with self._lock:
             cached = key in self._entries
-            future = self._warming.get(key)
-            if not cached and future is None:
+            if not cached:
+                if key in self._warming:
+                    if done is not None:
+                        self._warming[key][1].append(done)
+                    return
                 if self._warmer is None:
                     self._warmer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slora-warm")
-                future = self._warmer.submit(self._load, name, path, version, files)
-                self._warming[key] = future
-                future.add_done_callback(lambda f: self._warm_finished(key, f))
-        if cached:
-            if done is not None:
-                done(None)
-            return
-        if done is not None:
-            future.add_done_callback(lambda f: done(_error_text(f)))
+                future = self._warmer.submit(self._warm_job, key, name, path, version, files)
+                self._warming[key] = (future, [done] if done is not None else [])
+        if cached and done is not None:
+            done(None)
 
-    def _warm_finished(self, key: CacheKey, future: Future) -> None:
-        error = _error_text(future)
-        with self._lock:
-            self._warming.pop(key, None)
-            if error is None:
-                self.warmed += 1
-        if error is not None:
+    def _warm_job(self, key: CacheKey, name: str, path: str, version: int, files: tuple) -> PackedAdapter | None:
+        error, failure, packed = None, None, None
+        try:
+            packed = self._load(name, path, version, files)
+        except Exception as exc:  # AdapterError; anything else is reported the same way
+            error, failure = str(exc), exc
             from vllm_slora.compat import logger
 
             logger.warning("vllm-slora: background read failed on TP rank %d: %s", self.tp_rank, error)
+        with self._lock:
+            if error is None:
+                self.warmed += 1
+        self._tell(key, error)
+        if failure is not None:
+            raise failure  # for a `get` waiting on this read
+        return packed
+
+    def _tell(self, key: CacheKey, error: str | None) -> None:
+        """Call every `done` of a read, including ones added meanwhile, then retire it."""
+        while True:
+            with self._lock:
+                _, dones = self._warming[key]
+                if not dones:
+                    del self._warming[key]
+                    self._idle.notify_all()
+                    return
+                self._warming[key] = (self._warming[key][0], [])
+            for done in dones:
+                done(error)
 
     def _load(self, name: str, path: str, version: int, files: tuple) -> PackedAdapter:
         started = time.perf_counter()
@@ -239,18 +258,21 @@ class HostAdapterCache:
         return found
 
     def wait_warm(self) -> None:
-        """Block until every background read has finished (tests, shutdown)."""
-        with self._lock:
-            pending = list(self._warming.values())
-        for future in pending:
-            future.exception()
+        """Block until every background read has finished and said so (tests, shutdown)."""
+        with self._idle:
+            self._idle.wait_for(lambda: not self._warming)
 
     def close(self) -> None:
-        """Stop the warm thread (reads not started yet are cancelled)."""
+        """Stop the warm thread; reads not started yet are cancelled and say so."""
         with self._lock:
             warmer, self._warmer = self._warmer, None
-        if warmer is not None:
-            warmer.shutdown(wait=False, cancel_futures=True)
+        if warmer is None:
+            return
+        warmer.shutdown(wait=False, cancel_futures=True)
+        with self._lock:
+            cancelled = [key for key, (future, _) in self._warming.items() if future.cancelled()]
+        for key in cancelled:
+            self._tell(key, "the background read was cancelled")
 
     def __contains__(self, key: CacheKey) -> bool:
         with self._lock:
@@ -259,13 +281,6 @@ class HostAdapterCache:
     def __len__(self) -> int:
         with self._lock:
             return len(self._entries)
-
-
-def _error_text(future: Future) -> str | None:
-    if future.cancelled():
-        return "the background read was cancelled"
-    exc = future.exception()
-    return None if exc is None else str(exc)
 
 
 def _changed(path: str, when: str) -> str:
