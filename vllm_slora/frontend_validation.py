@@ -57,6 +57,9 @@ class AdapterValidator:
         self._check = lru_cache(maxsize=4096)(self._check_uncached)
         # (name, path) -> None, or the last load_inplace LoRARequest checked for it.
         self._checked: OrderedDict[tuple[str, str], object] = OrderedDict()
+        # (name, path) -> ((page elems, pool blocks), the adapter's blocks): never_fits
+        # reads no file while the request fits by this count.
+        self._known_blocks: dict[tuple[str, str], tuple[tuple, int]] = {}
         self._lock = threading.Lock()
 
     def _pool_geometry(self) -> tuple[int | None, int | None]:
@@ -108,6 +111,7 @@ class AdapterValidator:
         """The adapter was unloaded: its next load is checked afresh, nothing is kept."""
         with self._lock:
             self._checked.pop((name, path), None)
+            self._known_blocks.pop((name, path), None)
 
     def accept(self, lora_request) -> None:
         """`lora_request` was just checked under another object (the server's load probe)."""
@@ -130,10 +134,11 @@ class AdapterValidator:
             return None
         name, path = lora_request.lora_name, lora_request.lora_path
         block_size = self._cache_config.block_size
-        known = self.__dict__.setdefault("_known_blocks", {})  # (name, path, geometry) -> blocks
-        key = (name, path, page_elems, pool_blocks)
-        blocks = known.get(key)
-        if blocks is not None and admission.never_fits(blocks, num_tokens, block_size, pool_blocks) is None:
+        known = self._known_blocks
+        geometry, blocks = known.get((name, path), (None, None))
+        if geometry == (page_elems, pool_blocks) and (
+            admission.never_fits(blocks, num_tokens, block_size, pool_blocks) is None
+        ):
             return None
         try:
             spec = inspect_adapter(
@@ -143,9 +148,10 @@ class AdapterValidator:
             blocks = spec.blocks_needed(page_elems, self.tp_size)
         except (AdapterError, ValueError):
             return None  # not servable any more: the scheduler refuses it with the reason
-        if len(known) >= MAX_CHECKED:
-            known.clear()
-        known[key] = blocks
+        with self._lock:
+            if len(known) >= MAX_CHECKED:
+                known.clear()
+            known[(name, path)] = ((page_elems, pool_blocks), blocks)
         problem = admission.never_fits(blocks, num_tokens, block_size, pool_blocks)
         return None if problem is None else AdapterError(name, problem)
 
