@@ -26,6 +26,8 @@ class Patch:
     # "slora_scheduler": applied by the slora scheduler (only engines with the key);
     # "slora_server": applied when the OpenAI server of an engine with the key starts
     # (OpenAIServingModels.init_static_loras, patch_serving_models);
+    # "slora_finetune": applied by the worker of engines with slora.finetune=true
+    # (SLoRAWorkerMixin.__init__, before the model loads);
     # "install": run by scripts/setup.sh.
     when: str = "register"
 
@@ -190,6 +192,25 @@ PATCHES: tuple[Patch, ...] = (
             "unnamed plugins silently."
         ),
         when="slora_server",
+    ),
+    Patch(
+        module="patch_cpu_gemm",
+        target="vllm.model_executor.layers.utils.dispatch_cpu_unquantized_gemm",
+        why=(
+            "Training inside the engine (#10) reads vLLM's own dense linear weights by reference "
+            "(base_weights_from_vllm), but vLLM's CPU backend repacks qkv/o/gate_up/down for its "
+            "GEMM kernels after loading and replaces layer.weight by an empty tensor "
+            "(UnquantizedLinearMethod.process_weights_after_loading, remove_weight=True); the "
+            "per-layer quant method is built inside vLLM's constructors, so no subclass reaches it."
+        ),
+        how=(
+            "Wrap the dispatch function to pass remove_weight=False while the context "
+            "keep_dense_linear_weights() is active; SLoRAWorkerMixin.load_model enters it only for "
+            "engines with slora.finetune=true. Opt-in because it costs a second copy of the linear "
+            "weights (the packed one still serves): ~405 MiB fp32 for the 135M default model."
+        ),
+        removal="Drop when vLLM's CPU backend can keep the dense weight (an option for remove_weight).",
+        when="slora_finetune",
     ),
     Patch(
         module="patch_cpu_ray",

@@ -15,7 +15,7 @@ from vllm_slora.patches import PATCHES
 @pytest.mark.parametrize("patch", PATCHES, ids=lambda p: p.module)
 def test_every_patch_is_documented_and_loadable(patch):
     assert patch.target and len(patch.why) > 40 and len(patch.how) > 40 and patch.removal
-    assert patch.when in ("register", "slora_scheduler", "slora_server", "install")
+    assert patch.when in ("register", "slora_scheduler", "slora_server", "slora_finetune", "install")
     module = importlib.import_module(f"vllm_slora.patches.{patch.module}")
     assert module.__doc__
     if patch.when == "install":

@@ -105,6 +105,7 @@ __all__ = [
     "cpu_worker_cls",
     "gpu_worker_cls",
     "vllm_version",
+    "cpu_gemm_utils",
 ]
 
 
@@ -193,6 +194,14 @@ def _async_with_report_cls():
             return output
 
     return AsyncWithReport
+
+
+def cpu_gemm_utils():
+    """vllm.model_executor.layers.utils (its dispatch_cpu_unquantized_gemm): patches/patch_cpu_gemm.py,
+    applied in workers of engines with slora.finetune only."""
+    from vllm.model_executor.layers import utils
+
+    return utils
 
 
 def cpu_platform_internals():

@@ -38,6 +38,11 @@ class SLoRAConfig:
     # that is not loaded yet: `<dir>/<model>` (first directory that has it), validated
     # and loaded on first use. JSON gives a list; kept as a tuple (hashable).
     adapter_dirs: tuple[str, ...] = ()
+    # Training inside the engine (#10) on vLLM's own base weights. On the CPU backend it
+    # keeps the dense linear weights that vLLM drops after repacking them for its GEMM
+    # kernels: a second copy of every linear weight (~405 MiB fp32 for the 135M default
+    # model), hence opt-in (patches/patch_cpu_gemm.py).
+    finetune: bool = False
 
     @classmethod
     def from_additional_config(cls, additional_config: Mapping[str, Any] | None) -> SLoRAConfig | None:

@@ -13,13 +13,31 @@ from vllm_slora import trace
 from vllm_slora.compat import cpu_worker_cls, gpu_worker_cls
 from vllm_slora.config import SLoRAConfig
 from vllm_slora.paged.runner import install_runner_mixin
+from vllm_slora.patches import apply_patches
+from vllm_slora.patches.patch_cpu_gemm import keep_dense_linear_weights
+
+FINETUNE_DISABLED = (
+    "training on the engine's weights needs the dense base weights kept: start the engine "
+    "with slora.finetune=true (--additional-config '{\"slora\": {\"finetune\": true}}')"
+)
 
 
 class SLoRAWorkerMixin:
     def __init__(self, vllm_config, *args, **kwargs) -> None:
         super().__init__(vllm_config, *args, **kwargs)
         self.slora_config = SLoRAConfig.from_additional_config(vllm_config.additional_config)
+        if self._slora_finetune:
+            # Before load_model: the CPU backend must keep the dense linear weights.
+            apply_patches("slora_finetune")
         trace.record("worker_init", cls=type(self).__name__, rank=getattr(self, "rank", None))
+
+    @property
+    def _slora_finetune(self) -> bool:
+        return self.slora_config is not None and self.slora_config.finetune
+
+    def load_model(self, *args, **kwargs) -> None:
+        with keep_dense_linear_weights(self._slora_finetune):
+            return super().load_model(*args, **kwargs)
 
     def init_device(self) -> None:
         super().init_device()  # creates self.model_runner; load_model comes later
@@ -36,6 +54,37 @@ class SLoRAWorkerMixin:
             "adapters": self._slora_adapters(),
             "host_cache": self._slora_host_cache_stats(),
         }
+
+    def slora_training_logits(self, token_ids: list[int], adapter_dir: str | None = None) -> list[list[float]]:
+        """RPC target: the training forward's logits ([len(token_ids)][vocab]) for one sequence.
+
+        Runs vllm_slora.finetune's functional forward on views of this worker's own model
+        parameters (no copy: checked by data_ptr) plus, if given, the PEFT adapter at
+        `adapter_dir` as trainable LoRA parameters. Tensor parallel size 1 only (the
+        forward refuses shards). Needs slora.finetune=true (the CPU backend drops the dense
+        linear weights otherwise).
+        """
+        import torch
+
+        from vllm_slora.finetune.base_weights import base_weights_from_vllm
+        from vllm_slora.finetune.forward import forward_logits
+        from vllm_slora.finetune.lora_params import LoraParams
+
+        if not self._slora_finetune:
+            raise RuntimeError(FINETUNE_DISABLED)
+        model = self.model_runner.model
+        base = base_weights_from_vllm(model)
+        storage = {p.data_ptr() for p in model.parameters()}
+        copied = [name for name, t in base.named_tensors() if t.data_ptr() not in storage]
+        if copied:
+            raise AssertionError(f"base weights {copied} are not views of the engine's parameters")
+        lora = None if adapter_dir is None else LoraParams.from_peft_dir(adapter_dir, base.config, dtype=base.dtype)
+        ids = torch.tensor(token_ids, dtype=torch.long, device=base.embed_tokens.device)
+        # Workers may run under inference mode; the forward is the training one (autograd-capable
+        # tensors), only no gradient is taken here.
+        with torch.inference_mode(False), torch.no_grad():
+            logits = forward_logits(base, lora, ids)
+        return logits.float().cpu().tolist()
 
     def _slora_host_cache_stats(self) -> dict:
         manager = getattr(self.model_runner, "slora", None)
