@@ -99,8 +99,9 @@ def test_flag_present_runs_slora_classes_in_every_process(slora_llm, trace_file)
     schedulers = [e for e in events if e["event"] == "scheduler_init"]
     assert schedulers and all(e["process"] == "EngineCore" for e in schedulers)
     assert {e["cls"] for e in schedulers} <= {"SLoRAScheduler", "SLoRAAsyncScheduler"}
+    # Other plugin engines of the session (servers, tiny-model engines) log here too.
     workers = [e for e in events if e["event"] == "worker_init"]
-    assert [e["cls"] for e in workers] == ["SLoRACPUWorker"]
+    assert workers and {e["cls"] for e in workers} == {"SLoRACPUWorker"}
     info = slora_llm.collective_rpc("slora_info")
     assert [i["worker_cls"] for i in info] == ["SLoRACPUWorker"]
     assert info[0]["slora_config"]["kernel_backend"] == "auto"

@@ -24,9 +24,9 @@ tests/gpu/test_triton_cuda_graphs.py is the same scenario with real graph captur
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
-import sys
 from dataclasses import dataclass
 
 import pytest
@@ -84,9 +84,7 @@ def triton_path(monkeypatch):
     if ON_GPU:
         return
     for name in ("kernels.ops", "vllm_slora.kernels.ops"):  # the module may be loaded twice
-        module = sys.modules.get(name)
-        if module is None:
-            continue
+        module = importlib.import_module(name)
         monkeypatch.setattr(module, "_use_triton", lambda t: True)
         real = module._segment_args
         monkeypatch.setattr(module, "_segment_args", lambda meta, n, on_cuda, real=real: real(meta, n, True))
@@ -102,11 +100,12 @@ class LaunchRecorder:
     """Wraps `jitted` and `get_launch_config` in the launcher modules; records every decision."""
 
     def __init__(self, monkeypatch):
-        import kernels.triton_expand as expand_mod
-        import kernels.triton_shrink as shrink_mod
-
         self.events: list[tuple] = []
-        for module in (shrink_mod, expand_mod):
+        # The launchers are loaded twice (as kernels.* and, through the installed package,
+        # vllm_slora.kernels.*); which one a test reaches depends on what was imported first.
+        for name in ("kernels.triton_shrink", "kernels.triton_expand",
+                     "vllm_slora.kernels.triton_shrink", "vllm_slora.kernels.triton_expand"):
+            module = importlib.import_module(name)
             monkeypatch.setattr(module, "jitted", self._jitted(module.jitted))
             monkeypatch.setattr(module, "get_launch_config", self._config(module.get_launch_config))
 
