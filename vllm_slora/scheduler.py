@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
+import time
 from dataclasses import dataclass
 
 from vllm_slora import trace
@@ -45,6 +46,10 @@ from vllm_slora.step_plan import AdapterPlacement, AdapterSource, SLoRAStepPlan,
 REWARM_AFTER_STEPS = 256
 # Latency observations kept for metrics between two reads of them.
 MAX_LATENCY_OBSERVATIONS = 4096
+# A step with nothing to run while adapters are being read sleeps this long first: the
+# engine loop would otherwise spin empty steps that take CPU and the GIL from the reads
+# it waits for (the worker's read thread; the same process with an in-process engine).
+IDLE_STEP_SLEEP_S = 0.002
 
 
 @dataclass
@@ -301,6 +306,8 @@ class SLoRASchedulerMixin:
 
     def schedule(self, *args, **kwargs):
         output = super().schedule(*args, **kwargs)
+        if not output.total_num_scheduled_tokens and self._slora_warmed:
+            time.sleep(IDLE_STEP_SLEEP_S)
         in_use = {r.lora_request.lora_int_id for r in self.running if r.lora_request}
         self.slora_residency.retain_only(in_use)
         for lora_int_id in [i for i in self._slora_unloading if i not in in_use]:
