@@ -93,3 +93,44 @@ def test_drop_all_cached_keeps_pinned(pool):
     res.retain_only(set())
     res.drop_all_cached()
     assert pool.reset_prefix_cache() is True
+
+
+def test_stats_running_totals_match_a_recount(pool):
+    """stats() keeps running totals; after every operation they equal a walk over the entries."""
+    import random
+
+    rng = random.Random(0)
+    evicted = []
+    res = AdapterResidency(pool, on_evict=evicted.append)
+    kv = []
+    for _ in range(500):
+        op = rng.randrange(7)
+        lora_id = rng.randint(1, 6)
+        if op <= 1:
+            res.pin(lora_id, rng.randint(1, 6), describe(lora_id))
+        elif op == 2:
+            res.unpin(lora_id)
+        elif op == 3:
+            res.retain_only(set(rng.sample(range(1, 7), rng.randint(0, 3))))
+        elif op == 4:
+            if rng.random() < 0.5:
+                res.forget(lora_id)
+            else:
+                res.drop_all_cached()
+        elif op == 5:  # KV allocation: may reclaim cached adapters' blocks
+            n = rng.randint(0, pool.get_num_free_blocks())
+            kv += pool.get_new_blocks(n)
+        elif kv:  # KV release
+            rng.shuffle(kv)
+            k = rng.randint(1, len(kv))
+            freed, kv = kv[:k], kv[k:]
+            pool.free_blocks(freed)
+        entries = list(res._entries.values())
+        pinned = [e for e in entries if e.state is Residency.PINNED]
+        cached = [e for e in entries if e.state is Residency.CACHED]
+        stats = res.stats()
+        assert (stats.pinned_adapters, stats.cached_adapters) == (len(pinned), len(cached))
+        assert stats.pinned_adapter_blocks == sum(len(e.blocks) for e in pinned)
+        assert stats.cached_adapter_blocks == sum(len(e.blocks) for e in cached)
+        assert stats.free_blocks == pool.get_num_free_blocks()
+    assert res.stats().evictions > 0 and res.stats().loads > res.stats().evictions  # reclaims were exercised

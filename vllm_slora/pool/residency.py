@@ -63,6 +63,12 @@ class AdapterResidency:
     _entries: dict[int, _Entry] = field(default_factory=dict)
     _loads: int = 0
     _evictions: int = 0
+    # Running totals over _entries by state (stats() runs every engine step), kept by
+    # _add / _set_state / _remove, the only places entries or their states change.
+    _pinned_adapters: int = 0
+    _cached_adapters: int = 0
+    _pinned_blocks: int = 0
+    _cached_blocks: int = 0
 
     # -- queries ---------------------------------------------------------------------
     def state(self, lora_int_id: int) -> Residency:
@@ -74,15 +80,13 @@ class AdapterResidency:
         return entry.placement if entry else None
 
     def stats(self) -> PoolStats:
-        pinned = [e for e in self._entries.values() if e.state is Residency.PINNED]
-        cached = [e for e in self._entries.values() if e.state is Residency.CACHED]
         return PoolStats(
             total_blocks=self.block_pool.num_gpu_blocks,
             free_blocks=self.block_pool.get_num_free_blocks(),
-            pinned_adapters=len(pinned),
-            cached_adapters=len(cached),
-            pinned_adapter_blocks=sum(len(e.blocks) for e in pinned),
-            cached_adapter_blocks=sum(len(e.blocks) for e in cached),
+            pinned_adapters=self._pinned_adapters,
+            cached_adapters=self._cached_adapters,
+            pinned_adapter_blocks=self._pinned_blocks,
+            cached_adapter_blocks=self._cached_blocks,
             loads=self._loads,
             evictions=self._evictions,
         )
@@ -103,13 +107,13 @@ class AdapterResidency:
         if entry is not None and entry.state is Residency.CACHED:
             self.block_pool.touch(entry.blocks)
             self._drop_watchers(entry.blocks)
-            entry.state = Residency.PINNED
+            self._set_state(entry, Residency.PINNED)
             return entry.placement, False
         if num_blocks > self.block_pool.get_num_free_blocks():
             return None
         blocks = self.block_pool.get_new_blocks(num_blocks)
         placement = describe(tuple(b.block_id for b in blocks))
-        self._entries[lora_int_id] = _Entry(placement, blocks)
+        self._add(lora_int_id, _Entry(placement, blocks))
         self._loads += 1
         return placement, True
 
@@ -118,7 +122,7 @@ class AdapterResidency:
         entry = self._entries.get(lora_int_id)
         if entry is None or entry.state is not Residency.PINNED:
             return
-        entry.state = Residency.CACHED
+        self._set_state(entry, Residency.CACHED)
         watcher = self._make_watcher(lora_int_id, entry)
         self.block_pool.unpin_blocks(entry.blocks, watcher)
 
@@ -137,7 +141,7 @@ class AdapterResidency:
             self.unpin(lora_int_id)
         # Cached blocks stay in the free queue; without a watcher they are plain free.
         self._drop_watchers(entry.blocks)
-        del self._entries[lora_int_id]
+        self._remove(lora_int_id)
 
     def drop_all_cached(self) -> None:
         """Forget every cached adapter (before vLLM resets the prefix cache)."""
@@ -148,6 +152,30 @@ class AdapterResidency:
                     self.on_evict(lora_int_id)
 
     # -- internals -------------------------------------------------------------------
+    def _count(self, entry: _Entry, sign: int) -> None:
+        """Add (sign 1) or take back (sign -1) the entry in the totals of its state."""
+        if entry.state is Residency.PINNED:
+            self._pinned_adapters += sign
+            self._pinned_blocks += sign * len(entry.blocks)
+        elif entry.state is Residency.CACHED:
+            self._cached_adapters += sign
+            self._cached_blocks += sign * len(entry.blocks)
+
+    def _add(self, lora_int_id: int, entry: _Entry) -> None:
+        old = self._entries.get(lora_int_id)
+        if old is not None:
+            self._count(old, -1)
+        self._entries[lora_int_id] = entry
+        self._count(entry, 1)
+
+    def _set_state(self, entry: _Entry, state: Residency) -> None:
+        self._count(entry, -1)
+        entry.state = state
+        self._count(entry, 1)
+
+    def _remove(self, lora_int_id: int) -> None:
+        self._count(self._entries.pop(lora_int_id), -1)
+
     def _make_watcher(self, lora_int_id: int, entry: _Entry):
         def on_reuse(_block) -> None:
             # A block of this cached adapter is being handed out: the adapter's pages
@@ -156,7 +184,7 @@ class AdapterResidency:
             if self._entries.get(lora_int_id) is not entry or entry.state is not Residency.CACHED:
                 return
             self._drop_watchers(entry.blocks)
-            del self._entries[lora_int_id]
+            self._remove(lora_int_id)
             self._evictions += 1
             if self.on_evict:
                 self.on_evict(lora_int_id)
