@@ -86,6 +86,9 @@ class PagedAdapterManager:
         self._copy_seconds: list[float] = []
         # Host-cache key -> the (lora_int_id, version)s warmed under it (for `dropped`).
         self._key_owners: dict[tuple, set[tuple[int, int]]] = {}
+        # The same pairs indexed by lora_int_id: lora_int_id -> {(key, (lora_int_id, version))},
+        # so an unload touches only its adapter's entries. Kept in step with _key_owners.
+        self._owned_keys: dict[int, set[tuple[tuple, tuple[int, int]]]] = {}
 
     # -- pool --------------------------------------------------------------------------
     def attach_pool(self, pools: Sequence[torch.Tensor], page_elems: int) -> None:
@@ -124,6 +127,7 @@ class PagedAdapterManager:
             owner = (source.lora_int_id, source.version)
             with self._events_lock:
                 self._key_owners.setdefault(key, set()).add(owner)
+                self._owned_keys.setdefault(owner[0], set()).add((key, owner))
             self.host_cache.warm(source.lora_name, source.lora_path, source.version, source.files,
                                  done=partial(self._warm_done, owner))
         for lora_int_id in plan.evicted:
@@ -186,7 +190,14 @@ class PagedAdapterManager:
     def _on_host_drop(self, key: tuple) -> None:
         # Called with the host cache's lock held, maybe from the warm thread.
         with self._events_lock:
-            self._dropped.extend(self._key_owners.pop(key, ()))
+            owners = self._key_owners.pop(key, ())
+            self._dropped.extend(owners)
+            for owner in owners:
+                owned = self._owned_keys.get(owner[0])
+                if owned is not None:
+                    owned.discard((key, owner))
+                    if not owned:
+                        del self._owned_keys[owner[0]]
 
     def take_report(self) -> SLoRAWorkerReport:
         """What happened since the previous report (ready / failed / dropped adapters, timings)."""
@@ -254,10 +265,12 @@ class PagedAdapterManager:
         scheduler, which evicts them once no running request reads them."""
         entry = self.known.pop(lora_int_id, None)
         with self._events_lock:
-            for key in [k for k, owners in self._key_owners.items() if any(o[0] == lora_int_id for o in owners)]:
-                self._key_owners[key] = {o for o in self._key_owners[key] if o[0] != lora_int_id}
-                if not self._key_owners[key]:
-                    del self._key_owners[key]
+            for key, owner in self._owned_keys.pop(lora_int_id, ()):
+                owners = self._key_owners.get(key)
+                if owners is not None:
+                    owners.discard(owner)
+                    if not owners:
+                        del self._key_owners[key]
         if entry is None:
             return False
         if self.host_cache is not None:
