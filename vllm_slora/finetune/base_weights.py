@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import glob
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -83,6 +83,34 @@ class BaseWeights:
 
 def _config_of(model) -> DecoderConfig:
     return DecoderConfig.from_hf(model.config)
+
+
+def _named_layers(
+    config: DecoderConfig,
+    get: Callable[[str], torch.Tensor],
+    qkv: Callable[[str], torch.Tensor],
+    gate_up: Callable[[str], torch.Tensor],
+) -> list[LayerWeights]:
+    """The decoder layers of a source addressed by HF/vLLM parameter names.
+
+    `get(name)` returns one tensor by its full name; `qkv(prefix)` and `gate_up(prefix)`
+    return the fused weights of the layer named by `prefix` (`model.layers.{i}`): a fused
+    parameter as is (vLLM) or a `torch.cat` of the separate projections (HF checkpoints).
+    """
+    layers = []
+    for i in range(config.num_layers):
+        p = f"model.layers.{i}"
+        layers.append(
+            LayerWeights(
+                input_norm=get(f"{p}.input_layernorm.weight"),
+                qkv=qkv(p),
+                o=get(f"{p}.self_attn.o_proj.weight"),
+                post_attention_norm=get(f"{p}.post_attention_layernorm.weight"),
+                gate_up=gate_up(p),
+                down=get(f"{p}.mlp.down_proj.weight"),
+            )
+        )
+    return layers
 
 
 @torch.no_grad()
@@ -150,19 +178,12 @@ def base_weights_from_vllm(model) -> BaseWeights:
                 return tensor
         raise KeyError(f"vLLM model has no parameter {name!r} (is it a Llama-style model?)")
 
-    layers = []
-    for i in range(config.num_layers):
-        p = f"model.layers.{i}"
-        layers.append(
-            LayerWeights(
-                input_norm=get(f"{p}.input_layernorm.weight"),
-                qkv=get(f"{p}.self_attn.qkv_proj.weight"),
-                o=get(f"{p}.self_attn.o_proj.weight"),
-                post_attention_norm=get(f"{p}.post_attention_layernorm.weight"),
-                gate_up=get(f"{p}.mlp.gate_up_proj.weight"),
-                down=get(f"{p}.mlp.down_proj.weight"),
-            )
-        )
+    layers = _named_layers(
+        config,
+        get,
+        qkv=lambda p: get(f"{p}.self_attn.qkv_proj.weight"),
+        gate_up=lambda p: get(f"{p}.mlp.gate_up_proj.weight"),
+    )
     vocab = config.vocab_size
     embed = get("model.embed_tokens.weight")
     head = model.lm_head.weight.detach() if "lm_head.weight" not in params else get("lm_head.weight")
@@ -193,19 +214,12 @@ def base_weights_from_checkpoint(model_dir: str | os.PathLike, dtype: torch.dtyp
         tensor = state[name]
         return tensor if dtype is None else tensor.to(dtype)
 
-    layers = []
-    for i in range(config.num_layers):
-        p = f"model.layers.{i}"
-        layers.append(
-            LayerWeights(
-                input_norm=get(f"{p}.input_layernorm.weight"),
-                qkv=torch.cat([get(f"{p}.self_attn.{n}_proj.weight") for n in "qkv"]),
-                o=get(f"{p}.self_attn.o_proj.weight"),
-                post_attention_norm=get(f"{p}.post_attention_layernorm.weight"),
-                gate_up=torch.cat([get(f"{p}.mlp.gate_proj.weight"), get(f"{p}.mlp.up_proj.weight")]),
-                down=get(f"{p}.mlp.down_proj.weight"),
-            )
-        )
+    layers = _named_layers(
+        config,
+        get,
+        qkv=lambda p: torch.cat([get(f"{p}.self_attn.{n}_proj.weight") for n in "qkv"]),
+        gate_up=lambda p: torch.cat([get(f"{p}.mlp.gate_proj.weight"), get(f"{p}.mlp.up_proj.weight")]),
+    )
     embed = get("model.embed_tokens.weight")
     if config.tie_word_embeddings or "lm_head.weight" not in state:
         lm_head = embed
