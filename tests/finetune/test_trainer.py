@@ -14,6 +14,7 @@ from tests.finetune.peft_reference import (
     peft_model_like,
     relative_error,
 )
+from tests.finetune.training_cases import SENTENCES
 from vllm_slora.finetune.base_weights import base_weights_from_checkpoint, base_weights_from_hf
 from vllm_slora.finetune.data import load_training_file
 from vllm_slora.finetune.forward import forward_logits
@@ -21,15 +22,6 @@ from vllm_slora.finetune.lora_params import LoraParams, LoraSettings
 from vllm_slora.finetune.model_config import DecoderConfig
 from vllm_slora.finetune.packing import pack_examples
 from vllm_slora.finetune.trainer import LoraTrainer, TrainingSettings, finetune
-
-SENTENCES = [
-    "the quick brown fox jumps over the lazy dog .",
-    "a stitch in time saves nine .",
-    "paris is the capital of france .",
-    "many adapters share one base model .",
-    "unified paging keeps adapter weights and the kv cache in one pool .",
-    "the lazy dog sleeps .",
-]
 
 
 def write_training_file(path):

@@ -15,6 +15,16 @@ TARGET_SETS = {
     "rslora": dict(target_modules=("q_proj", "v_proj", "down_proj"), use_rslora=True),
 }
 
+# Short sentences the training-file tests (trainer, OpenAI fine-tuning API) build examples from.
+SENTENCES = [
+    "the quick brown fox jumps over the lazy dog .",
+    "a stitch in time saves nine .",
+    "paris is the capital of france .",
+    "many adapters share one base model .",
+    "unified paging keeps adapter weights and the kv cache in one pool .",
+    "the lazy dog sleeps .",
+]
+
 
 def random_lora(config: DecoderConfig, seed: int = 0, **settings) -> LoraParams:
     """PEFT init, then B made non-zero too: with B = 0 the A gradients would all be 0."""
