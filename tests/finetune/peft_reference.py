@@ -67,3 +67,26 @@ def relative_error(ours: torch.Tensor, ref: torch.Tensor) -> float:
     """max |ours - ref| relative to the reference's scale (max |ref|)."""
     scale = ref.detach().abs().max().clamp_min(1e-12)
     return float((ours.detach() - ref.detach()).abs().max() / scale)
+
+
+def hf_adamw_loss_curve(peft, lora: LoraParams, examples: Sequence[TrainingExample], batches, steps: int, lr: float,
+                        weight_decay: float = 0.01, warmup_steps: int = 0, max_grad_norm: float | None = None):
+    """The reference training loop: HF+PEFT loss on each packed micro-batch's examples (cycling in
+    order), torch AdamW, linear warmup, optional clipping. Returns the loss of every step."""
+    params = list(peft_lora_tensors(peft, lora).values())
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    warmup = max(warmup_steps, 1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+    by_line = {e.line: e for e in examples}
+    losses = []
+    for step in range(steps):
+        batch = batches[step % len(batches)]
+        optimizer.zero_grad()
+        loss = hf_micro_batch_loss(peft, [by_line[line] for line in batch.lines])
+        loss.backward()
+        if max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        losses.append(loss.item())
+    return losses

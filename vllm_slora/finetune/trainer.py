@@ -86,16 +86,43 @@ class LoraTrainer:
                 checkpoint_layers=self.settings.checkpoint_layers, training=True,
             )
             loss.backward()
+        return self.update(batch, float(loss.detach()), lr, time.perf_counter() - start)
+
+    def update(self, batch: PackedBatch, loss: float, lr: float, seconds: float) -> StepRecord:
+        """Clip (when set), AdamW step, schedule step, once the gradients of `batch` are in ``.grad``.
+
+        `seconds` is the forward + backward time spent on the batch; the update's own
+        time is added.
+        """
+        start = time.perf_counter()
+        with torch.inference_mode(False), torch.enable_grad():
             grad_norm = None
             if self.settings.max_grad_norm is not None:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.settings.max_grad_norm))
             self.optimizer.step()
             self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
         self.steps_done += 1
         return StepRecord(
-            step=self.steps_done, loss=float(loss.detach()), lr=lr, loss_tokens=batch.num_loss_tokens,
-            tokens=batch.num_tokens, seconds=time.perf_counter() - start, grad_norm=grad_norm, lines=batch.lines,
+            step=self.steps_done, loss=loss, lr=lr, loss_tokens=batch.num_loss_tokens,
+            tokens=batch.num_tokens, seconds=seconds + time.perf_counter() - start, grad_norm=grad_norm,
+            lines=batch.lines,
         )
+
+    @property
+    def lr(self) -> float:
+        """The learning rate the next update uses."""
+        return self.optimizer.param_groups[0]["lr"]
+
+    def state_dict(self) -> dict:
+        """Optimizer, schedule and step count (for resuming a job)."""
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "steps_done": self.steps_done}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.steps_done = int(state["steps_done"])
 
     def train(
         self, batches: Sequence[PackedBatch], progress: Callable[[StepRecord], None] | None = None

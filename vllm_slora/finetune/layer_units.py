@@ -1,0 +1,149 @@
+"""One micro-batch's forward + backward as a sequence of small work units (co-serving).
+
+The engine gives training only the time inference leaves (research/flexllm.md §4.2), so
+a training step must stop and resume at fine grain. A micro-batch of T packed tokens
+becomes ``2L + 1`` units for an L-layer decoder:
+
+    FWD(0) .. FWD(L-1)   layer l from its input boundary h_l, no graph kept: stores h_{l+1}
+    LOSS                 final norm + LM head + cross-entropy from h_L, backward to dL/dh_L
+    BWD(L-1) .. BWD(0)   recompute layer l from h_l with autograd, backpropagate dL/dh_{l+1}
+                         to dL/dh_l; LoRA A/B of layer l accumulate their gradients
+
+This is activation checkpointing at layer granularity: only the L+1 boundaries
+([T, hidden] each) live between units, never a layer's graph. Every unit sees the whole
+micro-batch, so training needs no KV cache and its GEMMs keep T rows.
+
+The gradients equal those of `packed_loss(...).backward()` (the same ops in the same
+order, only split at layer boundaries). LoRA dropout: each FWD(l) runs on the unit's own
+random stream, saved so that BWD(l) replays the very same mask; the engine's global
+random state (inference sampling) is never advanced by training.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .base_weights import BaseWeights
+from .data import IGNORE_INDEX
+from .forward import PackedLayout, decoder_layer, rms_norm
+from .lora_params import LoraParams
+from .packing import PackedBatch
+
+FWD, LOSS, BWD = "fwd", "loss", "bwd"
+
+
+class LayerSlicedPass:
+    """Forward + backward of one packed micro-batch, one unit per `run_unit` call.
+
+    Gradients accumulate into the LoRA parameters' ``.grad`` (the caller zeroes them
+    before the first unit and steps the optimizer after the last). Units must run outside
+    inference mode with grad enabled (`run_unit` enters both itself).
+    """
+
+    def __init__(
+        self,
+        base: BaseWeights,
+        lora: LoraParams,
+        batch: PackedBatch,
+        rng_state: torch.Tensor | None = None,  # CPU generator state for LoRA dropout
+    ) -> None:
+        self.base, self.lora, self.batch = base, lora, batch
+        self.num_layers = len(base.layers)
+        device = base.embed_tokens.device
+        self.input_ids = batch.input_ids.to(device)
+        self.targets = batch.targets.to(device)
+        self.keep = self.targets != IGNORE_INDEX
+        self.num_loss_tokens = int(self.keep.sum())
+        if self.num_loss_tokens == 0:
+            raise ValueError("the micro-batch has no loss tokens")
+        self.dropout = lora.settings.dropout
+        self._rng = rng_state
+        self._layer_rng: list[torch.Tensor | None] = [None] * self.num_layers
+        self._layout: PackedLayout | None = None
+        self._boundaries: list[torch.Tensor | None] = []  # h_0 .. h_L, detached
+        self._grad: torch.Tensor | None = None  # dL/dh of the boundary above the next BWD
+        self._next = (FWD, 0)
+        self.loss: float | None = None
+
+    @property
+    def num_units(self) -> int:
+        return 2 * self.num_layers + 1
+
+    @property
+    def next_kind(self) -> str | None:
+        """Kind of the next unit (FWD / LOSS / BWD), None when the pass is complete."""
+        return None if self._next is None else self._next[0]
+
+    @property
+    def done(self) -> bool:
+        return self._next is None
+
+    def run_unit(self) -> str:
+        """Run the next unit; returns its kind."""
+        if self._next is None:
+            raise RuntimeError("the pass is complete")
+        kind, layer = self._next
+        with torch.inference_mode(False), torch.enable_grad():
+            if kind == FWD:
+                self._forward(layer)
+                self._next = (FWD, layer + 1) if layer + 1 < self.num_layers else (LOSS, 0)
+            elif kind == LOSS:
+                self._loss()
+                self._next = (BWD, self.num_layers - 1)
+            else:
+                self._backward(layer)
+                self._next = (BWD, layer - 1) if layer > 0 else None
+        return kind
+
+    # -- units -----------------------------------------------------------------------------
+    def _layer(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
+        return decoder_layer(
+            hidden, self.base.layers[index], self.lora.layer(index), self._layout, self.base.config,
+            self.dropout, training=True,
+        )
+
+    def _forward(self, index: int) -> None:
+        if index == 0:
+            self._layout = PackedLayout.build(self.batch.seq_lens, self.base.config, self.base.dtype,
+                                              self.input_ids.device)
+            self._boundaries = [F.embedding(self.input_ids, self.base.embed_tokens).detach()]
+        with torch.no_grad():
+            if self.dropout:
+                self._layer_rng[index] = self._rng if self._rng is not None else torch.get_rng_state()
+                with torch.random.fork_rng(devices=[]):
+                    torch.set_rng_state(self._layer_rng[index])
+                    out = self._layer(index, self._boundaries[index])
+                    self._rng = torch.get_rng_state()
+            else:
+                out = self._layer(index, self._boundaries[index])
+        self._boundaries.append(out)
+
+    def _loss(self) -> None:
+        top = self._boundaries[self.num_layers].requires_grad_(True)
+        hidden = rms_norm(top, self.base.norm, self.base.config.rms_norm_eps)
+        logits = F.linear(hidden[self.keep], self.base.lm_head).to(torch.float32)  # [loss tokens, vocab]
+        loss = F.cross_entropy(logits, self.targets[self.keep], reduction="sum") / self.num_loss_tokens
+        loss.backward()
+        self.loss = float(loss.detach())
+        self._grad = top.grad
+        self._boundaries[self.num_layers] = None
+
+    def _backward(self, index: int) -> None:
+        hidden = self._boundaries[index]
+        if index > 0:  # the embedding is frozen: no gradient below layer 0
+            hidden.requires_grad_(True)
+        if self.dropout:
+            with torch.random.fork_rng(devices=[]):
+                torch.set_rng_state(self._layer_rng[index])
+                out = self._layer(index, hidden)
+        else:
+            out = self._layer(index, hidden)
+        out.backward(self._grad)
+        self._grad = hidden.grad if index > 0 else None
+        self._boundaries[index] = None
+
+    @property
+    def rng_state(self) -> torch.Tensor | None:
+        """The dropout stream after this pass (feed it to the next pass)."""
+        return self._rng
