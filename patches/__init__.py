@@ -90,7 +90,7 @@ PATCHES: tuple[Patch, ...] = (
     ),
     Patch(
         module="patch_engine_core",
-        target="vllm.v1.engine.core.EngineCore.remove_lora",
+        target="vllm.v1.engine.core.EngineCore.remove_lora (+ EngineCore.slora_finetune added)",
         why=(
             "Unloading an adapter must free its pool pages, host copies and table entries; "
             "EngineCore.remove_lora only reaches the workers, never the scheduler that owns "
@@ -98,10 +98,14 @@ PATCHES: tuple[Patch, ...] = (
         ),
         how=(
             "Wrap remove_lora: call the scheduler's slora_unload (pages freed now, or when "
-            "the last running request of the adapter finishes), then the original. Applied "
-            "by SLoRAScheduler.__init__."
+            "the last running request of the adapter finishes), then the original. Add "
+            "EngineCore.slora_finetune (utility-call target) forwarding finetuning-job actions "
+            "to the scheduler. Applied by SLoRAScheduler.__init__."
         ),
-        removal="Drop when vLLM's scheduler is told about adapter removal (a scheduler hook).",
+        removal=(
+            "Drop when vLLM's scheduler is told about adapter removal (a scheduler hook) and "
+            "utility calls can reach the scheduler (or a plugin registers utility methods)."
+        ),
         when="slora_scheduler",
     ),
     Patch(

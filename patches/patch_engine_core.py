@@ -1,9 +1,14 @@
-"""Tell vllm-slora's scheduler when an adapter is unloaded.
+"""Tell vllm-slora's scheduler when an adapter is unloaded; let clients drive its finetuning jobs.
 
 `EngineCore.remove_lora` (vllm/v1/engine/core.py:1054) only forwards to the workers, so
 the scheduler, which owns adapter pages in the KV pool, never learns that an adapter is
 gone: its pages, spec and registry entry would stay for ever (6,000 unloads = 6,000
 cached adapters). We call the scheduler's `slora_unload` first, then the original.
+
+Co-served finetuning jobs live in the scheduler too (finetune/coserve_planner.py), and
+EngineCore utility calls only reach EngineCore methods: `slora_finetune(action, payload)`
+is added, forwarding to the scheduler's `slora_finetune` (an error naming the problem on
+engines without it).
 
 Applied by SLoRAScheduler.__init__ (EngineCore of engines with the `slora` key); the
 wrapper checks for the method, so other engines in the process are untouched. See
@@ -29,3 +34,12 @@ def apply() -> None:
 
     setattr(remove_lora, _ORIGINAL_ATTR, current)
     EngineCore.remove_lora = remove_lora
+    EngineCore.slora_finetune = slora_finetune
+
+
+def slora_finetune(self, action: str, payload: dict) -> dict:
+    """Utility-call target: a finetuning job action (submit / cancel / poll / stats)."""
+    handler = getattr(self.scheduler, "slora_finetune", None)
+    if handler is None:
+        raise RuntimeError("this engine does not run vllm-slora's scheduler (no 'slora' key in additional_config)")
+    return handler(action, payload)

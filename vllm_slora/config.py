@@ -43,6 +43,12 @@ class SLoRAConfig:
     # kernels: a second copy of every linear weight (~405 MiB fp32 for the 135M default
     # model), hence opt-in (patches/patch_cpu_gemm.py).
     finetune: bool = False
+    # Co-serving budget: training may add this share of the inference step time, on
+    # average (0 = train only while the engine has no inference at all).
+    finetune_slack: float = 0.1
+    # With no inference, one engine step runs training units for about this long, so a
+    # request arriving meanwhile waits at most about one such step.
+    finetune_idle_step_ms: int = 50
 
     @classmethod
     def from_additional_config(cls, additional_config: Mapping[str, Any] | None) -> SLoRAConfig | None:
@@ -71,6 +77,8 @@ class SLoRAConfig:
                 values[key] = _directories(value)
                 continue
             expected = type(allowed[key].default)
+            if expected is float and type(value) is int:
+                value = float(value)  # JSON 1 for 1.0
             # bool is a subclass of int: reject True where a count is expected and 1
             # where a flag is expected.
             if type(value) is not expected:
@@ -91,6 +99,15 @@ class SLoRAConfig:
         if self.prefetch_depth < 0:
             raise SLoRAConfigError(
                 f"slora config key 'prefetch_depth' must be >= 0, got {self.prefetch_depth}"
+            )
+        if not 0.0 <= self.finetune_slack <= 10.0:
+            raise SLoRAConfigError(
+                f"slora config key 'finetune_slack' must be in [0, 10] (a share of the inference step time), "
+                f"got {self.finetune_slack}"
+            )
+        if self.finetune_idle_step_ms < 1:
+            raise SLoRAConfigError(
+                f"slora config key 'finetune_idle_step_ms' must be >= 1, got {self.finetune_idle_step_ms}"
             )
         if self.kernel_backend not in KERNEL_BACKENDS:
             raise SLoRAConfigError(

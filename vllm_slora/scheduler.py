@@ -107,6 +107,15 @@ class SLoRASchedulerMixin:
         self._slora_unloading: set[int] = set()
         self._slora_disk_read_seconds: list[float] = []
         self._slora_pool_copy_seconds: list[float] = []
+        # Co-served finetuning (finetune/coserve_planner.py): only with slora.finetune.
+        self.slora_training = None
+        if self.slora_config.finetune:
+            from vllm_slora.finetune.coserve_planner import TrainingPlanner
+
+            self.slora_training = TrainingPlanner(
+                self.slora_config.finetune_slack, self.slora_config.finetune_idle_step_ms / 1000.0,
+                tp_size=self.slora_tp_size, pp_size=vllm_config.parallel_config.pipeline_parallel_size,
+            )
         trace.record(
             "scheduler_init", cls=type(self).__name__, page_elems=self.slora_page_elems,
             num_blocks=kv_cache_config.num_blocks,
@@ -304,9 +313,16 @@ class SLoRASchedulerMixin:
         self._slora_admit_gate().forget(request.request_id)
         return False
 
+    def has_requests(self) -> bool:
+        # A co-served finetuning job keeps the engine stepping with no request at all.
+        return super().has_requests() or (self.slora_training is not None and self.slora_training.busy())
+
     def schedule(self, *args, **kwargs):
         output = super().schedule(*args, **kwargs)
-        if not output.total_num_scheduled_tokens and self._slora_warmed:
+        train = None
+        if self.slora_training is not None:
+            train = self.slora_training.order(len(self.running), len(self.waiting), output.total_num_scheduled_tokens)
+        if not output.total_num_scheduled_tokens and self._slora_warmed and train is None:
             time.sleep(IDLE_STEP_SLEEP_S)
         in_use = {r.lora_request.lora_int_id for r in self.running if r.lora_request}
         self.slora_residency.retain_only(in_use)
@@ -318,6 +334,7 @@ class SLoRASchedulerMixin:
             load=self._slora_pending_loads,
             evicted=self._slora_pending_evictions,
             warm=self._slora_pending_warm,
+            train=train,
         )
         self._slora_pending_loads, self._slora_pending_evictions, self._slora_pending_warm = [], [], []
         self._slora_step += 1
@@ -375,6 +392,8 @@ class SLoRASchedulerMixin:
     def _slora_take_report(self, report: SLoRAWorkerReport) -> dict[str, str]:
         """Apply a worker report; returns request_id -> error of the requests it fails."""
         self.slora_worker_report = report
+        if self.slora_training is not None:
+            self.slora_training.take(report)
         for observed, kept in ((report.disk_read_seconds, self._slora_disk_read_seconds),
                                (report.pool_copy_seconds, self._slora_pool_copy_seconds)):
             kept.extend(observed)
@@ -436,6 +455,15 @@ class SLoRASchedulerMixin:
         return taken
 
     # -- operator actions --------------------------------------------------------------
+    def slora_finetune(self, action: str, payload: dict) -> dict:
+        """Co-served finetuning control (EngineCore utility `slora_finetune`, see the planner)."""
+        if self.slora_training is None:
+            from vllm_slora.finetune.coserve_planner import TrainingRefused
+
+            raise TrainingRefused("this engine does not co-serve finetuning: start it with slora.finetune=true "
+                                  "(--additional-config '{\"slora\": {\"finetune\": true}}')")
+        return self.slora_training.handle(action, payload)
+
     def slora_unload(self, lora_int_id: int) -> bool:
         """The adapter was unloaded: free its pages now (or, while running requests read
         them, when the last one finishes) and forget its spec. Later requests for the

@@ -38,6 +38,44 @@ class AdapterSource:
     files: tuple = ()
 
 
+@dataclass(frozen=True)
+class TrainJobSpec:
+    """A co-served finetuning job (vllm_slora/finetune/coserve_*.py), handed to the workers once."""
+
+    job_id: str
+    adapter_name: str  # the model name its versions are served under (fine_tuned_model)
+    job_dir: str  # holds batches.pt (packed micro-batches), step-N/ checkpoints, trainer_state.pt
+    init_adapter_dir: str  # PEFT adapter the LoRA parameters start from (step-0, or a resume checkpoint)
+    settings: dict  # TrainingSettings fields
+    total_steps: int
+    publish_every: int
+    seed: int  # LoRA dropout stream
+    base_model: str = ""  # base_model_name_or_path written into published adapter_config.json
+    resume: bool = False  # continue from job_dir/trainer_state.pt
+
+
+@dataclass
+class TrainOrder:
+    """What the workers' trainer does in this step (after the step's inference)."""
+
+    start: list[TrainJobSpec] = field(default_factory=list)
+    cancel: list[str] = field(default_factory=list)  # job ids: drop their state
+    # Seconds of training work this step may add; units whose expected time fits are run.
+    budget_s: float = 0.0
+    # No inference in this step: run at least one unit even if it is longer than the budget.
+    idle: bool = False
+
+
+@dataclass
+class TrainEvent:
+    """One thing a co-served job did: kind is started / step / published / failed / finished / cancelled."""
+
+    job_id: str
+    kind: str
+    step: int = 0
+    data: dict = field(default_factory=dict)
+
+
 @dataclass
 class SLoRAStepPlan:
     # Adapters whose pages must be filled before this step's forward (newly allocated,
@@ -51,6 +89,8 @@ class SLoRAStepPlan:
     # pages does not wait on the disk. The scheduler loads an adapter into pages only
     # after a worker report said it is ready.
     warm: list[AdapterSource] = field(default_factory=list)
+    # Co-served finetuning: None when no job runs.
+    train: TrainOrder | None = None
 
 
 @dataclass
@@ -72,3 +112,11 @@ class SLoRAWorkerReport:
     host_cache: dict = field(default_factory=dict)
     disk_read_seconds: list[float] = field(default_factory=list)  # disk -> packed host copy
     pool_copy_seconds: list[float] = field(default_factory=list)  # host copy -> pool pages
+    # Co-served finetuning (None when no job ran or was asked for): events, and the
+    # seconds this step spent on inference (execute + sample) and on training units.
+    training: list[TrainEvent] | None = None
+    inference_seconds: float = 0.0
+    train_seconds: float = 0.0
+    train_units: int = 0
+    # The longest expected unit of the next jobs (how much budget a step must grant).
+    next_unit_seconds: float = 0.0

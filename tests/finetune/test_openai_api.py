@@ -12,17 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.finetune.training_cases import SENTENCES
 from vllm_slora.finetune.files import FileStore
 from vllm_slora.finetune.jobs import EngineInfo, FineTuningJobs, PublishError
-
-SENTENCES = [
-    "the quick brown fox jumps over the lazy dog .",
-    "a stitch in time saves nine .",
-    "paris is the capital of france .",
-    "many adapters share one base model .",
-    "unified paging keeps adapter weights and the kv cache in one pool .",
-    "the lazy dog sleeps .",
-]
 
 
 def training_lines() -> list[dict]:
@@ -348,6 +340,9 @@ def test_jobs_queue_and_cancel(tmp_path, tiny_model):
 
 
 # -- through the server ---------------------------------------------------------------------------
+CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
+
+
 @pytest.fixture(scope="module")
 def server(tiny_model, tmp_path_factory):
     from vllm_slora.server_process import ServerProcess
@@ -356,7 +351,9 @@ def server(tiny_model, tmp_path_factory):
     args = [
         "--served-model-name", "base", "--dtype", "float32", "--max-model-len", "256", "--enforce-eager",
         "--kv-cache-memory-bytes", str(256 << 20), "--enable-lora", "--max-lora-rank", "8",
-        "--additional-config", json.dumps({"slora": {}}),
+        "--additional-config", json.dumps({"slora": {"finetune": True}}),
+        # The tiny tokenizer has none; chat requests need one.
+        "--chat-template", CHAT_TEMPLATE,
     ]
     with ServerProcess(tiny_model, args, env={"VLLM_SLORA_FINETUNE_DIR": str(root)}) as srv:
         yield srv
@@ -432,7 +429,15 @@ def test_openai_client_uploads_finetunes_and_serves_every_version(server, tiny_m
         assert time.monotonic() < deadline, "no checkpoint published"
         time.sleep(0.1)
     assert _tokens(client, long.fine_tuned_model, prompt)
+    chat = client.chat.completions.create(model=long.fine_tuned_model, max_tokens=4, temperature=0.0,
+                                          messages=[{"role": "user", "content": "the quick brown"}])
+    assert chat.model == long.fine_tuned_model and chat.usage.completion_tokens >= 1
+    # Co-served: the base model answers exactly as before any job while this one trains.
+    assert _tokens(client, "base", prompt) == base_tokens
     assert client.fine_tuning.jobs.retrieve(long.id).status == "running"  # served while training
+    started = [e.message for e in client.fine_tuning.jobs.list_events(long.id, limit=100)
+               if e.message.startswith("Fine-tuning job started")]
+    assert started and "in the engine" in started[0]
     assert client.fine_tuning.jobs.cancel(long.id).status == "cancelled"
     deadline = time.monotonic() + 60
     while client.fine_tuning.jobs.retrieve(long.id).finished_at is None:
@@ -472,3 +477,14 @@ def test_openai_client_uploads_finetunes_and_serves_every_version(server, tiny_m
     for (status, message), needle in zip(errors, needles):
         assert status == 400 and needle in message, (status, message)
     assert ok.choices[0].text and ok.usage.completion_tokens >= 1
+
+
+def test_server_engine_without_finetune_key_refuses_jobs(tmp_path, tiny_model):
+    """Jobs train inside the engine only; an engine started without slora.finetune=true cannot, and
+    job creation says how to start it (nothing is written, nothing served)."""
+    jobs = make_jobs(tmp_path, tiny_model)
+    jobs.require_engine = True
+    stored = upload(jobs, jsonl(training_lines()))
+    error = api_error(jobs.create, {"model": "base", "training_file": stored.id})
+    assert error.status == 400 and "slora.finetune=true" in error.message
+    assert jobs.list() == ([], False) and jobs.host.loads == []

@@ -8,6 +8,7 @@ one tensor-parallel rank's shard, ready to be copied row by row into pages.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -93,16 +94,23 @@ def check_adapter_weights(spec: AdapterSpec, dtype: torch.dtype | None = None) -
 
 
 def load_adapter_weights(
-    spec: AdapterSpec, dtype: torch.dtype | None = None, device: torch.device | str = "cpu"
+    spec: AdapterSpec, dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
+    tensors: Mapping[str, torch.Tensor] | None = None,
 ) -> AdapterWeights:
     """Read every lora_A / lora_B of a validated adapter (dtype defaults to the base's).
 
+    ``tensors`` (PEFT keys) replaces reading the checkpoint when the weights are in memory.
     Raises AdapterError for a tensor with NaN / Inf values, in the file or once
     converted to ``dtype`` (packing for the pool goes through here).
     """
     dtype = dtype or spec.base.dtype
     keys = [k for layer in spec.layers for s in layer if s.rank for k in (s.a_key, s.b_key)]
-    tensors = read_tensors(spec.name, spec.checkpoint, keys)
+    if tensors is None:
+        tensors = read_tensors(spec.name, spec.checkpoint, keys)
+    else:  # already in memory (a just-trained adapter): the same checks, no disk read
+        missing = [k for k in keys if k not in tensors]
+        if missing:
+            raise AdapterError(spec.name, f"the in-memory weights lack {missing[:3]}")
     layers = []
     for layer in spec.layers:
         slices = []

@@ -82,11 +82,32 @@ class FinetuneEndpointPlugin:
         root = finetune_root()
         files = FileStore(root / "files", max_upload_bytes())
         jobs = FineTuningJobs(root / "jobs", engine_info(engine_client.vllm_config, models), files,
-                              ServingModelsHost(models), threads=finetune_threads())
+                              ServingModelsHost(models), threads=finetune_threads(),
+                              engine_call=engine_finetune_call(engine_client), require_engine=True)
         files.checks[FINE_TUNE] = jobs.check_training_file
         setattr(state, _STATE, FinetuneService(files, jobs))
         logger.info("vllm-slora: OpenAI Files and Fine-tuning API on /v1/files and /v1/fine_tuning/jobs "
                     "(files and job directories in %s)", root)
+
+
+def engine_finetune_call(engine_client):
+    """The engine's co-served finetuning control, or None when the engine does not train.
+
+    Jobs train inside the engine (vllm_slora/finetune/coserve_*.py) only when it keeps its
+    dense base weights (slora.finetune=true); the call goes to EngineCore's utility
+    `slora_finetune` (patches/patch_engine_core.py).
+    """
+    from vllm_slora.config import SLoRAConfig
+
+    config = SLoRAConfig.from_additional_config(engine_client.vllm_config.additional_config)
+    core = getattr(engine_client, "engine_core", None)
+    if config is None or not config.finetune or core is None:
+        return None
+
+    async def call(action: str, payload: dict) -> dict:
+        return await core.call_utility_async("slora_finetune", action, payload)
+
+    return call
 
 
 class FinetuneService:

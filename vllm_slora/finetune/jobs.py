@@ -65,7 +65,7 @@ import secrets
 import shutil
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -114,6 +114,11 @@ class PublishError(RuntimeError):
 
 class _PublishFailed(RuntimeError):
     pass
+
+
+# Sends one co-served finetuning action to the engine (EngineCore utility `slora_finetune`).
+EngineCall = Callable[[str, dict], Awaitable[dict]]
+ENGINE_POLL_S = 0.02
 
 
 class AdapterHost(Protocol):
@@ -239,11 +244,17 @@ class FineTuningJobs:
     """
 
     def __init__(
-        self, root: str | os.PathLike, engine: EngineInfo, files: FileStore, host: AdapterHost, threads: int = 1
+        self, root: str | os.PathLike, engine: EngineInfo, files: FileStore, host: AdapterHost, threads: int = 1,
+        engine_call: EngineCall | None = None, require_engine: bool = False,
     ) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.engine, self.files, self.host, self.threads = engine, files, host, threads
+        # Given: jobs train inside the engine (co-served, one driver thread per job);
+        # None: in this process's training thread (tests, offline), unless require_engine.
+        self.engine_call = engine_call
+        self.require_engine = require_engine
+        self._drivers: list[threading.Thread] = []
         self._jobs: dict[str, Job] = {}  # creation order
         self._lock = threading.RLock()
         self._queue: queue.Queue[Job | None] = queue.Queue()
@@ -319,6 +330,19 @@ class FineTuningJobs:
                            f"could not serve the initial adapter of {name}: {e}") from None
         self._event(job, f"Serving {name} (version 0: "
                     + ("the weights of adapter " + repr(model) if continue_from else "the base model's outputs") + ")")
+        if self.engine_call is not None:
+            from .coserve_worker import BATCHES_FILE
+            from .packing import save_batches
+
+            await asyncio.to_thread(save_batches, job.batches, job.dir / BATCHES_FILE)
+            job.lora = None  # the engine's worker holds the trained copy
+            with self._lock:
+                self._jobs[job.id] = job
+                self._event(job, "Job queued in the engine (trains in the time inference leaves)")
+            driver = threading.Thread(target=self._train, args=(job,), name=f"vllm-slora-{job.id}", daemon=True)
+            self._drivers.append(driver)
+            driver.start()
+            return self.retrieve(job.id)
         with self._lock:
             self._jobs[job.id] = job
             self._event(job, "Job queued" + (f" behind {self._queue.qsize()} job(s)" if self._queue.qsize() else ""))
@@ -331,11 +355,15 @@ class FineTuningJobs:
         if e.max_lora_rank is None:
             raise ApiError(400, "this server was started without --enable-lora; fine-tuned models are served as "
                            "LoRA adapters: restart it with --enable-lora --max-lora-rank R")
+        if self.require_engine and self.engine_call is None:
+            raise ApiError(400, "this server does not co-serve fine-tuning: jobs train inside the engine on its own "
+                           "weights, which it keeps only when started with slora.finetune=true "
+                           "(--additional-config '{\"slora\": {\"finetune\": true}}')")
         if e.tensor_parallel_size > 1 or e.pipeline_parallel_size > 1:
             raise ApiError(400, f"fine-tuning is not supported with tensor_parallel_size={e.tensor_parallel_size} / "
-                           f"pipeline_parallel_size={e.pipeline_parallel_size} yet: a job trains on a full, unsplit "
-                           "copy of the base weights in the API server process, which a model split across devices "
-                           "does not fit; run it on a single-device server")
+                           f"pipeline_parallel_size={e.pipeline_parallel_size} yet: the training forward has no "
+                           "differentiable collectives, so a job needs the whole model on one device; run it on a "
+                           "single-device server")
         if e.quantization:
             raise ApiError(400, f"fine-tuning a quantized base model ({e.quantization}) is not supported yet")
 
@@ -545,6 +573,8 @@ class FineTuningJobs:
         self._queue.put(None)
         if self._thread is not None:
             self._thread.join(timeout)
+        for driver in self._drivers:
+            driver.join(timeout)
 
     def _run(self) -> None:
         import torch
@@ -572,6 +602,16 @@ class FineTuningJobs:
         return self._base
 
     def _train(self, job: Job) -> None:
+        if self.engine_call is not None:
+            try:
+                self._train_in_engine(job)
+            except _PublishFailed as e:
+                self._fail(job, "publish_failed", str(e))
+            except Exception as e:  # the engine refused or went away: this job fails, the server goes on
+                self._fail(job, "training_error", f"{type(e).__name__}: {e}")
+            finally:
+                job.batches = None
+            return
         import torch
 
         from .trainer import LoraTrainer
@@ -628,9 +668,12 @@ class FineTuningJobs:
             })
 
     def _publish(self, job: Job, record) -> None:
-        step = record.step
-        path = job.dir / f"step-{step}"
+        path = job.dir / f"step-{record.step}"
         job.lora.save_peft(path, base_model_name_or_path=self.engine.model_dir)
+        self._serve_version(job, record.step, path, record.loss)
+
+    def _serve_version(self, job: Job, step: int, path: Path, loss: float, trained_at: float | None = None) -> None:
+        """Serve the adapter at `path` as fine_tuned_model (in place) and as `<fine_tuned_model>:step-N`."""
         checkpoint_name = f"{job.fine_tuned_model}:step-{step}"
         started = time.perf_counter()
         self._on_loop(self.host.load(job.fine_tuned_model, str(path), replace=True))
@@ -643,19 +686,82 @@ class FineTuningJobs:
                 "created_at": int(time.time()),
                 "fine_tuned_model_checkpoint": checkpoint_name,
                 "fine_tuning_job_id": job.id,
-                "metrics": {"step": float(step), "train_loss": record.loss},
+                "metrics": {"step": float(step), "train_loss": loss},
                 "step_number": step,
             })
+            data = {"step": step, "publish_seconds": time.perf_counter() - started}
+            if trained_at is not None:  # wall time from the optimizer step's weights to servable
+                data["update_to_servable_seconds"] = time.time() - trained_at
             self._event(job, f"Published step {step}: {job.fine_tuned_model} now serves it, also served as "
-                        f"{checkpoint_name}", data={"step": step, "publish_seconds": time.perf_counter() - started})
+                        f"{checkpoint_name}", data=data)
 
-    def _on_loop(self, coro) -> None:
-        """Run a coroutine of the host on the server's event loop and wait for it (from the training thread)."""
+    # -- jobs trained inside the engine ------------------------------------------------------
+    def _train_in_engine(self, job: Job) -> None:
+        """Submit the job to the engine, then follow its events until it ends (driver thread)."""
+        import dataclasses
+
+        from .trainer import StepRecord
+
+        spec = {
+            "job_id": job.id, "adapter_name": job.fine_tuned_model, "job_dir": str(job.dir),
+            "init_adapter_dir": str(job.dir / "step-0"), "settings": dataclasses.asdict(job.settings),
+            "total_steps": job.total_steps, "publish_every": job.publish_every, "seed": job.seed,
+            "base_model": self.engine.model_dir,
+        }
+        with self._lock:
+            if job.status != "queued":
+                return
+        self._on_loop(self.engine_call("submit", spec))
+        after, cancel_sent = 0, False
+        while True:
+            if job.cancel_requested.is_set() and not cancel_sent:
+                self._on_loop(self.engine_call("cancel", {"job_id": job.id}))
+                cancel_sent = True
+            reply = self._on_loop(self.engine_call("poll", {"job_id": job.id, "after": after}))
+            after = reply["next"]
+            for event in reply["events"]:
+                data, step = event["data"], event["step"]
+                kind = event["kind"]
+                if kind == "started":
+                    with self._lock:
+                        if job.status == "queued":
+                            job.status = "running"
+                        self._event(job, f"Fine-tuning job started in the engine at step {step} "
+                                    f"({data.get('parameters', 0)} LoRA parameters)")
+                elif kind == "step":
+                    self._record_step(job, StepRecord(step=step, loss=data["loss"], lr=data["lr"],
+                                                      loss_tokens=data["loss_tokens"], tokens=data["tokens"],
+                                                      seconds=data["seconds"]))
+                elif kind == "published":
+                    self._serve_version(job, step, Path(data["path"]), data["loss"], trained_at=event["time"])
+                elif kind == "failed":
+                    message = data.get("message", "training failed")
+                    code = "training_diverged" if "non-finite" in message or "loss is" in message else "training_error"
+                    self._fail(job, code, message)
+                    return
+                elif kind == "cancelled":
+                    with self._lock:
+                        self._finish(job, f"Job cancelled after step {step}; {job.fine_tuned_model} keeps serving "
+                                     f"step {job.published_step}")
+                    return
+                elif kind == "finished":
+                    with self._lock:
+                        if job.status != "cancelled":
+                            job.status = "succeeded"
+                        self._finish(job, f"Fine-tuning job succeeded: {job.fine_tuned_model} serves step "
+                                     f"{job.published_step}")
+                    return
+            if reply["status"] not in ("queued", "running"):
+                return
+            time.sleep(ENGINE_POLL_S)
+
+    def _on_loop(self, coro) -> Any:
+        """Run a coroutine on the server's event loop and wait for its result (from a training thread)."""
         if self._loop is None or self._loop.is_closed():
             coro.close()
             raise _PublishFailed("publishing failed: the server's event loop is gone")
         try:
-            asyncio.run_coroutine_threadsafe(coro, self._loop).result(PUBLISH_TIMEOUT_S)
+            return asyncio.run_coroutine_threadsafe(coro, self._loop).result(PUBLISH_TIMEOUT_S)
         except PublishError as e:
             raise _PublishFailed(f"publishing failed: {e}") from None
 

@@ -72,3 +72,14 @@ def pack_examples(examples: Sequence[TrainingExample], batch_tokens: int) -> lis
     if current:
         batches.append(_batch(current))
     return batches
+
+
+def save_batches(batches: Sequence[PackedBatch], path) -> None:
+    """Write packed micro-batches for the engine's trainer (torch.save of plain tensors and tuples)."""
+    torch.save([{"input_ids": b.input_ids, "targets": b.targets, "seq_lens": list(b.seq_lens),
+                 "lines": list(b.lines)} for b in batches], path)
+
+
+def load_batches(path) -> list[PackedBatch]:
+    raw = torch.load(path, weights_only=True)
+    return [PackedBatch(b["input_ids"], b["targets"], tuple(b["seq_lens"]), tuple(b["lines"])) for b in raw]

@@ -210,6 +210,20 @@ class HostAdapterCache:
             self._read_seconds.append(time.perf_counter() - started)
         return packed
 
+    def put_trained(self, name: str, path: str, tensors: dict[str, torch.Tensor]) -> tuple:
+        """Cache a just-trained adapter from memory; returns its files identity.
+
+        The trainer has just written its PEFT files to ``path`` (durable checkpoint, and
+        what the server registers); the weights come from ``tensors`` (PEFT keys), so the
+        later pool load of this version never reads the disk. The entry is keyed by the
+        identity of the files now on disk, exactly what the scheduler will validate.
+        """
+        spec = self.inspect(name, path)  # adapter_config.json + the safetensors header only
+        packed = pack_adapter(spec, self.page_elems, self.dtype, self.tp_size, self.tp_rank, tensors=tensors)
+        with self._lock:
+            self._insert((path, spec.files), _Entry(packed))
+        return spec.files
+
     # -- entries ---------------------------------------------------------------------------
     def _insert(self, key: CacheKey, entry: _Entry) -> None:
         """Add an entry, then evict least recently used ones past the budget (lock held)."""

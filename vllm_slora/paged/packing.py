@@ -9,6 +9,7 @@ and translate to pool offsets with one vectorized step.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -48,10 +49,11 @@ def relative_row_offsets(spec: AdapterSpec, layer: int, page_elems: int, tp_size
 
 
 def pack_adapter(
-    spec: AdapterSpec, page_elems: int, dtype: torch.dtype, tp_size: int = 1, tp_rank: int = 0
+    spec: AdapterSpec, page_elems: int, dtype: torch.dtype, tp_size: int = 1, tp_rank: int = 0,
+    tensors: Mapping[str, torch.Tensor] | None = None,
 ) -> PackedAdapter:
-    """Read the adapter from disk (in ``dtype``) and lay its rows out in pages."""
-    weights = load_adapter_weights(spec, dtype=dtype)
+    """Read the adapter from disk (or take its PEFT-keyed ``tensors``), in ``dtype``, and lay its rows out in pages."""
+    weights = load_adapter_weights(spec, dtype=dtype, tensors=tensors)
     # Layers with the same slice ranks share a layout; planning it walks every row in
     # Python, so do it once per distinct rank tuple.
     layouts: dict[tuple[int, ...], tuple[int, tuple[torch.Tensor, ...]]] = {}

@@ -10,6 +10,7 @@ created, and reads each step's `SLoRAStepPlan` before the forward.
 
 from __future__ import annotations
 
+import time
 from contextlib import contextmanager
 from functools import cache
 
@@ -87,6 +88,8 @@ class SLoRARunnerMixin:
     # -- per step ------------------------------------------------------------------------
     def execute_model(self, scheduler_output, *args, **kwargs):
         plan = getattr(scheduler_output, "slora", None)
+        self._slora_step_started = time.perf_counter()
+        self._slora_train_order = plan.train if plan is not None else None
         if plan is not None and self.slora is not None:
             # Pages are filled before the forward that reads them: same stream on GPU.
             self.slora.apply_plan(plan)
@@ -99,10 +102,39 @@ class SLoRARunnerMixin:
         """The step's output carrying this worker's SLoRAWorkerReport (see step_plan.py).
 
         The scheduler reads it in update_from_output; only the output rank's reaches it.
+        Co-served training units run here, after the step's inference is complete.
         """
         if self.slora is None or output is None:
             return output
-        return attach_report(output, self.slora.take_report)
+        inference_seconds = time.perf_counter() - getattr(self, "_slora_step_started", time.perf_counter())
+        order, self._slora_train_order = getattr(self, "_slora_train_order", None), None
+        training = None
+        if order is not None:
+            training = self._slora_training()
+            spent, units = training.step(order)
+        else:
+            spent, units = 0.0, 0
+
+        def take_report():
+            report = self.slora.take_report()
+            report.inference_seconds = inference_seconds
+            if training is not None:
+                report.training = training.take_events()
+                report.train_seconds, report.train_units = spent, units
+                report.next_unit_seconds = training.next_unit_seconds()
+            return report
+
+        return attach_report(output, take_report)
+
+    def _slora_training(self):
+        trainer = getattr(self, "slora_trainer", None)
+        if trainer is None:
+            from vllm_slora.finetune.coserve_worker import WorkerTraining
+
+            trainer = WorkerTraining(self.model, base_model=self.model_config.model)
+            trainer.host_cache = self.slora.host_cache
+            self.slora_trainer = trainer
+        return trainer
 
     def set_active_loras(self, input_batch, num_scheduled_tokens, num_sampled_tokens=None, mapping_type=None):
         # Same mapping as vLLM's make_lora_inputs, without building Python tuples of

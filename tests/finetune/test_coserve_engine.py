@@ -1,0 +1,219 @@
+"""Co-served finetuning inside a running engine (#10), on the tiny model, fp32.
+
+One engine with slora.finetune=true. Jobs go through the EngineCore utility
+`slora_finetune` (what the server's fine-tuning API and `finetune_in_engine` use); they
+train in the worker on the engine's own weights, in the time inference leaves.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from tests.engines import close_llm, make_llm
+from tests.finetune.peft_reference import hf_adamw_loss_curve, load_hf, peft_model_like
+from tests.finetune.training_cases import SENTENCES
+
+pytestmark = pytest.mark.engine
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_model):
+    engine = make_llm(tiny_model, slora={"finetune": True}, max_model_len=256)
+    yield engine
+    close_llm(engine)
+
+
+@pytest.fixture(scope="module")
+def training_file(tmp_path_factory):
+    lines = []
+    for i, sentence in enumerate(SENTENCES):
+        words = sentence.split(" ")
+        cut = len(words) // 2
+        if i % 2 == 0:
+            lines.append({"prompt": " ".join(words[:cut]), "completion": " " + " ".join(words[cut:])})
+        else:
+            lines.append({"prompt": "", "completion": sentence})
+    path = tmp_path_factory.mktemp("coserve-data") / "train.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path
+
+
+def engine_job(llm, tmp_path, name: str, training_file, steps: int, publish_every: int, lr: float = 1e-2,
+               batch_tokens: int = 40, seed: int = 0, job_dir=None, resume_from: int | None = None) -> str:
+    """Submit a job straight through the utility call; returns its id."""
+    import dataclasses
+
+    from vllm_slora.finetune.coserve_worker import BATCHES_FILE
+    from vllm_slora.finetune.data import load_training_file
+    from vllm_slora.finetune.lora_params import LoraParams, LoraSettings
+    from vllm_slora.finetune.model_config import DecoderConfig
+    from vllm_slora.finetune.packing import pack_examples, save_batches
+    from vllm_slora.finetune.trainer import TrainingSettings
+
+    model_dir = llm.llm_engine.vllm_config.model_config.model
+    job_dir = job_dir or tmp_path / name
+    if resume_from is None:
+        job_dir.mkdir(parents=True, exist_ok=True)
+        examples = load_training_file(training_file, llm.get_tokenizer(), max_length=batch_tokens)
+        save_batches(pack_examples(examples, batch_tokens), job_dir / BATCHES_FILE)
+        LoraParams.init(DecoderConfig.from_hf(model_dir), LoraSettings(r=8, alpha=16.0), seed=seed).save_peft(
+            job_dir / "step-0")
+    settings = dataclasses.asdict(TrainingSettings(max_steps=steps, lr=lr))
+    job_id = f"{name}-{time.monotonic_ns()}"
+    utility(llm, "submit", {
+        "job_id": job_id, "adapter_name": name, "job_dir": str(job_dir),
+        "init_adapter_dir": str(job_dir / f"step-{resume_from or 0}"), "settings": settings, "total_steps": steps,
+        "publish_every": publish_every, "seed": seed, "base_model": model_dir, "resume": resume_from is not None,
+    })
+    return job_id
+
+
+def utility(llm, action: str, payload: dict) -> dict:
+    return llm.llm_engine.engine_core.call_utility("slora_finetune", action, payload)
+
+
+def follow(llm, job_id: str, timeout: float = 120.0) -> tuple[str, list[dict]]:
+    """Poll until the job ends: (status, every event)."""
+    events, after = [], 0
+    deadline = time.monotonic() + timeout
+    while True:
+        reply = utility(llm, "poll", {"job_id": job_id, "after": after})
+        events += reply["events"]
+        after = reply["next"]
+        if reply["status"] not in ("queued", "running"):
+            return reply["status"], events
+        assert time.monotonic() < deadline, f"job {job_id} did not end: {events[-3:]}"
+        time.sleep(0.02)
+
+
+def step_losses(events) -> list[float]:
+    return [e["data"]["loss"] for e in events if e["kind"] == "step"]
+
+
+def test_engine_job_equals_hf_peft_and_serves_what_it_trained(llm, tiny_model, training_file, tmp_path):
+    """20 AdamW steps in the engine (offline API, warmup + clipping): the loss curve equals an
+    HF+PEFT loop on the same init and data order; the published adapter loads in PEFT, and the
+    engine's greedy tokens with it equal HF+PEFT's."""
+    from vllm import SamplingParams
+
+    from tests.hf_reference import hf_greedy
+    from vllm_slora.finetune.data import load_training_file
+    from vllm_slora.finetune.lora_params import LoraParams, LoraSettings
+    from vllm_slora.finetune.model_config import DecoderConfig
+    from vllm_slora.finetune.offline import finetune_in_engine
+    from vllm_slora.finetune.packing import pack_examples
+
+    seen = []
+    result = finetune_in_engine(llm, training_file, "exact", out_dir=tmp_path / "exact", rank=4, alpha=8.0,
+                                max_steps=20, lr=1e-2, batch_tokens=40, warmup_steps=3, max_grad_norm=1.0,
+                                publish_every=10, progress=False, on_publish=lambda s, p: seen.append(s))
+    assert [r.step for r in result.records] == list(range(1, 21)) and seen == [10, 20]
+    assert result.adapter_dir.name == "step-20" and result.plot_path.exists()
+
+    hf = load_hf(tiny_model)
+    config = DecoderConfig.from_hf(hf.config)
+    lora = LoraParams.init(config, LoraSettings(r=4, alpha=8.0), seed=0)
+    examples = load_training_file(training_file, llm.get_tokenizer(), max_length=40)
+    batches = pack_examples(examples, 40)
+    reference = hf_adamw_loss_curve(peft_model_like(hf, lora), lora, examples, batches, 20, lr=1e-2,
+                                    warmup_steps=3, max_grad_norm=1.0)
+    losses = [r.loss for r in result.records]
+    for ours, ref in zip(losses, reference):
+        assert abs(ours - ref) <= 1e-4 * abs(ref), (losses, reference)
+    assert losses[-1] < 0.8 * losses[0]
+
+    tokenizer = llm.get_tokenizer()
+    prompts = [tokenizer(p)["input_ids"] for p in ("the quick brown", "paris is", "many adapters")]
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], SamplingParams(max_tokens=8, temperature=0.0),
+                        lora_request=result.lora_request, use_tqdm=False)
+    expected = hf_greedy(tiny_model, prompts, 8, adapter_dir=str(result.adapter_dir))
+    assert [list(o.outputs[0].token_ids) for o in outs] == [list(e) for e in expected]
+
+
+def test_inference_tokens_unchanged_while_a_job_trains(llm, tiny_model, training_file, tmp_path):
+    """Greedy and seeded-sampling requests, with and without an adapter, give exactly the tokens
+    they give with no job, while a job trains in the same steps; cancelling frees the job."""
+    from vllm import SamplingParams
+    from vllm.lora.request import LoRARequest
+
+    from vllm_slora.adapters.generate import generate_adapters
+
+    (adapter,) = generate_adapters(tiny_model / "config.json", tmp_path / "adapters", 1, ranks=(8,), seed=5,
+                                   output_scale=1.0)
+    lora = LoRARequest(adapter.name, 77, str(adapter.path))
+    tokenizer = llm.get_tokenizer()
+    prompts = [{"prompt_token_ids": tokenizer(p)["input_ids"]} for p in ("the quick", "a stitch in", "paris", "the")]
+    params = [SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True),
+              SamplingParams(max_tokens=24, temperature=1.0, seed=11, ignore_eos=True)]
+
+    def run():
+        outs = []
+        for param in params:
+            for lora_request in (None, lora):
+                outs += [list(o.outputs[0].token_ids)
+                         for o in llm.generate(prompts, param, lora_request=lora_request, use_tqdm=False)]
+        return outs
+
+    before = run()
+    stats = utility(llm, "stats", {})
+    job_id = engine_job(llm, tmp_path, "long", training_file, steps=10**6, publish_every=10**6)
+    deadline = time.monotonic() + 60
+    while not any(e["kind"] == "step" for e in utility(llm, "poll", {"job_id": job_id})["events"]):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    during = run()
+    middle = utility(llm, "stats", {})
+    assert during == before
+    # Training ran in steps that also ran these requests (not only in idle steps).
+    assert middle["loaded_steps"] > stats["loaded_steps"] and middle["active"] == 1
+
+    utility(llm, "cancel", {"job_id": job_id})
+    status, events = follow(llm, job_id)
+    assert status == "cancelled" and events[-1]["kind"] == "cancelled" and events[-1]["step"] >= 1
+    assert utility(llm, "stats", {})["active"] == 0
+    assert run() == before
+
+
+def test_two_jobs_share_the_time_and_both_finish(llm, training_file, tmp_path):
+    first = engine_job(llm, tmp_path, "first", training_file, steps=30, publish_every=15)
+    second = engine_job(llm, tmp_path, "second", training_file, steps=30, publish_every=15, seed=1)
+    (status_a, events_a), (status_b, events_b) = follow(llm, first), follow(llm, second)
+    assert status_a == status_b == "succeeded"
+    times_a = [e["time"] for e in events_a if e["kind"] == "step"]
+    times_b = [e["time"] for e in events_b if e["kind"] == "step"]
+    assert len(times_a) == len(times_b) == 30
+    # Interleaved, not one after the other.
+    assert times_b[0] < times_a[-1] and times_a[0] < times_b[-1]
+    assert [e["step"] for e in events_a if e["kind"] == "published"] == [15, 30]
+
+
+def test_resumed_job_continues_the_same_loss_curve(llm, training_file, tmp_path):
+    """A job stopped after its step-4 checkpoint and resumed from it (optimizer state, schedule,
+    dropout stream from trainer_state.pt) gives the uninterrupted job's steps 5..8."""
+    whole = engine_job(llm, tmp_path, "whole", training_file, steps=8, publish_every=4)
+    _, whole_events = follow(llm, whole)
+    part_dir = tmp_path / "part"
+    part = engine_job(llm, tmp_path, "part", training_file, steps=4, publish_every=4, job_dir=part_dir)
+    _, first_half = follow(llm, part)
+    resumed = engine_job(llm, tmp_path, "part", training_file, steps=8, publish_every=4, job_dir=part_dir,
+                         resume_from=4)
+    status, second_half = follow(llm, resumed)
+    assert status == "succeeded"
+    assert [e["step"] for e in second_half if e["kind"] == "step"] == [5, 6, 7, 8]
+    assert step_losses(first_half) + step_losses(second_half) == pytest.approx(step_losses(whole_events), rel=1e-6)
+
+
+def test_diverging_job_fails_naming_the_step_and_serving_goes_on(llm, training_file, tmp_path):
+    from vllm import SamplingParams
+
+    from vllm_slora.finetune.offline import FinetuneFailed, finetune_in_engine
+
+    with pytest.raises(FinetuneFailed, match=r"failed at step \d+: (training loss is (nan|inf)|the LoRA weights)"):
+        finetune_in_engine(llm, training_file, "diverge", out_dir=tmp_path / "diverge", max_steps=50, lr=1e30,
+                           batch_tokens=40, publish_every=1, progress=False)
+    (out,) = llm.generate(["the quick"], SamplingParams(max_tokens=4, temperature=0.0), use_tqdm=False)
+    assert len(out.outputs[0].token_ids) == 4
+    assert utility(llm, "stats", {})["active"] == 0

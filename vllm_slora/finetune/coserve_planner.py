@@ -1,0 +1,165 @@
+"""Scheduler side of co-served finetuning: the jobs, their events, and each step's budget.
+
+Inference is scheduled exactly as without training; then `order()` decides how many
+seconds of training units the workers may add to this step (research/flexllm.md §4.3,
+simplified to what a CPU engine can measure):
+
+* requests wait for admission -> 0: training never delays a queued request's first token;
+* no inference at all          -> ``idle_step_s`` (at least one unit): full speed, and a
+                                  request arriving meanwhile waits about one such step;
+* otherwise                    -> a credit that grows by ``slack`` x the measured
+                                  inference step time (EWMA) every step and shrinks by the
+                                  training time spent. Units are indivisible, so the credit
+                                  builds up over a few steps until the next unit fits: on
+                                  average training adds ``slack`` of the inference time
+                                  (TPOT, a per-request mean, grows by about that share).
+
+Every figure comes from the workers' reports (inference and training seconds per step,
+expected unit times), so the policy adapts to the machine and the load. Jobs are driven
+through `handle()` (EngineCore utility calls, patches/patch_engine_core.py).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from vllm_slora.step_plan import SLoRAWorkerReport, TrainEvent, TrainJobSpec, TrainOrder
+
+EWMA_WEIGHT = 0.2
+ACTIVE = ("queued", "running")
+TERMINAL_KIND = {"finished": "succeeded", "failed": "failed", "cancelled": "cancelled"}
+
+
+class TrainingRefused(ValueError):
+    pass
+
+
+@dataclass
+class _Planned:
+    spec: TrainJobSpec
+    status: str = "queued"
+    events: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class TrainingStats:
+    steps: int = 0  # engine steps that ran training units
+    loaded_steps: int = 0  # ... of them, steps that also ran inference
+    units: int = 0
+    seconds: float = 0.0
+    loaded_seconds: float = 0.0  # training seconds added to steps with inference
+    inference_seconds: float = 0.0  # inference seconds of those same steps
+
+
+class TrainingPlanner:
+    def __init__(self, slack: float, idle_step_s: float, tp_size: int = 1, pp_size: int = 1) -> None:
+        self.slack = slack
+        self.idle_step_s = idle_step_s
+        self.tp_size, self.pp_size = tp_size, pp_size
+        self.jobs: dict[str, _Planned] = {}
+        self._start: list[TrainJobSpec] = []
+        self._cancel: list[str] = []
+        self.credit = 0.0
+        self.inference_s: float | None = None  # EWMA of a step's inference seconds
+        self.next_unit_s = 0.0
+        self.stats = TrainingStats()
+        self._last_idle = False
+
+    # -- control (EngineCore utility calls) ------------------------------------------------
+    def handle(self, action: str, payload: dict) -> dict:
+        if action == "submit":
+            return self.submit(TrainJobSpec(**payload))
+        if action == "cancel":
+            return self.cancel(payload["job_id"])
+        if action == "poll":
+            return self.poll(payload["job_id"], int(payload.get("after", 0)))
+        if action == "stats":
+            return dict(vars(self.stats), credit=self.credit, inference_s=self.inference_s,
+                        unit_s=self.next_unit_s, active=sum(j.status in ACTIVE for j in self.jobs.values()))
+        raise TrainingRefused(f"unknown finetune action {action!r}")
+
+    def submit(self, spec: TrainJobSpec) -> dict:
+        if self.tp_size > 1 or self.pp_size > 1:
+            raise TrainingRefused(f"co-served finetuning runs on tensor/pipeline parallel size 1 only "
+                                  f"(this engine: TP {self.tp_size}, PP {self.pp_size})")
+        if spec.job_id in self.jobs:
+            raise TrainingRefused(f"job {spec.job_id} was already submitted")
+        self.jobs[spec.job_id] = _Planned(spec)
+        self._start.append(spec)
+        return {"job_id": spec.job_id, "status": "queued"}
+
+    def cancel(self, job_id: str) -> dict:
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise TrainingRefused(f"no finetuning job {job_id} in this engine")
+        if job.status in ACTIVE:
+            if any(s.job_id == job_id for s in self._start):
+                self._start = [s for s in self._start if s.job_id != job_id]
+                self._record(TrainEvent(job_id, "cancelled", 0))
+            else:
+                self._cancel.append(job_id)
+        return {"job_id": job_id, "status": job.status}
+
+    def poll(self, job_id: str, after: int = 0) -> dict:
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise TrainingRefused(f"no finetuning job {job_id} in this engine")
+        events = job.events[after:]
+        if job.status not in ACTIVE and after + len(events) >= len(job.events):
+            del self.jobs[job_id]  # the client has seen the end: forget the job
+        return {"status": job.status, "events": events, "next": after + len(events)}
+
+    def busy(self) -> bool:
+        """Training has work: the engine must keep stepping even with no request."""
+        return bool(self._start or self._cancel) or any(j.status in ACTIVE for j in self.jobs.values())
+
+    # -- per step ----------------------------------------------------------------------------
+    def order(self, running: int, waiting: int, scheduled_tokens: int) -> TrainOrder | None:
+        if not self.busy():
+            return None
+        order = TrainOrder(start=self._start, cancel=self._cancel)
+        self._start, self._cancel = [], []
+        self._last_idle = False
+        if waiting:
+            order.budget_s = 0.0  # admission first
+        elif not scheduled_tokens and not running:
+            order.budget_s, order.idle = self.idle_step_s, True
+            self._last_idle = True
+            self.credit = 0.0
+        else:
+            per_step = self.slack * (self.inference_s or 0.0)
+            cap = 2.0 * max(self.next_unit_s, per_step)
+            self.credit = min(self.credit + per_step, cap)
+            order.budget_s = max(self.credit, 0.0)
+        return order
+
+    def take(self, report: SLoRAWorkerReport) -> None:
+        if report.inference_seconds > 0 and not self._last_idle:
+            previous = self.inference_s
+            self.inference_s = report.inference_seconds if previous is None else (
+                EWMA_WEIGHT * report.inference_seconds + (1 - EWMA_WEIGHT) * previous)
+        if report.train_units:
+            self.stats.steps += 1
+            self.stats.units += report.train_units
+            self.stats.seconds += report.train_seconds
+            if not self._last_idle:
+                self.stats.loaded_steps += 1
+                self.stats.loaded_seconds += report.train_seconds
+                self.stats.inference_seconds += report.inference_seconds
+                # Overspending (an indivisible unit) is paid back by the next steps.
+                self.credit -= report.train_seconds
+        if report.training is not None:
+            self.next_unit_s = report.next_unit_seconds
+            for event in report.training:
+                self._record(event)
+
+    def _record(self, event: TrainEvent) -> None:
+        job = self.jobs.get(event.job_id)
+        if job is None:
+            return
+        job.events.append({"kind": event.kind, "step": event.step, "data": event.data, "time": time.time()})
+        if event.kind == "started" and job.status == "queued":
+            job.status = "running"
+        elif event.kind in TERMINAL_KIND and job.status in ACTIVE:
+            job.status = TERMINAL_KIND[event.kind]

@@ -1,0 +1,238 @@
+"""Co-served finetuning jobs inside the engine's worker, run in the time the scheduler grants.
+
+The model runner calls `WorkerTraining.step(order)` after each step's inference (same
+thread, same weights): it starts / drops jobs as the `TrainOrder` says, then runs work
+units while their expected time fits in ``order.budget_s`` (at least one when the engine
+has no inference). Jobs share the budget fairly: the next unit always goes to the job that
+has spent the least time so far.
+
+A job's life, unit by unit (every unit is a preemption point):
+
+    fwd x L, loss, bwd x L      one packed micro-batch (layer_units.LayerSlicedPass)
+    update                      clip + AdamW + schedule (LoraTrainer.update), a "step" event
+    publish (every N steps)     PEFT files to <job dir>/step-N (durable; what the server
+                                registers) + the packed weights into this worker's host
+                                cache from memory, so serving that version reads no disk;
+                                optimizer state to trainer_state.pt (resume); "published"
+
+Training reads the base weights as views of the engine's own parameters (never copied:
+checked by data_ptr) and gives autograd only to the job's LoRA A/B. A unit that raises, a
+non-finite loss or non-finite weights fail that job alone, naming the step; inference and
+other jobs go on.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from vllm_slora.step_plan import TrainEvent, TrainJobSpec, TrainOrder
+
+from .base_weights import BaseWeights, base_weights_from_vllm
+from .layer_units import LayerSlicedPass
+from .lora_params import LoraParams
+from .packing import PackedBatch, load_batches
+from .trainer import LoraTrainer, TrainingSettings
+
+UPDATE, PUBLISH = "update", "publish"
+TRAINER_STATE = "trainer_state.pt"
+BATCHES_FILE = "batches.pt"
+EWMA_WEIGHT = 0.3  # weight of the newest observation in a unit kind's expected time
+
+
+def engine_base_weights(model) -> BaseWeights:
+    """The training forward's base weights: views of `model`'s own parameters, checked."""
+    base = base_weights_from_vllm(model)
+    storage = {p.data_ptr() for p in model.parameters()}
+    copied = [name for name, t in base.named_tensors() if t.data_ptr() not in storage]
+    if copied:
+        raise AssertionError(f"base weights {copied} are not views of the engine's parameters")
+    return base
+
+
+@dataclass
+class _Job:
+    spec: TrainJobSpec
+    lora: LoraParams
+    trainer: LoraTrainer
+    batches: list[PackedBatch]
+    rng: torch.Tensor  # LoRA dropout stream, carried from pass to pass
+    unit_pass: LayerSlicedPass | None = None
+    pass_lr: float = 0.0
+    pass_seconds: float = 0.0
+    publish_due: bool = False
+    spent_s: float = 0.0  # all unit time so far: the fairness key
+    last_loss: float = float("nan")
+    published: list[int] = field(default_factory=list)
+
+    def next_kind(self) -> str:
+        if self.publish_due:
+            return PUBLISH
+        if self.unit_pass is None:
+            return "fwd"
+        return self.unit_pass.next_kind or UPDATE
+
+
+class JobFailed(RuntimeError):
+    pass
+
+
+class WorkerTraining:
+    def __init__(self, model, base_model: str = "") -> None:
+        self.model = model
+        self.base_model = base_model
+        self._base: BaseWeights | None = None
+        self.jobs: dict[str, _Job] = {}
+        self.unit_seconds: dict[str, float] = {}  # expected seconds per unit kind (EWMA)
+        self.events: list[TrainEvent] = []
+        self.host_cache = None  # set by the runner: published versions go in from memory
+
+    @property
+    def base(self) -> BaseWeights:
+        if self._base is None:
+            base = engine_base_weights(self.model)
+            base.check_usable_for_training()
+            self._base = base
+        return self._base
+
+    # -- orders ----------------------------------------------------------------------------
+    def step(self, order: TrainOrder) -> tuple[float, int]:
+        """Apply `order` and run units within its budget; returns (seconds spent, units run)."""
+        # Workers call this inside vLLM's inference mode; tensors made under it (LoRA
+        # parameters, optimizer state, batches) could not take part in autograd.
+        with torch.inference_mode(False):
+            return self._step(order)
+
+    def _step(self, order: TrainOrder) -> tuple[float, int]:
+        for job_id in order.cancel:
+            job = self.jobs.pop(job_id, None)
+            if job is not None:
+                self._event(job, "cancelled", step=job.trainer.steps_done)
+        for spec in order.start:
+            self._start(spec)
+        spent, units = 0.0, 0
+        while self.jobs:
+            job = min(self.jobs.values(), key=lambda j: j.spent_s)
+            expected = self.unit_seconds.get(job.next_kind(), 0.0)
+            if spent + expected > order.budget_s and not (order.idle and units == 0):
+                break
+            started = time.perf_counter()
+            kind = job.next_kind()
+            try:
+                self._run_unit(job, kind)
+            except Exception as exc:  # the job fails, the engine serves on
+                self.jobs.pop(job.spec.job_id, None)
+                message = str(exc) if isinstance(exc, JobFailed) else f"{type(exc).__name__}: {exc}"
+                self._event(job, "failed", step=job.trainer.steps_done + 1, message=message)
+            seconds = time.perf_counter() - started
+            job.spent_s += seconds
+            if kind != PUBLISH:
+                job.pass_seconds += seconds
+            previous = self.unit_seconds.get(kind)
+            self.unit_seconds[kind] = seconds if previous is None else (
+                EWMA_WEIGHT * seconds + (1 - EWMA_WEIGHT) * previous)
+            spent += seconds
+            units += 1
+        return spent, units
+
+    def next_unit_seconds(self) -> float:
+        """Expected time of the longest next unit among the jobs (0 when none is known)."""
+        return max((self.unit_seconds.get(j.next_kind(), 0.0) for j in self.jobs.values()), default=0.0)
+
+    def take_events(self) -> list[TrainEvent]:
+        events, self.events = self.events, []
+        return events
+
+    # -- a job -----------------------------------------------------------------------------
+    def _start(self, spec: TrainJobSpec) -> None:
+        if spec.job_id in self.jobs:
+            return
+        try:
+            base = self.base
+            lora = LoraParams.from_peft_dir(spec.init_adapter_dir, base.config, dtype=torch.float32)
+            # LoRA dropout comes with the adapter (its adapter_config.json lora_dropout).
+            settings = dict(spec.settings)
+            if "betas" in settings:  # a list after the msgpack trip
+                settings["betas"] = tuple(settings["betas"])
+            settings = TrainingSettings(**settings)
+            trainer = LoraTrainer(base, lora, settings)
+            batches = load_batches(Path(spec.job_dir) / BATCHES_FILE)
+            if not batches:
+                raise JobFailed("the job has no micro-batches")
+            rng = torch.Generator().manual_seed(spec.seed).get_state()
+            if spec.resume:
+                state = torch.load(Path(spec.job_dir) / TRAINER_STATE, weights_only=False)
+                trainer.load_state_dict(state["trainer"])
+                rng = state["rng"]
+        except Exception as exc:
+            self.events.append(TrainEvent(spec.job_id, "failed", 0, {"message": f"could not start: {exc}"}))
+            return
+        job = _Job(spec, lora, trainer, batches, rng)
+        self.jobs[spec.job_id] = job
+        self._event(job, "started", step=trainer.steps_done, parameters=lora.num_parameters())
+
+    def _run_unit(self, job: _Job, kind: str) -> None:
+        if kind == PUBLISH:
+            self._publish(job)
+            return
+        if job.unit_pass is None:
+            batch = job.batches[job.trainer.steps_done % len(job.batches)]
+            for p in job.lora.parameters():
+                p.grad = None
+            job.unit_pass = LayerSlicedPass(self.base, job.lora, batch, job.rng)
+            job.pass_lr, job.pass_seconds = job.trainer.lr, 0.0
+        if kind != UPDATE:
+            job.unit_pass.run_unit()
+            loss = job.unit_pass.loss
+            if loss is not None and kind == "loss" and not math.isfinite(loss):
+                raise JobFailed(f"training loss is {loss} at step {job.trainer.steps_done + 1} "
+                                f"(learning rate {job.pass_lr:g}); the job stopped")
+            return
+        unit_pass, job.unit_pass = job.unit_pass, None
+        if unit_pass.rng_state is not None:
+            job.rng = unit_pass.rng_state
+        record = job.trainer.update(unit_pass.batch, unit_pass.loss, job.pass_lr, job.pass_seconds)
+        job.last_loss = record.loss
+        self._event(job, "step", step=record.step, loss=record.loss, lr=record.lr, tokens=record.tokens,
+                    loss_tokens=record.loss_tokens, seconds=record.seconds)
+        last = record.step >= job.spec.total_steps
+        if last or record.step % job.spec.publish_every == 0:
+            job.publish_due = True  # the next unit; the job finishes with its last publish
+
+    def _publish(self, job: _Job) -> None:
+        step = job.trainer.steps_done
+        if not all(bool(torch.isfinite(p).all()) for p in job.lora.parameters()):
+            raise JobFailed(f"the LoRA weights became non-finite at step {step} "
+                            f"(loss {job.last_loss:g} before the update); the job stopped")
+        started = time.perf_counter()
+        path = Path(job.spec.job_dir) / f"step-{step}"
+        job.lora.save_peft(path, base_model_name_or_path=job.spec.base_model or self.base_model)
+        files = None
+        if self.host_cache is not None:
+            files = self.host_cache.put_trained(job.spec.adapter_name, str(path), job.lora.peft_state_dict())
+        _save_atomic({"trainer": job.trainer.state_dict(), "rng": job.rng, "step": step},
+                     Path(job.spec.job_dir) / TRAINER_STATE)
+        job.publish_due = False
+        job.published.append(step)
+        self._event(job, "published", step=step, path=str(path), loss=job.last_loss,
+                    seconds=time.perf_counter() - started, host_cached=files is not None)
+        if step >= job.spec.total_steps:
+            self._finish(job)
+
+    def _finish(self, job: _Job) -> None:
+        self.jobs.pop(job.spec.job_id, None)
+        self._event(job, "finished", step=job.trainer.steps_done)
+
+    def _event(self, job: _Job, kind: str, step: int, **data) -> None:
+        self.events.append(TrainEvent(job.spec.job_id, kind, step, data))
+
+
+def _save_atomic(obj, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
