@@ -1,0 +1,101 @@
+"""The co-serving budget policy (scheduler side), driven with synthetic worker reports."""
+
+from __future__ import annotations
+
+import pytest
+
+from vllm_slora.finetune.coserve_planner import TrainingPlanner, TrainingRefused
+from vllm_slora.step_plan import SLoRAWorkerReport, TrainEvent, TrainJobSpec
+
+
+def spec(job_id: str = "job-1") -> TrainJobSpec:
+    return TrainJobSpec(job_id=job_id, adapter_name="ft", job_dir="/nowhere", init_adapter_dir="/nowhere/step-0",
+                        settings={}, total_steps=10, publish_every=5, seed=0)
+
+
+def report(inference_s: float = 0.0, train_s: float = 0.0, units: int = 0, next_unit_s: float = 0.0,
+           events=()) -> SLoRAWorkerReport:
+    return SLoRAWorkerReport(training=list(events), inference_seconds=inference_s, train_seconds=train_s,
+                             train_units=units, next_unit_seconds=next_unit_s)
+
+
+def test_no_job_no_order_and_the_engine_may_sleep():
+    planner = TrainingPlanner(slack=0.1, idle_step_s=0.05)
+    assert planner.order(running=0, waiting=0, scheduled_tokens=0) is None and not planner.busy()
+
+
+def test_idle_engine_trains_full_steps_and_queued_requests_get_priority():
+    planner = TrainingPlanner(slack=0.1, idle_step_s=0.05)
+    planner.submit(spec())
+    assert planner.busy()
+    order = planner.order(running=0, waiting=0, scheduled_tokens=0)
+    assert order.start == [spec()] and order.idle and order.budget_s == 0.05
+    planner.take(report(train_s=0.06, units=3, next_unit_s=0.02, events=[TrainEvent("job-1", "started")]))
+    assert planner.poll("job-1")["status"] == "running"
+    # Requests waiting for admission: no training at all, whatever credit there is.
+    planner.credit = 1.0
+    order = planner.order(running=2, waiting=1, scheduled_tokens=2)
+    assert order.budget_s == 0.0 and not order.idle and order.start == []
+
+
+def test_loaded_steps_average_the_slack_share_even_with_units_longer_than_a_step_share():
+    """Units of 30 ms, inference steps of 100 ms, slack 0.1: one unit fits every ~3 steps, and over
+    many steps training adds 10 % of the inference time (the credit pays back overspending)."""
+    planner = TrainingPlanner(slack=0.1, idle_step_s=0.05)
+    planner.submit(spec())
+    planner.order(running=0, waiting=0, scheduled_tokens=0)
+    planner.take(report(events=[TrainEvent("job-1", "started")]))
+    unit_s, inference_s = 0.03, 0.1
+    trained = inferred = 0.0
+    budgets = []
+    for _ in range(3000):
+        order = planner.order(running=4, waiting=0, scheduled_tokens=4)
+        budgets.append(order.budget_s)
+        units = int(order.budget_s // unit_s)
+        planner.take(report(inference_s=inference_s, train_s=units * unit_s, units=units, next_unit_s=unit_s))
+        trained += units * unit_s
+        inferred += inference_s
+    assert 0.095 <= trained / inferred <= 0.105
+    assert max(budgets) <= 2 * unit_s + 1e-9  # the credit is capped: no burst after a long wait
+    assert planner.stats.loaded_steps > 900 and planner.stats.steps == planner.stats.loaded_steps
+
+
+def test_zero_slack_trains_only_when_idle():
+    planner = TrainingPlanner(slack=0.0, idle_step_s=0.05)
+    planner.submit(spec())
+    planner.order(running=0, waiting=0, scheduled_tokens=0)
+    planner.take(report(inference_s=0.0, train_s=0.05, units=2, next_unit_s=0.02))
+    for _ in range(10):
+        assert planner.order(running=1, waiting=0, scheduled_tokens=1).budget_s == 0.0
+        planner.take(report(inference_s=0.1))
+
+
+def test_cancel_before_start_never_reaches_the_workers_and_after_start_does():
+    planner = TrainingPlanner(slack=0.1, idle_step_s=0.05)
+    planner.submit(spec("a"))
+    planner.cancel("a")
+    assert planner.poll("a")["status"] == "cancelled"
+    assert planner.order(running=0, waiting=0, scheduled_tokens=0) is None  # nothing to start
+    assert "a" not in planner.jobs  # the client saw the end: forgotten
+
+    planner.submit(spec("b"))
+    planner.order(running=0, waiting=0, scheduled_tokens=0)
+    planner.take(report(events=[TrainEvent("b", "started")]))
+    planner.cancel("b")
+    assert planner.order(running=0, waiting=0, scheduled_tokens=0).cancel == ["b"]
+    planner.take(report(events=[TrainEvent("b", "cancelled", 3)]))
+    reply = planner.poll("b")
+    assert reply["status"] == "cancelled" and [e["kind"] for e in reply["events"]] == ["started", "cancelled"]
+
+
+def test_refusals_name_the_problem():
+    with pytest.raises(TrainingRefused, match="tensor/pipeline parallel size 1 only .*TP 2"):
+        TrainingPlanner(slack=0.1, idle_step_s=0.05, tp_size=2).submit(spec())
+    planner = TrainingPlanner(slack=0.1, idle_step_s=0.05)
+    planner.submit(spec())
+    with pytest.raises(TrainingRefused, match="already submitted"):
+        planner.submit(spec())
+    with pytest.raises(TrainingRefused, match="no finetuning job nope"):
+        planner.poll("nope")
+    with pytest.raises(TrainingRefused, match="unknown finetune action 'explode'"):
+        planner.handle("explode", {})
