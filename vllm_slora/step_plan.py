@@ -45,13 +45,15 @@ class TrainJobSpec:
     job_id: str
     adapter_name: str  # the model name its versions are served under (fine_tuned_model)
     job_dir: str  # holds batches.pt (packed micro-batches), step-N/ checkpoints, trainer_state.pt
-    init_adapter_dir: str  # PEFT adapter the LoRA parameters start from (step-0, or a resume checkpoint)
+    init_adapter_dir: str  # PEFT adapter the LoRA parameters start from (step-0 / an adapter continued)
     settings: dict  # TrainingSettings fields
     total_steps: int
     publish_every: int
     seed: int  # LoRA dropout stream
     base_model: str = ""  # base_model_name_or_path written into published adapter_config.json
-    resume: bool = False  # continue from job_dir/trainer_state.pt
+    # Continue from job_dir/trainer_state.pt (optimizer, schedule, dropout stream) and the
+    # step-N checkpoint it names; init_adapter_dir is then ignored.
+    resume: bool = False
 
 
 @dataclass

@@ -101,6 +101,7 @@ def test_twenty_unit_steps_match_hf_peft_loop(tiny_model):
     for step in range(20):
         batch = batches[step % len(batches)]
         lr = trainer.lr
+        trainer.zero_grad()
         unit_pass = run_pass(trainer.base, lora, batch)
         record = trainer.update(batch, unit_pass.loss, lr, 0.0)
         assert record.step == step + 1

@@ -86,6 +86,9 @@ class FinetuneEndpointPlugin:
                               engine_call=engine_finetune_call(engine_client), require_engine=True)
         files.checks[FINE_TUNE] = jobs.check_training_file
         setattr(state, _STATE, FinetuneService(files, jobs))
+        restored = await jobs.restore()  # jobs of a previous run: served again, unfinished ones resumed
+        if restored:
+            logger.info("vllm-slora: restored %d fine-tuning job(s) from %s", len(restored), root / "jobs")
         logger.info("vllm-slora: OpenAI Files and Fine-tuning API on /v1/files and /v1/fine_tuning/jobs "
                     "(files and job directories in %s)", root)
 

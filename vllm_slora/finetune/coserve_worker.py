@@ -83,10 +83,13 @@ class JobFailed(RuntimeError):
 
 
 class WorkerTraining:
-    def __init__(self, model, base_model: str = "") -> None:
+    """The jobs of one worker. `model`: the engine's vLLM model (its parameters are the base
+    weights); or give `base` directly (tests and in-process drivers without vLLM)."""
+
+    def __init__(self, model, base_model: str = "", base: BaseWeights | None = None) -> None:
         self.model = model
         self.base_model = base_model
-        self._base: BaseWeights | None = None
+        self._base: BaseWeights | None = base
         self.jobs: dict[str, _Job] = {}
         self.unit_seconds: dict[str, float] = {}  # expected seconds per unit kind (EWMA)
         self.events: list[TrainEvent] = []
@@ -154,19 +157,24 @@ class WorkerTraining:
             return
         try:
             base = self.base
-            lora = LoraParams.from_peft_dir(spec.init_adapter_dir, base.config, dtype=torch.float32)
+            job_dir = Path(spec.job_dir)
+            state = None
+            init_dir = Path(spec.init_adapter_dir)
+            if spec.resume:  # the last checkpoint: trainer_state.pt names its step
+                state = torch.load(job_dir / TRAINER_STATE, weights_only=False)
+                init_dir = job_dir / f"step-{state['step']}"
+            lora = LoraParams.from_peft_dir(init_dir, base.config, dtype=torch.float32)
             # LoRA dropout comes with the adapter (its adapter_config.json lora_dropout).
             settings = dict(spec.settings)
             if "betas" in settings:  # a list after the msgpack trip
                 settings["betas"] = tuple(settings["betas"])
             settings = TrainingSettings(**settings)
             trainer = LoraTrainer(base, lora, settings)
-            batches = load_batches(Path(spec.job_dir) / BATCHES_FILE)
+            batches = load_batches(job_dir / BATCHES_FILE)
             if not batches:
                 raise JobFailed("the job has no micro-batches")
             rng = torch.Generator().manual_seed(spec.seed).get_state()
-            if spec.resume:
-                state = torch.load(Path(spec.job_dir) / TRAINER_STATE, weights_only=False)
+            if state is not None:
                 trainer.load_state_dict(state["trainer"])
                 rng = state["rng"]
         except Exception as exc:
@@ -182,8 +190,7 @@ class WorkerTraining:
             return
         if job.unit_pass is None:
             batch = job.batches[job.trainer.steps_done % len(job.batches)]
-            for p in job.lora.parameters():
-                p.grad = None
+            job.trainer.zero_grad()
             job.unit_pass = LayerSlicedPass(self.base, job.lora, batch, job.rng)
             job.pass_lr, job.pass_seconds = job.trainer.lr, 0.0
         if kind != UPDATE:

@@ -1,15 +1,19 @@
-"""Fine-tuning jobs of the OpenAI Fine-tuning API, trained by a background thread of the API server.
+"""Fine-tuning jobs of the OpenAI Fine-tuning API.
 
-What runs where today (the in-engine runner of #10 is later work):
-* A job trains with `LoraTrainer` in ONE background thread of the API server process, on
-  its own float32 copy of the base weights read from the model's safetensors
-  (`base_weights_from_checkpoint`), on the CPU. It does not share vLLM's weights and is
-  not scheduled into the engine's slack: it competes for CPU with serving like any other
-  process would. The thread calls ``torch.set_num_threads(threads)`` (1 by default,
-  ``VLLM_SLORA_FINETUNE_THREADS``), so training takes one core and leaves the others to
-  the EngineCore / workers (torch applies it to that thread and to threads started after
-  it; the API server's own requests do no torch work).
-* Jobs run one at a time, in creation order (a FIFO queue); a job waiting is ``queued``.
+What runs where:
+* In the server (``engine_call`` given, the engine started with slora.finetune=true), a
+  job trains INSIDE the engine: the API process tokenizes and packs the data, writes the
+  initial adapter (step-0) and ``batches.pt`` into the job directory and submits the job
+  through the EngineCore utility ``slora_finetune``; the scheduler grants it the time
+  inference leaves and the worker trains on views of the engine's own weights
+  (coserve_planner.py, coserve_worker.py). One driver thread per job follows the engine's
+  events (steps, published versions, the end) and serves each published version. Several
+  jobs run at once and share the training time.
+* Without an engine (tests, and ``require_engine=False`` callers), a job trains with
+  `LoraTrainer` in ONE background thread of this process on its own float32 copy of the
+  base weights (`base_weights_from_checkpoint`), one job at a time in creation order,
+  with ``torch.set_num_threads(threads)`` (``VLLM_SLORA_FINETUNE_THREADS``, default 1).
+  The server refuses jobs when its engine does not train (require_engine).
 
 Life of a job:
 * ``create`` checks everything it can before accepting the job (400 naming the problem):
@@ -46,10 +50,12 @@ accepted in ``method.supervised.hyperparameters``, the legacy ``hyperparameters`
 top-level ``slora`` object (``extra_body={"slora": {...}}`` in the openai client).
 One optimizer step per micro-batch (no gradient accumulation yet).
 
-Not done: job records are kept in memory only (a restart forgets jobs; their step-N
-directories stay on disk), no resume, no validation files, no DPO / reinforcement, the
-server's ``--chat-template`` override is not used for ``messages`` data (the tokenizer's
-own template is), training on the GPU / in the engine worker.
+Restarts: every job keeps a record (<job dir>/job.json); `restore` (server start) serves
+each job's last published version again and resumes unfinished in-engine jobs from their
+last checkpoint (optimizer state and step in trainer_state.pt).
+
+Not done: validation files, DPO / reinforcement, the server's ``--chat-template`` override
+for ``messages`` data (the tokenizer's own template is used).
 """
 
 from __future__ import annotations
@@ -119,6 +125,8 @@ class _PublishFailed(RuntimeError):
 # Sends one co-served finetuning action to the engine (EngineCore utility `slora_finetune`).
 EngineCall = Callable[[str, dict], Awaitable[dict]]
 ENGINE_POLL_S = 0.02
+JOB_RECORD = "job.json"
+MAX_PERSISTED_EVENTS = 200
 
 
 class AdapterHost(Protocol):
@@ -339,6 +347,7 @@ class FineTuningJobs:
             with self._lock:
                 self._jobs[job.id] = job
                 self._event(job, "Job queued in the engine (trains in the time inference leaves)")
+            self._persist(job)
             driver = threading.Thread(target=self._train, args=(job,), name=f"vllm-slora-{job.id}", daemon=True)
             self._drivers.append(driver)
             driver.start()
@@ -601,10 +610,10 @@ class FineTuningJobs:
             self._base = base_weights_from_checkpoint(self.engine.model_dir, dtype=torch.float32)
         return self._base
 
-    def _train(self, job: Job) -> None:
+    def _train(self, job: Job, resume: bool = False) -> None:
         if self.engine_call is not None:
             try:
-                self._train_in_engine(job)
+                self._train_in_engine(job, resume)
             except _PublishFailed as e:
                 self._fail(job, "publish_failed", str(e))
             except Exception as e:  # the engine refused or went away: this job fails, the server goes on
@@ -694,9 +703,10 @@ class FineTuningJobs:
                 data["update_to_servable_seconds"] = time.time() - trained_at
             self._event(job, f"Published step {step}: {job.fine_tuned_model} now serves it, also served as "
                         f"{checkpoint_name}", data=data)
+        self._persist(job)
 
     # -- jobs trained inside the engine ------------------------------------------------------
-    def _train_in_engine(self, job: Job) -> None:
+    def _train_in_engine(self, job: Job, resume: bool = False) -> None:
         """Submit the job to the engine, then follow its events until it ends (driver thread)."""
         import dataclasses
 
@@ -706,7 +716,7 @@ class FineTuningJobs:
             "job_id": job.id, "adapter_name": job.fine_tuned_model, "job_dir": str(job.dir),
             "init_adapter_dir": str(job.dir / "step-0"), "settings": dataclasses.asdict(job.settings),
             "total_steps": job.total_steps, "publish_every": job.publish_every, "seed": job.seed,
-            "base_model": self.engine.model_dir,
+            "base_model": self.engine.model_dir, "resume": resume,
         }
         with self._lock:
             if job.status != "queued":
@@ -728,6 +738,7 @@ class FineTuningJobs:
                             job.status = "running"
                         self._event(job, f"Fine-tuning job started in the engine at step {step} "
                                     f"({data.get('parameters', 0)} LoRA parameters)")
+                    self._persist(job)
                 elif kind == "step":
                     self._record_step(job, StepRecord(step=step, loss=data["loss"], lr=data["lr"],
                                                       loss_tokens=data["loss_tokens"], tokens=data["tokens"],
@@ -786,6 +797,99 @@ class FineTuningJobs:
             except OSError:
                 pass
         self._event(job, message, level=level)
+        self._persist(job)
+
+    def _persist(self, job: Job) -> None:
+        """Write the job's record to <job dir>/job.json (atomic), so a restarted server knows it."""
+        import dataclasses
+        import json
+
+        with self._lock:
+            record = {
+                "job": job.to_openai(), "total_steps": job.total_steps, "publish_every": job.publish_every,
+                "published_step": job.published_step, "checkpoints": list(job.checkpoints),
+                "events": job.events[-MAX_PERSISTED_EVENTS:],
+                "settings": dataclasses.asdict(job.settings) if job.settings is not None else None,
+            }
+        try:
+            tmp = job.dir / f".{JOB_RECORD}.tmp"
+            tmp.write_text(json.dumps(record))
+            os.replace(tmp, job.dir / JOB_RECORD)
+        except OSError as e:  # a full disk must not stop training; the record is best effort
+            from vllm_slora.compat import logger
+
+            logger.warning("vllm-slora: could not write the record of %s: %s", job.id, e)
+
+    # -- after a restart ---------------------------------------------------------------------
+    async def restore(self) -> list[str]:
+        """Reload the jobs of a previous server run (their <job dir>/job.json); returns their ids.
+
+        Every job's last published version is served again under its names. A job that was
+        queued or running resumes inside the engine from its last checkpoint (optimizer
+        state included: trainer_state.pt), or from step 0 when it had none; without an
+        engine it is marked failed, saying why.
+        """
+        import json
+
+        from .coserve_worker import BATCHES_FILE, TRAINER_STATE
+        from .trainer import TrainingSettings
+
+        self._loop = asyncio.get_running_loop()
+        restored = []
+        for path in sorted(self.root.glob(f"*/{JOB_RECORD}"), key=lambda p: p.stat().st_mtime):
+            try:
+                record = json.loads(path.read_text())
+                o = record["job"]
+                job = Job(
+                    id=o["id"], created_at=o["created_at"], model=o["model"], training_file=o["training_file"],
+                    fine_tuned_model=o["fine_tuned_model"], seed=o["seed"], suffix=o["user_provided_suffix"],
+                    metadata=o["metadata"], hyperparameters=o["hyperparameters"],
+                    method_hyperparameters=o["method"]["supervised"]["hyperparameters"], dir=path.parent,
+                    total_steps=record["total_steps"], publish_every=record["publish_every"], status=o["status"],
+                    error=o["error"], finished_at=o["finished_at"], trained_tokens=o["trained_tokens"],
+                    result_files=o["result_files"], events=record["events"], checkpoints=record["checkpoints"],
+                    published_step=record["published_step"],
+                    settings=TrainingSettings(**{**record["settings"], "betas": tuple(record["settings"]["betas"])})
+                    if record["settings"] else None,
+                )
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                from vllm_slora.compat import logger
+
+                logger.warning("vllm-slora: skipping fine-tuning job record %s: %s", path, e)
+                continue
+            if job.id in self._jobs:
+                continue
+            resume = (job.dir / TRAINER_STATE).exists()
+            step_dir = job.dir / f"step-{job.published_step}"
+            try:
+                await self.host.load(job.fine_tuned_model, str(step_dir), replace=False)
+                for checkpoint in job.checkpoints:
+                    name = checkpoint["fine_tuned_model_checkpoint"]
+                    await self.host.load(name, str(job.dir / f"step-{checkpoint['step_number']}"), replace=False)
+            except PublishError as e:
+                self._event(job, f"Server restarted: could not serve {job.fine_tuned_model} again: {e}", level="warn")
+            with self._lock:
+                self._jobs[job.id] = job
+            restored.append(job.id)
+            if job.status in TERMINAL:
+                continue
+            if self.engine_call is None or not (job.dir / BATCHES_FILE).exists() or job.settings is None:
+                with self._lock:
+                    job.status = "failed"
+                    job.error = {"code": "server_restarted", "param": None, "message":
+                                 "the server restarted while the job was unfinished and cannot resume it here "
+                                 f"(it trains only inside an engine with slora.finetune=true); "
+                                 f"{job.fine_tuned_model} keeps serving step {job.published_step}"}
+                    self._finish(job, job.error["message"], level="error")
+                continue
+            job.status = "queued"
+            self._event(job, "Server restarted: resuming " + ("from the last checkpoint" if resume else "from step 0"))
+            self._persist(job)
+            driver = threading.Thread(target=self._train, args=(job, resume), name=f"vllm-slora-{job.id}",
+                                      daemon=True)
+            self._drivers.append(driver)
+            driver.start()
+        return restored
 
     def _event(self, job: Job, message: str, level: str = "info", data: dict | None = None) -> None:
         with self._lock:

@@ -89,7 +89,8 @@ class LoraTrainer:
         return self.update(batch, float(loss.detach()), lr, time.perf_counter() - start)
 
     def update(self, batch: PackedBatch, loss: float, lr: float, seconds: float) -> StepRecord:
-        """Clip (when set), AdamW step, schedule step, once the gradients of `batch` are in ``.grad``.
+        """Clip (when set), AdamW step, schedule step, once the gradients of `batch` are in ``.grad``
+        (left there: the caller clears them before the next batch).
 
         `seconds` is the forward + backward time spent on the batch; the update's own
         time is added.
@@ -101,13 +102,16 @@ class LoraTrainer:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.settings.max_grad_norm))
             self.optimizer.step()
             self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
         self.steps_done += 1
         return StepRecord(
             step=self.steps_done, loss=loss, lr=lr, loss_tokens=batch.num_loss_tokens,
             tokens=batch.num_tokens, seconds=seconds + time.perf_counter() - start, grad_norm=grad_norm,
             lines=batch.lines,
         )
+
+    def zero_grad(self) -> None:
+        """Clear the LoRA gradients before a new batch's backward."""
+        self.optimizer.zero_grad(set_to_none=True)
 
     @property
     def lr(self) -> float:

@@ -1,0 +1,103 @@
+"""Jobs that train in the engine, driven by the API's job manager, across a server restart.
+
+The engine side runs in-process (tests/finetune/inprocess_engine.py: the scheduler's planner
+and the worker's trainer on the tiny model's checkpoint weights), so the whole driver path
+(submit, events, publish, cancel, restore) runs without vLLM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from safetensors.torch import load_file
+
+from tests.finetune.api_fakes import jsonl, make_jobs, training_lines, upload, wait_until
+from tests.finetune.inprocess_engine import InProcessEngine
+
+BODY = {"model": "base", "seed": 3,
+        "slora": {"max_steps": 24, "publish_every": 4, "batch_tokens": 64, "learning_rate": 1e-2}}
+
+
+def weights(job_dir, step: int) -> dict:
+    return load_file(str(job_dir / f"step-{step}" / "adapter_model.safetensors"))
+
+
+def test_unfinished_job_resumes_after_a_restart_and_ends_where_an_uninterrupted_one_does(tmp_path, tiny_model):
+    async def scenario():
+        engine = InProcessEngine(tiny_model)
+        jobs = make_jobs(tmp_path, tiny_model, engine_call=engine.call)
+        stored = upload(jobs, jsonl(training_lines()))
+        whole = await jobs.create({**BODY, "training_file": stored.id})
+        await wait_until(lambda: jobs.retrieve(whole["id"])["status"] == "succeeded")
+        engine.stop()
+
+        # The engine dies right after the step-8 checkpoint; the dead server writes nothing more.
+        def crash():
+            jobs._persist = lambda job: None
+
+        crashing = InProcessEngine(tiny_model, crash_after_publish=8, on_crash=crash)
+        jobs.engine_call = crashing.call
+        cut = await jobs.create({**BODY, "training_file": stored.id})
+        await asyncio.to_thread(crashing.wait_stopped)
+        assert not ((jobs.root / cut["id"]) / "step-24").exists()
+
+        # A new server on the same directories.
+        engine = InProcessEngine(tiny_model)
+        restarted = make_jobs(tmp_path, tiny_model, engine_call=engine.call)
+        assert set(await restarted.restore()) == {whole["id"], cut["id"]}
+        assert restarted.retrieve(whole["id"])["status"] == "succeeded"
+        served = restarted.host.adapters
+        assert served[whole["fine_tuned_model"]].endswith("step-24")  # served again after the restart
+        assert f"{whole['fine_tuned_model']}:step-12" in served
+        await wait_until(lambda: restarted.retrieve(cut["id"])["status"] not in ("queued", "running"))
+        job = restarted.retrieve(cut["id"])
+        assert job["status"] == "succeeded", job["error"]
+        events = list(reversed(restarted.events(cut["id"], limit=500)[0]))  # oldest first
+        restart = [e["message"] for e in events].index("Server restarted: resuming from the last checkpoint")
+        steps = [e["data"]["step"] for e in events[restart:] if e["data"] and "train_loss" in e["data"]]
+        assert steps == list(range(9, 25))  # only what was not done before the crash
+        assert served[cut["fine_tuned_model"]].endswith("step-24")
+        restarted.close()
+        engine.stop()
+        # Same data, seed and order: the resumed job ends exactly where the uninterrupted one did.
+        ours, reference = weights((jobs.root / cut["id"]), 24), weights((jobs.root / whole["id"]), 24)
+        assert ours.keys() == reference.keys()
+        for key in ours:
+            assert (ours[key] - reference[key]).abs().max() <= 1e-6 * reference[key].abs().max().clamp_min(1e-12), key
+
+    asyncio.run(scenario())
+
+
+def test_engine_jobs_report_steps_publish_and_cancel(tmp_path, tiny_model):
+    """The driver thread follows the engine: metrics per step, every published version served in
+    place and as `:step-N`, cancel stops the job and keeps its last version; jobs run at once."""
+    async def scenario():
+        engine = InProcessEngine(tiny_model)
+        jobs = make_jobs(tmp_path, tiny_model, engine_call=engine.call)
+        stored = upload(jobs, jsonl(training_lines()))
+        short = await jobs.create({**BODY, "training_file": stored.id})
+        endless = await jobs.create({"model": "base", "training_file": stored.id,
+                                     "slora": {"max_steps": 10**6, "publish_every": 5, "batch_tokens": 64}})
+        await wait_until(lambda: jobs.retrieve(short["id"])["status"] == "succeeded")
+        assert jobs.retrieve(endless["id"])["status"] == "running"  # both ran at once
+        await wait_until(lambda: jobs.checkpoints(endless["id"])[0])
+        assert jobs.cancel(endless["id"])["status"] == "cancelled"
+        await wait_until(lambda: jobs.retrieve(endless["id"])["finished_at"] is not None)
+        published = [c["step_number"] for c in jobs.checkpoints(short["id"], limit=10)[0]]
+        assert published == [24, 20, 16, 12, 8, 4]
+        loads = [(name, path.rsplit("/", 1)[-1], replace) for name, path, replace in jobs.host.loads
+                 if name.startswith(short["fine_tuned_model"])]
+        name = short["fine_tuned_model"]
+        assert loads[0] == (name, "step-0", False)
+        assert (name, "step-24", True) in loads and (f"{name}:step-24", "step-24", False) in loads
+        metrics = [e["data"] for e in reversed(jobs.events(short["id"], limit=100)[0])
+                   if e["data"] and "train_loss" in e["data"]]
+        assert [m["step"] for m in metrics] == list(range(1, 25))
+        assert metrics[-1]["train_loss"] < metrics[0]["train_loss"]
+        last = jobs.checkpoints(endless["id"])[0][0]["fine_tuned_model_checkpoint"]
+        assert jobs.host.adapters[endless["fine_tuned_model"]].endswith(last.rsplit(":", 1)[-1])
+        assert engine.planner.handle("stats", {})["active"] == 0 and not engine.worker.jobs
+        jobs.close()
+        engine.stop()
+
+    asyncio.run(scenario())
