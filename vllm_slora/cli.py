@@ -1,4 +1,4 @@
-"""`vllm-slora` command line: prepare, adapters, demo, bench.
+"""`vllm-slora` command line: prepare, adapters, demo, bench, finetune.
 
 Every bad argument is refused before any work starts, with one line on stderr and
 exit status 2 (1 when the work itself fails, e.g. an unreadable base model).
@@ -160,6 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=_int_at_least(1), default=32, help="tokens per answer (default: 32)")
     p.add_argument("--port", type=_port, default=None, help="server port (default: a free one)")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("finetune", help="train a LoRA adapter inside a vLLM engine (progress bar, loss plot)")
+    from vllm_slora.finetune.cli import add_finetune_arguments, run_finetune
+
+    add_finetune_arguments(p)
+    p.set_defaults(func=run_finetune)
 
     p = sub.add_parser("bench", help="replay an S-LoRA workload on stock vLLM and vllm-slora")
     try:
