@@ -1,0 +1,904 @@
+"""Co-served finetuning: one LoRA job trained inside `vllm serve` while it serves an S-LoRA trace.
+
+On the embedded default model (SmolLM2-135M-Instruct) one LoRA job (rank 16, alpha 32, all 7
+projections, 256-token sequences, AdamW lr 2e-4, publish every 5 steps) trains inside the
+engine (`--additional-config '{"slora": {"finetune": true}}'`, in the time inference leaves:
+vllm_slora/finetune/coserve_planner.py) while an S-LoRA-style trace (gamma arrivals,
+power-law popularity over a few inference adapters) is replayed through the server at three
+arrival rates: idle (no traffic), moderate and heavy. It reports, against the issue's goals:
+
+* trained tokens/s co-served at each rate, and as a fraction of the idle engine's;
+* inference TTFT / TPOT p50 / p99 with and without the job (goal: p99 within +10 %);
+* what a user would do instead on the same machine: an HF transformers + PEFT training loop
+  (same LoRA, same tokenized data, fp32, torch's default threads) in a separate process next
+  to the same server, replaying the same traces (goal: co-served >= 1.5x its trained tokens/s
+  at equal or better inference p99);
+* the idle engine's trained tokens/s vs that HF + PEFT loop alone (goal: >= 1x);
+* publish latency: a co-served version from the engine's publish to servable (the job's
+  "Published step N" events) plus the first request with it, beside the disk path a user
+  has (copy a PEFT dir, POST /v1/load_lora_adapter, first request; the HF loop's
+  save_pretrained time is reported too).
+
+One server start (the HF loop runs next to the same server, which then has no job), in order:
+  1. warm-up (one request per adapter), calibration burst -> capacity in req/s;
+     moderate = 0.35 x capacity, heavy = 0.75 x capacity (or --moderate-rate / --heavy-rate);
+  2. no job: the moderate and heavy traces;
+  3. the co-served job: an idle window, then the same two traces; a publish probe; cancel;
+  4. the disk path, --disk-repeats times;
+  5. the HF + PEFT process: an idle window, then the same two traces; stopped.
+A window's trained tokens/s = tokens of the optimizer steps finished inside it / its length
+(the job's trained_tokens is polled every 0.25 s; the HF process logs every step). A replay
+window runs from the first arrival to the last completion.
+
+    .venv/bin/python benchmarks/bench_coserve.py                        # ~15 min on 2 CPU cores
+    .venv/bin/python benchmarks/bench_coserve.py --quick --out-dir /tmp/coserve   # smoke, ~5 min
+
+Writes <out-dir>/coserve-<YYYYMMDD>-<machine>.json and .png (default out-dir:
+benchmarks/results; "-quick" is appended for --quick) and keeps the server log, the HF
+loop's log and the job directories under --work-dir. Every phase also records the cores its
+process trees kept busy and the 1-minute load average: run it on an otherwise quiet machine
+(other CPU work slows the 2-thread HF loop far more than the engine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import math
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+RATE_LABELS = ("idle", "moderate", "heavy")
+LOADED = ("moderate", "heavy")
+TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+P99_TOLERANCE = 0.10  # goal: co-served p99 within +10 % of no job
+SPEEDUP_GOAL = 1.5  # goal: co-served trained tokens/s >= 1.5x the HF side process
+IDLE_GOAL = 1.0  # goal: idle engine >= 1x the HF loop alone
+WEIGHT_DECAY = 0.01  # the co-served job's default (jobs.py); the HF loop uses the same
+
+# Normal / --quick defaults of the options left unset on the command line.
+DEFAULTS = {
+    "phase_seconds": (60.0, 15.0),
+    "num_adapters": (8, 4),
+    "calibration_requests": (16, 8),
+    "publish_probes": (5, 3),
+    "disk_repeats": (5, 3),
+    "train_lines": (256, 64),
+}
+
+
+# -- pure helpers (tests/test_bench_coserve.py) ---------------------------------------------------
+def training_texts(num_lines: int, words_per_line: int, seed: int = 0) -> list[str]:
+    """Lines of random common words (about one token each): every line > 256 tokens, cut by `truncate`."""
+    import random
+
+    from vllm_slora.bench.prompt_words import PROMPT_WORDS
+
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(num_lines):
+        words = [rng.choice(PROMPT_WORDS) for _ in range(words_per_line)]
+        # Sentences rather than a word soup: capitalised, with full stops every 8-16 words.
+        out, i = [], 0
+        while i < len(words):
+            n = rng.randint(8, 16)
+            sentence = words[i:i + n]
+            out.append(" ".join([sentence[0].capitalize(), *sentence[1:]]) + ".")
+            i += n
+        lines.append(" ".join(out))
+    return lines
+
+
+def cumulative_at(samples: Sequence[tuple[float, float]], t: float) -> float:
+    """The cumulative count of the last sample at or before `t` (samples sorted by time; 0 before any)."""
+    value = 0.0
+    for when, count in samples:
+        if when > t:
+            break
+        value = count
+    return value
+
+
+def tokens_in_window(samples: Sequence[tuple[float, float]], t0: float, t1: float) -> float:
+    """Tokens counted between t0 and t1 from (time, cumulative tokens) samples."""
+    if t1 < t0:
+        raise ValueError(f"window ends before it starts: {t0} > {t1}")
+    return cumulative_at(samples, t1) - cumulative_at(samples, t0)
+
+
+def window_rate(samples: Sequence[tuple[float, float]], t0: float, t1: float) -> float | None:
+    """Tokens per second over [t0, t1]; None for an empty window."""
+    if t1 <= t0:
+        return None
+    return tokens_in_window(samples, t0, t1) / (t1 - t0)
+
+
+def choose_rates(capacity: float | None, moderate_factor: float, heavy_factor: float,
+                 moderate: float | None = None, heavy: float | None = None) -> tuple[float, float]:
+    """(moderate, heavy) req/s: given values win, else factors of the calibrated capacity."""
+    if moderate is None or heavy is None:
+        if not capacity or capacity <= 0:
+            raise ValueError("no calibrated capacity: give --moderate-rate and --heavy-rate")
+    moderate = moderate if moderate is not None else round(moderate_factor * capacity, 3)
+    heavy = heavy if heavy is not None else round(heavy_factor * capacity, 3)
+    if not 0 < moderate <= heavy:
+        raise ValueError(f"need 0 < moderate <= heavy, got {moderate} and {heavy}")
+    return moderate, heavy
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    """a / b; None when either is unknown or both are 0; inf for a > 0 over b == 0."""
+    if a is None or b is None:
+        return None
+    if b == 0:
+        return math.inf if a > 0 else None
+    return a / b
+
+
+def json_safe(value):
+    """Non-finite floats as strings ("inf"), so the result file is strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def latency_figures(summary: dict | None) -> dict[str, float | None]:
+    """TTFT / TPOT p50 / p99 (seconds) from a `vllm_slora.bench.metrics.summarize` result."""
+    if not summary:
+        return {k: None for k in ("ttft_p50", "ttft_p99", "tpot_p50", "tpot_p99")}
+    return {f"{kind}_{q}": summary[f"{kind}_s"][q] for kind in ("ttft", "tpot") for q in ("p50", "p99")}
+
+
+def distribution(values: Sequence[float]) -> dict:
+    from vllm_slora.bench.metrics import percentile
+
+    values = [v for v in values if v is not None]
+    return {"n": len(values), "p50": percentile(values, 50), "p90": percentile(values, 90),
+            "max": max(values) if values else None}
+
+
+def check_job_events(events: Sequence[dict], publish_every: int) -> list[str]:
+    """Anomalies in a job's events (oldest first): gaps in steps, publishes off the schedule."""
+    problems = []
+    steps = [e["data"]["step"] for e in events if e.get("data") and "train_loss" in e["data"]]
+    if steps and steps != list(range(steps[0], steps[0] + len(steps))):
+        problems.append(f"metrics events are not one per step in order: {steps[:20]}...")
+    tokens = [e["data"]["trained_tokens"] for e in events if e.get("data") and "trained_tokens" in e["data"]]
+    if any(b < a for a, b in zip(tokens, tokens[1:])):
+        problems.append("trained_tokens decreased between metrics events")
+    published = [e["data"] for e in events if e.get("data") and str(e.get("message", "")).startswith("Published")]
+    off = [p["step"] for p in published if p["step"] % publish_every]
+    if off:
+        problems.append(f"published steps off the publish_every={publish_every} schedule: {off[:10]}")
+    missing = [p["step"] for p in published if "update_to_servable_seconds" not in p]
+    if missing:
+        problems.append(f"published events without update_to_servable_seconds: steps {missing[:10]}")
+    if steps and published:
+        expected = [s for s in steps if s % publish_every == 0]
+        seen = {p["step"] for p in published}
+        # The last due publish may still be pending when the job was cancelled.
+        lost = [s for s in expected[:-1] if s not in seen]
+        if lost:
+            problems.append(f"no 'Published step N' event for steps {lost[:10]}")
+    errors = [e["message"] for e in events if e.get("level") in ("warn", "error")]
+    problems += [f"job event: {m}" for m in errors]
+    return problems
+
+
+def evaluate_goals(fig: dict) -> list[dict]:
+    """The issue's goals from the figures (see `figures`); met is None where not measured."""
+    goals = []
+    for rate in LOADED:
+        for metric in ("ttft_p99", "tpot_p99"):
+            value = ratio(fig["latency"]["coserve"][rate][metric], fig["latency"]["no_job"][rate][metric])
+            goals.append({"goal": f"{rate}: co-served {metric} within +{P99_TOLERANCE:.0%} of no job",
+                          "value": value, "target": f"<= {1 + P99_TOLERANCE:.2f}",
+                          "met": None if value is None else value <= 1 + P99_TOLERANCE})
+    for rate in LOADED:
+        speedup = ratio(fig["trained_tok_s"]["coserve"][rate], fig["trained_tok_s"]["hf_side"][rate])
+        p99 = {m: ratio(fig["latency"]["coserve"][rate][m], fig["latency"]["hf_side"][rate][m])
+               for m in ("ttft_p99", "tpot_p99")}
+        measured = speedup is not None and None not in p99.values()
+        goals.append({"goal": f"{rate}: co-served trained tok/s >= {SPEEDUP_GOAL}x the HF + PEFT side process, "
+                              "at equal or better inference p99",
+                      "value": speedup, "p99_vs_hf_side": p99, "target": f">= {SPEEDUP_GOAL} and p99 ratios <= 1",
+                      "met": (speedup >= SPEEDUP_GOAL and all(v <= 1.0 for v in p99.values())) if measured else None})
+    idle = ratio(fig["trained_tok_s"]["coserve"]["idle"], fig["trained_tok_s"]["hf_side"]["idle"])
+    goals.append({"goal": f"idle engine trained tok/s >= {IDLE_GOAL}x the HF + PEFT loop alone", "value": idle,
+                  "target": f">= {IDLE_GOAL}", "met": None if idle is None else idle >= IDLE_GOAL})
+    return goals
+
+
+# -- the HF + PEFT training loop (a separate process: `--hf-trainer`) -----------------------------
+def hf_trainer(args) -> int:
+    """Train until --hf-stop-file exists; one JSON line per optimizer step to --hf-progress."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from vllm_slora.finetune.data import load_training_file
+
+    torch.manual_seed(args.seed)
+    if args.hf_threads:
+        torch.set_num_threads(args.hf_threads)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    progress = open(args.hf_progress, "a", buffering=1)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    # The co-served job's own tokenization (text + EOS, cut at max_length): identical examples.
+    examples = load_training_file(args.hf_data, tokenizer, args.seq_len, truncate=True)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).to(device)
+    model.config.use_cache = False
+    model = get_peft_model(model, LoraConfig(
+        r=args.lora_rank, lora_alpha=args.lora_alpha, target_modules=list(TARGET_MODULES), lora_dropout=0.0,
+        bias="none", task_type="CAUSAL_LM"))
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=WEIGHT_DECAY)
+    progress.write(json.dumps({"event": "ready", "t": time.time(), "device": device,
+                               "threads": torch.get_num_threads(), "examples": len(examples),
+                               "lora_parameters": sum(p.numel() for p in params)}) + "\n")
+    stop = Path(args.hf_stop_file)
+    step = tokens = 0
+    while not stop.exists():
+        example = examples[step % len(examples)]
+        ids = torch.tensor([example.input_ids], device=device)
+        labels = torch.tensor([example.labels], device=device)
+        loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss_value = loss.detach().item()  # synchronizes a GPU
+        step += 1
+        tokens += ids.shape[1]
+        progress.write(json.dumps({"t": time.time(), "step": step, "tokens": tokens, "loss": loss_value}) + "\n")
+    started = time.perf_counter()
+    model.save_pretrained(args.hf_save_dir)
+    progress.write(json.dumps({"event": "saved", "t": time.time(), "save_seconds": time.perf_counter() - started,
+                               "path": str(args.hf_save_dir)}) + "\n")
+    return 0
+
+
+class HFProcess:
+    """The HF + PEFT loop as a child process running this file with --hf-trainer."""
+
+    def __init__(self, args, data: Path, work: Path) -> None:
+        self.progress = work / "hf-progress.jsonl"
+        self.stop_file = work / "hf-stop"
+        self.save_dir = work / "hf-adapter"
+        for path in (self.progress, self.stop_file):
+            path.unlink(missing_ok=True)
+        shutil.rmtree(self.save_dir, ignore_errors=True)
+        command = [sys.executable, str(Path(__file__).resolve()), "--hf-trainer", "--model", str(args.model),
+                   "--hf-data", str(data), "--hf-progress", str(self.progress), "--hf-stop-file", str(self.stop_file),
+                   "--hf-save-dir", str(self.save_dir), "--lora-rank", str(args.lora_rank),
+                   "--lora-alpha", str(args.lora_alpha), "--seq-len", str(args.seq_len), "--lr", str(args.lr),
+                   "--seed", str(args.seed), "--hf-threads", str(args.hf_threads)]
+        self.log_path = work / "hf-trainer.log"
+        self.log = open(self.log_path, "wb")
+        self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                        start_new_session=True)
+
+    def lines(self) -> list[dict]:
+        try:
+            text = self.progress.read_text()
+        except FileNotFoundError:
+            return []
+        out = []
+        for line in text.splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:  # a line being written
+                pass
+        return out
+
+    def samples(self) -> list[tuple[float, float]]:
+        return [(d["t"], d["tokens"]) for d in self.lines() if "tokens" in d]
+
+    def info(self) -> dict:
+        return next((d for d in self.lines() if d.get("event") == "ready"), {})
+
+    def wait_steps(self, steps: int, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while len(self.samples()) < steps:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the HF trainer exited with {self.process.returncode}; see {self.log_path}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the HF trainer made fewer than {steps} steps in {timeout_s:.0f} s")
+            time.sleep(0.5)
+
+    def stop(self, timeout_s: float = 120.0) -> dict:
+        """Ask the loop to stop (it then times save_pretrained); returns its 'saved' line."""
+        self.stop_file.touch()
+        try:
+            self.process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.log.close()
+        return next((d for d in self.lines() if d.get("event") == "saved"), {})
+
+
+# -- against the server ----------------------------------------------------------------------------
+class Poller:
+    """Samples (time.time(), value()) every `interval_s` in a thread: the co-served job's trained_tokens."""
+
+    def __init__(self, value: Callable[[], float], interval_s: float = 0.25) -> None:
+        self.value, self.interval_s = value, interval_s
+        self._samples: list[tuple[float, float]] = []
+        self.errors = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="coserve-poller")
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                value = self.value()
+                self._samples.append((time.time(), value))
+            except Exception:
+                self.errors += 1
+            self._stop.wait(self.interval_s)
+
+    def samples(self) -> list[tuple[float, float]]:
+        return list(self._samples)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
+class CpuMeter:
+    """CPU seconds used so far by process trees ({name: root pid}); what a phase's window used shows
+    how busy the server, the HF loop and (by the load average) everything else kept the cores."""
+
+    def __init__(self) -> None:
+        self.roots: dict[str, int] = {}
+
+    def read(self) -> dict[str, float]:
+        import psutil
+
+        out = {}
+        for name, pid in self.roots.items():
+            total = 0.0
+            try:
+                root = psutil.Process(pid)
+                for proc in [root, *root.children(recursive=True)]:
+                    try:
+                        times = proc.cpu_times()
+                        total += times.user + times.system
+                    except psutil.Error:
+                        pass
+            except psutil.Error:
+                continue
+            out[name] = total
+        return out
+
+
+def post(base_url: str, path: str, body: dict, timeout: float = 300) -> tuple[int, str]:
+    request = urllib.request.Request(f"{base_url}{path}", json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def first_request_s(base_url: str, model: str) -> float:
+    started = time.perf_counter()
+    status, text = post(base_url, "/v1/completions", {"model": model, "prompt": "the quick brown fox",
+                                                      "max_tokens": 1, "temperature": 0.0})
+    if status != 200:
+        raise RuntimeError(f"completion with {model!r} answered {status}: {text[:300]}")
+    return time.perf_counter() - started
+
+
+def replay(trace, base_url: str, deadline_s: float) -> tuple[dict, float, float]:
+    """Replay `trace`; (compact summary, window start, window end) on the time.time() clock."""
+    from vllm_slora.bench.metrics import summarize
+    from vllm_slora.bench.replay import replay_trace
+    from vllm_slora.bench.systems import BASE_MODEL_NAME
+
+    t0 = time.time()
+    result = asyncio.run(replay_trace(trace, base_url, BASE_MODEL_NAME, deadline_s=deadline_s))
+    summary = summarize(result.records, result.wall_s)
+    keep = ("requests", "completed", "errors", "error_kinds", "error_examples", "wall_s", "throughput_req_s",
+            "throughput_tok_s", "ttft_s", "tpot_s", "latency_s", "slo_attainment")
+    return {k: summary[k] for k in keep}, t0, t0 + result.wall_s
+
+
+def phase(label: str, rate: float, trace, base_url: str, args, samples: Callable[[], list] | None,
+          cpu: CpuMeter) -> dict:
+    """One window: the trace replayed (or, idle, a sleep), and the trained tokens/s inside it."""
+    cpu_before, load_before = cpu.read(), os.getloadavg()[0]
+    if trace:
+        summary, t0, t1 = replay(trace, base_url, deadline_s=args.phase_seconds + max(30.0, args.phase_seconds))
+    else:
+        summary, t0 = None, time.time()
+        time.sleep(args.phase_seconds)
+        t1 = time.time()
+    cpu_after = cpu.read()
+    out = {"rate_label": label, "request_rate": rate, "window_s": round(t1 - t0, 3), "inference": summary,
+           **latency_figures(summary),
+           # Cores kept busy during the window (CPU seconds / wall seconds), per process tree.
+           "cpu_cores_busy": {k: round((cpu_after[k] - v) / max(t1 - t0, 1e-9), 2)
+                              for k, v in cpu_before.items() if k in cpu_after},
+           "load_average_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
+    if samples is not None:
+        time.sleep(0.5)  # the sampler's next reading covers the window's end
+        s = samples()
+        out["trained_tokens"] = tokens_in_window(s, t0, t1)
+        out["trained_tok_s"] = window_rate(s, t0, t1)
+    return out
+
+
+def show_phase(condition: str, result: dict) -> None:
+    fmt = lambda v, scale=1.0: "-" if v is None else f"{v * scale:.1f}"
+    inf = result.get("inference") or {}
+    print(f"[{condition:8s} {result['rate_label']:8s} {result['request_rate']:6.3f} req/s] "
+          f"trained {fmt(result.get('trained_tok_s'))} tok/s | TTFT p50/p99 {fmt(result['ttft_p50'], 1e3)}/"
+          f"{fmt(result['ttft_p99'], 1e3)} ms | TPOT p50/p99 {fmt(result['tpot_p50'], 1e3)}/"
+          f"{fmt(result['tpot_p99'], 1e3)} ms | {inf.get('completed', '-')}/{inf.get('requests', '-')} ok | "
+          f"cores busy {result['cpu_cores_busy']}, load {result['load_average_1m']}", flush=True)
+
+
+def all_events(client, job_id: str) -> list[dict]:
+    """Every event of a job, oldest first, as dicts (the client pages through them)."""
+    events = [e.model_dump() for e in client.fine_tuning.jobs.list_events(job_id, limit=100)]
+    return list(reversed(events))
+
+
+def probe_publishes(client, base_url: str, job, count: int, timeout_s: float) -> list[dict]:
+    """For the next `count` publishes: the event's update_to_servable plus a first request with the version."""
+    seen = {e["data"]["step"] for e in all_events(client, job.id)
+            if e.get("data") and str(e["message"]).startswith("Published")}
+    out, deadline = [], time.monotonic() + timeout_s
+    while len(out) < count and time.monotonic() < deadline:
+        page = client.fine_tuning.jobs.list_events(job.id, limit=10).data
+        new = [e for e in page if e.message.startswith("Published") and e.data and e.data["step"] not in seen]
+        if not new:
+            time.sleep(0.05)
+            continue
+        newest = max(new, key=lambda e: e.data["step"])
+        seen.update(e.data["step"] for e in new)
+        request_s = first_request_s(base_url, f"{job.fine_tuned_model}:step-{newest.data['step']}")
+        servable = newest.data.get("update_to_servable_seconds")
+        out.append({"step": newest.data["step"], "update_to_servable_s": servable,
+                    "publish_s": newest.data.get("publish_seconds"), "first_request_s": request_s,
+                    "total_s": None if servable is None else servable + request_s})
+    return out
+
+
+def disk_path(base_url: str, source: Path, work: Path, repeats: int) -> list[dict]:
+    """A user's path for a new version: copy a PEFT dir, load it as a new adapter, first request."""
+    out = []
+    for i in range(repeats):
+        target = work / f"disk-path-{i}"
+        shutil.rmtree(target, ignore_errors=True)
+        name = f"disk-path-{os.getpid()}-{i}"
+        t0 = time.perf_counter()
+        shutil.copytree(source, target)
+        t1 = time.perf_counter()
+        status, text = post(base_url, "/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(target)})
+        if status != 200:
+            raise RuntimeError(f"load_lora_adapter answered {status}: {text[:300]}")
+        t2 = time.perf_counter()
+        request_s = first_request_s(base_url, name)
+        out.append({"copy_s": t1 - t0, "load_s": t2 - t1, "first_request_s": request_s,
+                    "total_s": t2 - t0 + request_s})
+    return out
+
+
+def calibrate(base_url: str, names: Sequence[str], args) -> dict:
+    """A burst of requests all at t=0: completed req/s at full batch is the server's capacity."""
+    from vllm_slora.bench.workload import generate_trace
+
+    trace = generate_trace(workload(args, rate=1.0, num_requests=args.calibration_requests, seed=args.seed + 99), names)
+    trace = [dataclasses.replace(r, arrival_s=0.0) for r in trace]
+    summary, t0, t1 = replay(trace, base_url, deadline_s=300.0)
+    return {"requests": len(trace), "completed": summary["completed"], "wall_s": summary["wall_s"],
+            "capacity_req_s": summary["throughput_req_s"], "output_tok_s": summary["throughput_tok_s"]}
+
+
+def workload(args, rate: float, num_requests: int, seed: int):
+    from vllm_slora.bench.workload import LengthRange, WorkloadSpec
+
+    return WorkloadSpec(num_adapters=args.num_adapters, num_requests=num_requests, request_rate=rate, cv=args.cv,
+                        alpha=args.alpha, prompt_len=LengthRange.parse(args.prompt_len),
+                        output_len=LengthRange.parse(args.output_len), ranks=(8, 16), seed=seed)
+
+
+def warm_up(base_url: str, names: Sequence[str]) -> None:
+    from vllm_slora.bench.systems import BASE_MODEL_NAME
+
+    for name in [BASE_MODEL_NAME, *names]:
+        first_request_s(base_url, name)
+
+
+def log_problems(log_path: Path) -> list[str]:
+    try:
+        lines = log_path.read_text(errors="replace").splitlines()
+    except OSError:
+        return []
+    return [line[:300] for line in lines if "Traceback" in line or " ERROR " in line][:20]
+
+
+def figures(phases: dict) -> dict:
+    """The headline numbers from the phases: {condition: {rate label: phase result}}."""
+    def tok_s(condition, rate):
+        return (phases.get(condition, {}).get(rate) or {}).get("trained_tok_s")
+
+    fig = {"trained_tok_s": {c: {r: tok_s(c, r) for r in RATE_LABELS} for c in ("coserve", "hf_side")},
+           "latency": {c: {r: latency_figures((phases.get(c, {}).get(r) or {}).get("inference")) for r in LOADED}
+                       for c in ("no_job", "coserve", "hf_side")}}
+    idle = fig["trained_tok_s"]["coserve"]["idle"]
+    fig["coserve_fraction_of_idle"] = {r: ratio(fig["trained_tok_s"]["coserve"][r], idle) for r in RATE_LABELS}
+    fig["coserve_vs_hf_side"] = {r: ratio(fig["trained_tok_s"]["coserve"][r], fig["trained_tok_s"]["hf_side"][r])
+                                 for r in RATE_LABELS}
+    fig["p99_vs_no_job"] = {c: {r: {m: ratio(fig["latency"][c][r][m], fig["latency"]["no_job"][r][m])
+                                    for m in ("ttft_p99", "tpot_p99")} for r in LOADED}
+                            for c in ("coserve", "hf_side")}
+    return fig
+
+
+def print_table(rates: dict, fig: dict, publish: dict, goals: list[dict]) -> None:
+    def f(v, scale=1.0, digits=1):
+        return "-" if v is None else f"{v * scale:.{digits}f}"
+
+    print("\nrate      req/s  | co-served tok/s (x idle) | HF side tok/s | co/HF | "
+          "TTFT p99 ms none/co/HF      | TPOT p99 ms none/co/HF")
+    for r in RATE_LABELS:
+        lat = {c: fig["latency"][c].get(r) or {} for c in ("no_job", "coserve", "hf_side")}
+        ttft = "/".join(f(lat[c].get("ttft_p99"), 1e3, 0) for c in lat) if r != "idle" else "-"
+        tpot = "/".join(f(lat[c].get("tpot_p99"), 1e3, 0) for c in lat) if r != "idle" else "-"
+        print(f"{r:8s} {rates[r]:6.3f} | {f(fig['trained_tok_s']['coserve'][r]):>8s} "
+              f"({f(fig['coserve_fraction_of_idle'][r], digits=2):>4s})          | "
+              f"{f(fig['trained_tok_s']['hf_side'][r]):>13s} | {f(fig['coserve_vs_hf_side'][r], digits=2):>5s} | "
+              f"{ttft:27s} | {tpot}")
+    co, disk = publish.get("coserve", {}), publish.get("disk_path", {})
+    print(f"\npublish: co-served update->servable p50 {f((co.get('update_to_servable_s') or {}).get('p50'), 1e3, 0)} ms"
+          f" (max {f((co.get('update_to_servable_s') or {}).get('max'), 1e3, 0)} ms), + first request p50 "
+          f"{f((co.get('probe_first_request_s') or {}).get('p50'), 1e3, 0)} ms; disk path copy+load+first request "
+          f"p50 {f((disk.get('total_s') or {}).get('p50'), 1e3, 0)} ms; HF save_pretrained "
+          f"{f(publish.get('hf_save_pretrained_s'), 1e3, 0)} ms")
+    print("\ngoals:")
+    for g in goals:
+        mark = {True: "MET ", False: "MISS", None: "n/a "}[g["met"]]
+        print(f"  [{mark}] {g['goal']}: {f(g['value'], digits=3)} (target {g['target']})")
+
+
+def plot(fig: dict, rates: dict, title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def v(x, scale=1.0):
+        return 0.0 if x is None or (isinstance(x, float) and math.isnan(x)) else x * scale
+
+    figure, axes = plt.subplots(1, 3, figsize=(14, 4.2))
+    width = 0.38
+    xs = range(len(RATE_LABELS))
+    ax = axes[0]
+    for i, (condition, label) in enumerate((("coserve", "co-served (in the engine)"),
+                                            ("hf_side", "HF + PEFT side process"))):
+        ax.bar([x + (i - 0.5) * width for x in xs], [v(fig["trained_tok_s"][condition][r]) for r in RATE_LABELS],
+               width, label=label)
+    ax.set_xticks(list(xs), [f"{r}\n{rates[r]:.2f} req/s" for r in RATE_LABELS])
+    ax.set_ylabel("trained tokens / s")
+    ax.set_ylim(top=max(ax.get_ylim()[1], 1.0) * 1.3)  # room for the legend
+    ax.set_title("Training throughput")
+    ax.legend(fontsize=8)
+    width = 0.27
+    for ax, metric, name in ((axes[1], "ttft_p99", "TTFT p99"), (axes[2], "tpot_p99", "TPOT p99")):
+        xs = range(len(LOADED))
+        for i, (condition, label) in enumerate((("no_job", "no training"), ("coserve", "co-served job"),
+                                                ("hf_side", "HF + PEFT side process"))):
+            ax.bar([x + (i - 1) * width for x in xs], [v(fig["latency"][condition][r][metric], 1e3) for r in LOADED],
+                   width, label=label)
+        for x, r in zip(xs, LOADED):
+            base = fig["latency"]["no_job"][r][metric]
+            if base:
+                ax.hlines(base * 1e3 * (1 + P99_TOLERANCE), x - 1.5 * width, x + 1.5 * width, colors="k",
+                          linestyles="dashed", linewidth=1)
+        ax.set_xticks(list(xs), [f"{r}\n{rates[r]:.2f} req/s" for r in LOADED])
+        ax.set_ylabel("ms")
+        ax.set_ylim(top=max(ax.get_ylim()[1], 1.0) * 1.3)
+        ax.set_title(f"Inference {name} (dashed: no job + 10 %)")
+        ax.legend(fontsize=8)
+    figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+# -- the run -------------------------------------------------------------------------------------------
+def run(args) -> int:
+    from openai import OpenAI
+
+    from vllm_slora.adapters.generate import generate_adapters
+    from vllm_slora.bench.machine import machine_info, machine_tag
+    from vllm_slora.bench.systems import AdapterRef, ServerSettings, server_args
+    from vllm_slora.bench.workload import generate_trace
+    from vllm_slora.model_prep import prepare_default_model
+    from vllm_slora.server_process import ServerProcess
+
+    started = time.monotonic()
+    machine = machine_info()
+    model = Path(args.model) if args.model else prepare_default_model()
+    args.model = str(model)
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    finetune_dir = work / "finetune"
+    shutil.rmtree(finetune_dir, ignore_errors=True)  # a previous run's jobs would be restored and resumed
+    adapters = [AdapterRef(a.name, str(a.path), a.rank) for a in
+                generate_adapters(model / "config.json", work / "adapters", args.num_adapters, ranks=(8, 16),
+                                  seed=args.seed)]
+    names = [a.name for a in adapters]
+    data = work / "train.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n"
+                            for t in training_texts(args.train_lines, args.words_per_line, args.seed)))
+
+    slora = {"finetune": True}
+    if args.slack is not None:
+        slora["finetune_slack"] = args.slack
+    gpu = bool(machine["gpus"])
+    settings = ServerSettings(dtype="auto" if gpu else "float32", enforce_eager=not gpu,
+                              max_model_len=args.max_model_len, kv_cache_memory_bytes=args.kv_cache_memory_bytes,
+                              slora_config=slora)
+    sargs = server_args("slora", adapters, settings)
+    if "--max-lora-rank" in sargs:  # the job's rank must fit too
+        i = sargs.index("--max-lora-rank") + 1
+        sargs[i] = str(max(int(sargs[i]), args.lora_rank))
+    env = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1", "VLLM_SLORA_FINETUNE_DIR": str(finetune_dir)}
+    log_path = work / f"server-{time.strftime('%H%M%S')}.log"
+    phases: dict[str, dict[str, dict]] = {"no_job": {}, "coserve": {}, "hf_side": {}}
+    publish: dict = {}
+    problems: list[str] = []
+    job_info: dict = {}
+    hf_info: dict = {}
+    calibration: dict | None = None
+
+    print(f"starting vllm serve (log {log_path})", flush=True)
+    t_server = time.monotonic()
+    with ServerProcess(model, sargs, env=env, log_path=log_path, startup_timeout_s=900) as server:
+        startup_s = round(time.monotonic() - t_server, 1)
+        base_url = server.base_url
+        cpu = CpuMeter()
+        cpu.roots["server"] = server.process.pid
+        client = OpenAI(base_url=server.openai_base_url, api_key="EMPTY", max_retries=0, timeout=300)
+        print(f"server up in {startup_s} s; warming up {len(names)} adapters", flush=True)
+        warm_up(base_url, names)
+
+        if args.moderate_rate is None or args.heavy_rate is None:
+            calibration = calibrate(base_url, names, args)
+            print(f"calibration: {calibration}", flush=True)
+        moderate, heavy = choose_rates(calibration and calibration["capacity_req_s"], args.moderate_factor,
+                                       args.heavy_factor, args.moderate_rate, args.heavy_rate)
+        rates = {"idle": 0.0, "moderate": moderate, "heavy": heavy}
+        traces = {r: generate_trace(workload(args, rates[r], max(1, round(rates[r] * args.phase_seconds)),
+                                             seed=args.seed + i), names)
+                  for i, r in enumerate(LOADED, start=1)}
+        traces["idle"] = []
+
+        # 2. no job
+        for r in LOADED:
+            phases["no_job"][r] = phase(r, rates[r], traces[r], base_url, args, None, cpu)
+            show_phase("no job", phases["no_job"][r])
+
+        # 3. the co-served job
+        with open(data, "rb") as f:
+            uploaded = client.files.create(file=f, purpose="fine-tune")
+        t_create = time.monotonic()
+        job = client.fine_tuning.jobs.create(model="default", training_file=uploaded.id, suffix="coserve-bench",
+                                             seed=args.seed, extra_body={"slora": {
+                                                 "lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha,
+                                                 "target_modules": list(TARGET_MODULES),
+                                                 "batch_tokens": args.seq_len, "max_length": args.seq_len,
+                                                 "max_steps": 100_000, "publish_every": args.publish_every,
+                                                 "learning_rate": args.lr, "truncate": True}})
+        job_info = {"id": job.id, "fine_tuned_model": job.fine_tuned_model, "create_s": round(time.monotonic() - t_create, 2)}
+        poller = Poller(lambda: client.fine_tuning.jobs.retrieve(job.id).trained_tokens)
+        try:
+            deadline = time.monotonic() + 600
+            while not poller.samples() or poller.samples()[-1][1] < 2 * args.seq_len:  # two steps: warm
+                current = client.fine_tuning.jobs.retrieve(job.id)
+                if current.status in ("failed", "cancelled", "succeeded") or time.monotonic() > deadline:
+                    raise RuntimeError(f"the co-served job did not start training: {current.status} {current.error}")
+                time.sleep(0.5)
+            job_info["first_steps_s"] = round(time.monotonic() - t_create, 2)
+            for r in RATE_LABELS:
+                phases["coserve"][r] = phase(r, rates[r], traces[r], base_url, args, poller.samples, cpu)
+                show_phase("co-serve", phases["coserve"][r])
+            probes = probe_publishes(client, base_url, job, args.publish_probes, timeout_s=max(120.0, 20 * args.publish_probes))
+        finally:
+            poller.close()
+            status = client.fine_tuning.jobs.cancel(job.id).status if \
+                client.fine_tuning.jobs.retrieve(job.id).status in ("queued", "running") else None
+            deadline = time.monotonic() + 300
+            while (current := client.fine_tuning.jobs.retrieve(job.id)).finished_at is None:
+                if time.monotonic() > deadline:
+                    problems.append("the cancelled job did not finish within 300 s")
+                    break
+                time.sleep(0.5)
+        job_info.update(status_after_cancel=status, final_status=current.status, error=current.error and
+                        current.error.model_dump(), trained_tokens=current.trained_tokens, poller_errors=poller.errors)
+        events = all_events(client, job.id)
+        metrics = [e["data"] for e in events if e.get("data") and "train_loss" in e["data"]]
+        published = [e for e in events if e.get("data") and str(e["message"]).startswith("Published")]
+        job_info.update(steps=len(metrics), events=len(events),
+                        first_loss=metrics[0]["train_loss"] if metrics else None,
+                        last_loss=metrics[-1]["train_loss"] if metrics else None,
+                        step_seconds=distribution([m["step_seconds"] for m in metrics]),
+                        step_tokens=distribution([m["step_tokens"] for m in metrics]),
+                        last_messages=[e["message"] for e in events[-4:]])
+        problems += check_job_events(events, args.publish_every)
+        if current.status != "cancelled":
+            problems.append(f"the job ended {current.status}, not cancelled: {current.error}")
+        publish["coserve"] = {
+            "publishes": len(published),
+            "update_to_servable_s": distribution([e["data"].get("update_to_servable_seconds") for e in published]),
+            "publish_s": distribution([e["data"].get("publish_seconds") for e in published]),
+            "probes": probes,
+            "probe_first_request_s": distribution([p["first_request_s"] for p in probes]),
+            "probe_total_s": distribution([p["total_s"] for p in probes]),
+            "note": "update_to_servable: from the engine's 'published' event (recorded after the worker's "
+                    "publish unit wrote the PEFT files) until the API server has loaded both names "
+                    "(fine_tuned_model in place, then <fine_tuned_model>:step-N); the publish unit's own time "
+                    "is not in the job's events. probe: + one max_tokens=1 request to the new version",
+        }
+
+        # 4. the disk path
+        served = {m.id: getattr(m, "root", None) for m in client.models.list()}
+        source = served.get(job.fine_tuned_model)
+        if not source or not Path(source).is_dir():
+            steps = sorted((finetune_dir / "jobs" / job.id).glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+            source = str(steps[-1]) if steps else None
+        if source:
+            runs = disk_path(base_url, Path(source), work, args.disk_repeats)
+            publish["disk_path"] = {"source": source, "runs": runs,
+                                    **{k: distribution([x[k] for x in runs])
+                                       for k in ("copy_s", "load_s", "first_request_s", "total_s")}}
+        else:
+            problems.append("no published adapter directory found for the disk path")
+
+        # 5. the HF + PEFT side process
+        if not args.skip_hf:
+            hf = HFProcess(args, data, work)
+            cpu.roots["hf_trainer"] = hf.process.pid
+            try:
+                hf.wait_steps(2, timeout_s=900)
+                hf_info = hf.info()
+                for r in RATE_LABELS:
+                    phases["hf_side"][r] = phase(r, rates[r], traces[r], base_url, args, hf.samples, cpu)
+                    show_phase("HF side", phases["hf_side"][r])
+            finally:
+                saved = hf.stop()
+            steps = hf.lines()
+            losses = [d["loss"] for d in steps if "loss" in d]
+            hf_info.update(steps=len(losses), first_loss=losses[0] if losses else None,
+                           last_loss=losses[-1] if losses else None, exit_code=hf.process.returncode,
+                           log=str(hf.log_path))
+            publish["hf_save_pretrained_s"] = saved.get("save_seconds")
+            cpu.roots.pop("hf_trainer", None)
+        if not server.is_running():
+            problems.append("the server died during the run:\n" + server.log_tail(40))
+        client.close()
+    problems += [f"server log: {line}" for line in log_problems(log_path)]
+
+    fig = figures(phases)
+    goals = evaluate_goals(fig)
+    machine_name = machine_tag(machine)
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / f"coserve-{time.strftime('%Y%m%d')}-{machine_name}"
+    if args.quick:
+        stem = stem.with_name(stem.name + "-quick")
+    config = {k: v for k, v in vars(args).items() if not k.startswith("hf_")}
+    document = {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": " ".join(shlex.quote(a) for a in sys.argv),
+        "machine": machine,
+        "config": config,
+        "server": {"args": sargs, "env": env, "log": str(log_path), "startup_s": startup_s},
+        "calibration": calibration,
+        "rates_req_s": rates,
+        "figures": fig,
+        "goals": goals,
+        "publish": publish,
+        "job": job_info,
+        "hf_trainer": hf_info,
+        "phases": phases,
+        "problems": problems,
+        "runtime_s": round(time.monotonic() - started, 1),
+    }
+    stem.with_suffix(".json").write_text(json.dumps(json_safe(document), indent=1, default=str) + "\n")
+    plot(fig, rates, f"Co-served LoRA finetuning (rank {args.lora_rank}, {args.seq_len}-token sequences) vs an "
+         f"HF + PEFT side process: {model.name}, {machine['cpu_cores']} cores"
+         + (f", {machine['gpus'][0]}" if gpu else ""), stem.with_suffix(".png"))
+    print_table(rates, fig, publish, goals)
+    if problems:
+        print("\nproblems seen:")
+        for p in problems:
+            print(f"  - {p}")
+    print(f"\nwrote {stem}.json and .png ({document['runtime_s']:.0f} s)")
+    return 0
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run (~5 min): short phases, fewer adapters")
+    parser.add_argument("--model", help="base model folder (default: the embedded SmolLM2-135M-Instruct)")
+    g = parser.add_argument_group("workload")
+    g.add_argument("--phase-seconds", type=float, help="length of each rate's trace / idle window (default 60; quick 15)")
+    g.add_argument("--moderate-rate", type=float, help="req/s (default: --moderate-factor x calibrated capacity)")
+    g.add_argument("--heavy-rate", type=float, help="req/s (default: --heavy-factor x calibrated capacity)")
+    g.add_argument("--moderate-factor", type=float, default=0.35)
+    g.add_argument("--heavy-factor", type=float, default=0.75)
+    g.add_argument("--calibration-requests", type=int, help="burst size for the capacity (default 16; quick 8)")
+    g.add_argument("--num-adapters", type=int, help="inference adapters, ranks 8 and 16 (default 8; quick 4)")
+    g.add_argument("--alpha", type=float, default=1.0, help="adapter popularity power law (1 = uniform)")
+    g.add_argument("--cv", type=float, default=1.0, help="inter-arrival CV (1 = Poisson)")
+    g.add_argument("--prompt-len", default="16:64", help="prompt words: N or LOW:HIGH")
+    g.add_argument("--output-len", default="32", help="output tokens: N or LOW:HIGH")
+    g.add_argument("--seed", type=int, default=0)
+    g = parser.add_argument_group("training (co-served job and HF loop alike)")
+    g.add_argument("--lora-rank", type=int, default=16)
+    g.add_argument("--lora-alpha", type=float, default=32.0)
+    g.add_argument("--seq-len", type=int, default=256, help="tokens per example and per optimizer step")
+    g.add_argument("--lr", type=float, default=2e-4)
+    g.add_argument("--publish-every", type=int, default=5)
+    g.add_argument("--train-lines", type=int, help="training examples (default 256; quick 64)")
+    g.add_argument("--words-per-line", type=int, default=320, help="> --seq-len, so every example is cut to it")
+    g.add_argument("--slack", type=float, help="slora finetune_slack (default: the server's, 0.1)")
+    g.add_argument("--skip-hf", action="store_true", help="no HF + PEFT baseline")
+    g.add_argument("--hf-threads", type=int, default=0, help="torch threads of the HF loop (default 0: torch's default)")
+    g = parser.add_argument_group("server and output")
+    g.add_argument("--max-model-len", type=int, default=1024)
+    g.add_argument("--kv-cache-memory-bytes", type=int, default=1 << 30)
+    g.add_argument("--publish-probes", type=int, help="publishes probed with a first request (default 5; quick 3)")
+    g.add_argument("--disk-repeats", type=int, help="disk-path repetitions (default 5; quick 3)")
+    g.add_argument("--work-dir", default="/tmp/vllm-slora-coserve", help="adapters, data, logs, job dirs")
+    g.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
+    h = parser.add_argument_group("internal: the HF + PEFT loop process")
+    h.add_argument("--hf-trainer", action="store_true", help=argparse.SUPPRESS)
+    for name in ("--hf-data", "--hf-progress", "--hf-stop-file", "--hf-save-dir"):
+        h.add_argument(name, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    for key, (normal, quick) in DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, quick if args.quick else normal)
+    if args.phase_seconds <= 0 or args.num_adapters < 1 or args.calibration_requests < 1:
+        parser.error("--phase-seconds, --num-adapters and --calibration-requests must be positive")
+    if args.words_per_line <= args.seq_len:
+        parser.error("--words-per-line must exceed --seq-len (every example is cut to --seq-len tokens)")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.hf_trainer:
+        return hf_trainer(args)
+    return run(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,128 @@
+"""The pure helpers of benchmarks/bench_coserve.py (no server, no training)."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_coserve.py"
+_spec = importlib.util.spec_from_file_location("bench_coserve", _PATH)
+bench = importlib.util.module_from_spec(_spec)
+sys.modules.setdefault("bench_coserve", bench)
+_spec.loader.exec_module(bench)
+
+
+def test_tokens_in_window_counts_steps_finished_inside():
+    samples = [(1.0, 256), (2.0, 512), (3.0, 768), (4.5, 1024)]
+    assert bench.cumulative_at(samples, 0.5) == 0
+    assert bench.cumulative_at(samples, 2.0) == 512
+    assert bench.tokens_in_window(samples, 1.5, 3.5) == 512  # the steps at 2.0 and 3.0
+    assert bench.tokens_in_window(samples, 0.0, 10.0) == 1024
+    assert bench.tokens_in_window(samples, 4.6, 9.0) == 0
+    assert bench.window_rate(samples, 1.5, 3.5) == pytest.approx(256.0)
+    assert bench.window_rate(samples, 2.0, 2.0) is None
+    with pytest.raises(ValueError):
+        bench.tokens_in_window(samples, 3.0, 2.0)
+
+
+def test_choose_rates():
+    assert bench.choose_rates(4.0, 0.35, 0.75) == (1.4, 3.0)
+    assert bench.choose_rates(None, 0.35, 0.75, moderate=1.0, heavy=2.0) == (1.0, 2.0)
+    assert bench.choose_rates(4.0, 0.35, 0.75, heavy=2.0) == (1.4, 2.0)
+    with pytest.raises(ValueError, match="calibrated"):
+        bench.choose_rates(None, 0.35, 0.75, moderate=1.0)
+    with pytest.raises(ValueError, match="moderate <= heavy"):
+        bench.choose_rates(4.0, 0.35, 0.75, moderate=3.0, heavy=2.0)
+
+
+def test_training_texts_are_long_deterministic_sentences():
+    a, b = bench.training_texts(3, 300, seed=1), bench.training_texts(3, 300, seed=1)
+    assert a == b and len(a) == 3 and a != bench.training_texts(3, 300, seed=2)
+    assert all(len(t.split()) == 300 and t.endswith(".") and t[0].isupper() for t in a)
+
+
+def test_latency_figures_and_ratio():
+    summary = {"ttft_s": {"p50": 0.1, "p99": 0.4, "mean": 0.2}, "tpot_s": {"p50": 0.05, "p99": 0.08, "mean": 0.06}}
+    assert bench.latency_figures(summary) == {"ttft_p50": 0.1, "ttft_p99": 0.4, "tpot_p50": 0.05, "tpot_p99": 0.08}
+    assert bench.latency_figures(None) == dict.fromkeys(("ttft_p50", "ttft_p99", "tpot_p50", "tpot_p99"))
+    assert bench.ratio(3.0, 2.0) == 1.5
+    assert bench.ratio(None, 2.0) is None and bench.ratio(0.0, 0.0) is None
+    assert bench.ratio(1.0, 0.0) == float("inf")
+    assert bench.json_safe({"a": [float("inf"), 1.0], "b": float("nan")}) == {"a": ["inf", 1.0], "b": "nan"}
+
+
+def _phase(tok_s=None, ttft=None, tpot=None):
+    inference = None if ttft is None else {"ttft_s": {"p50": ttft / 2, "p99": ttft}, "tpot_s": {"p50": tpot / 2, "p99": tpot}}
+    return {"trained_tok_s": tok_s, "inference": inference}
+
+
+def test_figures_and_goals():
+    phases = {
+        "no_job": {"moderate": _phase(None, 1.0, 0.10), "heavy": _phase(None, 2.0, 0.20)},
+        "coserve": {"idle": _phase(400.0), "moderate": _phase(300.0, 1.05, 0.105),
+                    "heavy": _phase(100.0, 2.5, 0.21)},
+        "hf_side": {"idle": _phase(200.0), "moderate": _phase(100.0, 1.5, 0.2), "heavy": _phase(80.0, 3.0, 0.3)},
+    }
+    fig = bench.figures(phases)
+    assert fig["coserve_fraction_of_idle"] == {"idle": 1.0, "moderate": 0.75, "heavy": 0.25}
+    assert fig["coserve_vs_hf_side"]["moderate"] == 3.0
+    assert fig["p99_vs_no_job"]["coserve"]["heavy"]["ttft_p99"] == pytest.approx(1.25)
+    goals = {g["goal"]: g for g in bench.evaluate_goals(fig)}
+    met = {name: g["met"] for name, g in goals.items()}
+    assert met["moderate: co-served ttft_p99 within +10% of no job"] is True
+    assert met["heavy: co-served ttft_p99 within +10% of no job"] is False
+    speed = [g for name, g in goals.items() if name.startswith("moderate: co-served trained")][0]
+    assert speed["met"] is True and speed["value"] == 3.0
+    heavy_speed = [g for name, g in goals.items() if name.startswith("heavy: co-served trained")][0]
+    assert heavy_speed["met"] is False  # 1.25x < 1.5x
+    idle = [g for name, g in goals.items() if name.startswith("idle")][0]
+    assert idle["met"] is True and idle["value"] == 2.0
+
+
+def test_goals_when_the_hf_loop_made_no_step():
+    phases = {"no_job": {"moderate": _phase(None, 1.0, 0.1), "heavy": _phase(None, 2.0, 0.2)},
+              "coserve": {"idle": _phase(400.0), "moderate": _phase(300.0, 1.0, 0.1), "heavy": _phase(0.0, 2.0, 0.2)},
+              "hf_side": {"idle": _phase(200.0), "moderate": _phase(0.0, 1.5, 0.2), "heavy": _phase(0.0, 3.0, 0.3)}}
+    speed = [g for g in bench.evaluate_goals(bench.figures(phases)) if "trained tok/s >=" in g["goal"]]
+    assert speed[0]["value"] == float("inf") and speed[0]["met"] is True
+    assert speed[1]["value"] is None and speed[1]["met"] is None  # neither trained: nothing to compare
+
+
+def test_goals_not_measured_without_hf():
+    phases = {"no_job": {"moderate": _phase(None, 1.0, 0.1), "heavy": _phase(None, 2.0, 0.2)},
+              "coserve": {"idle": _phase(400.0), "moderate": _phase(300.0, 1.0, 0.1), "heavy": _phase(100.0, 2.0, 0.2)},
+              "hf_side": {}}
+    goals = bench.evaluate_goals(bench.figures(phases))
+    assert [g["met"] for g in goals] == [True, True, True, True, None, None, None]
+
+
+def test_check_job_events():
+    def metrics(step):
+        return {"message": f"Step {step}", "level": "info",
+                "data": {"step": step, "train_loss": 1.0, "trained_tokens": 256 * step}}
+
+    def published(step, servable=True):
+        data = {"step": step, "publish_seconds": 0.1}
+        if servable:
+            data["update_to_servable_seconds"] = 0.2
+        return {"message": f"Published step {step}: ...", "level": "info", "data": data}
+
+    good = [metrics(s) for s in range(1, 11)] + [published(5), published(10)]
+    assert bench.check_job_events(good, 5) == []
+    bad = [metrics(1), metrics(3), published(3, servable=False),
+           {"message": "Fine-tuning job failed: x", "level": "error", "data": None}]
+    problems = bench.check_job_events(bad, 5)
+    assert any("not one per step" in p for p in problems)
+    assert any("off the publish_every" in p for p in problems)
+    assert any("without update_to_servable" in p for p in problems)
+    assert any("job failed" in p for p in problems)
+    missing = [metrics(s) for s in range(1, 16)] + [published(10)]
+    assert any("steps [5]" in p for p in bench.check_job_events(missing, 5))
+
+
+def test_parse_args_quick_defaults():
+    args = bench.parse_args(["--quick", "--num-adapters", "2"])
+    assert args.phase_seconds == 15.0 and args.num_adapters == 2 and args.disk_repeats == 3
+    full = bench.parse_args([])
+    assert full.phase_seconds == 60.0 and full.num_adapters == 8 and full.lora_rank == 16
