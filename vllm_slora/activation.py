@@ -62,6 +62,7 @@ def activate_if_requested(vllm_config, requested_compile_mode=None) -> SLoRAConf
         )
     sched.scheduler_cls = ASYNC_SCHEDULER if sched.async_scheduling else SCHEDULER
     compiled = _compile_on_cpu(vllm_config, requested_compile_mode)
+    _cpu_cores_for_training(slora, vllm_config)
     trace.record("activated", worker_cls=parallel.worker_cls, scheduler_cls=sched.scheduler_cls,
                  compile_mode=str(vllm_config.compilation_config.mode), cpu_compile_restored=compiled)
     # The line to look for: without it, the `slora` key was ignored (plugin not loaded,
@@ -70,6 +71,26 @@ def activate_if_requested(vllm_config, requested_compile_mode=None) -> SLoRAConf
 
     logger.info("vllm-slora: active for this engine (scheduler %s, worker %s)", sched.scheduler_cls, parallel.worker_cls)
     return slora
+
+
+def _cpu_cores_for_training(slora: SLoRAConfig, vllm_config) -> None:
+    """A co-serving CPU engine gives its worker every core, the EngineCore's included.
+
+    vLLM's CPU executor keeps one core per worker out of the worker's OpenMP team for the
+    EngineCore process, which spins while it waits (vllm/utils/ompmultiprocessing.py
+    "TODO: make scheduler proc sleep when idle"; on 2 cores the worker computes on one).
+    With slora.finetune the EngineCore sleeps instead (patches/patch_shm_broadcast.py), so
+    the reservation only idles a core that training could use. Set before the EngineCore
+    process starts (it inherits the environment); an explicit user setting is kept.
+    """
+    import os
+
+    from vllm_slora.compat import current_platform
+
+    if not slora.finetune or not current_platform.is_cpu():
+        return
+    if vllm_config.parallel_config.world_size == 1 and "VLLM_CPU_NUM_OF_RESERVED_CPU" not in os.environ:
+        os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
 
 
 def _check_adapter_dirs(slora: SLoRAConfig, parallel) -> None:

@@ -222,3 +222,10 @@ def ray_executor_internals():
     from vllm.v1.executor import ray_executor_v2
 
     return current_platform, ray_executor_v2
+
+
+def shm_spin_condition_cls():
+    """The waiting side of vLLM's shared-memory message queues (patch_shm_broadcast)."""
+    from vllm.distributed.device_communicators.shm_broadcast import SpinCondition
+
+    return SpinCondition

@@ -48,7 +48,11 @@ class SLoRAConfig:
     finetune_slack: float = 0.1
     # With no inference, one engine step runs training units for about this long, so a
     # request arriving meanwhile waits at most about one such step.
-    finetune_idle_step_ms: int = 50
+    finetune_idle_step_ms: int = 100
+    # Activation memory one job's micro-batch may keep between its units. Within it, every
+    # layer keeps its autograd graph from forward to backward (no recompute, ~25 % less
+    # work); above it, only layer boundaries are kept and backward recomputes each layer.
+    finetune_activation_mb: int = 1024
 
     @classmethod
     def from_additional_config(cls, additional_config: Mapping[str, Any] | None) -> SLoRAConfig | None:
@@ -104,6 +108,10 @@ class SLoRAConfig:
             raise SLoRAConfigError(
                 f"slora config key 'finetune_slack' must be in [0, 10] (a share of the inference step time), "
                 f"got {self.finetune_slack}"
+            )
+        if self.finetune_activation_mb < 0:
+            raise SLoRAConfigError(
+                f"slora config key 'finetune_activation_mb' must be >= 0, got {self.finetune_activation_mb}"
             )
         if self.finetune_idle_step_ms < 1:
             raise SLoRAConfigError(

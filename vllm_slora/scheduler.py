@@ -112,6 +112,8 @@ class SLoRASchedulerMixin:
         if self.slora_config.finetune:
             from vllm_slora.finetune.coserve_planner import TrainingPlanner
 
+            apply_patches("slora_finetune")  # the EngineCore side of patch_shm_broadcast
+
             self.slora_training = TrainingPlanner(
                 self.slora_config.finetune_slack, self.slora_config.finetune_idle_step_ms / 1000.0,
                 tp_size=self.slora_tp_size, pp_size=vllm_config.parallel_config.pipeline_parallel_size,

@@ -24,8 +24,8 @@ from vllm_slora.finetune.packing import pack_examples
 from vllm_slora.finetune.trainer import LoraTrainer, TrainingSettings
 
 
-def run_pass(base, lora, batch, rng_state=None) -> LayerSlicedPass:
-    unit_pass = LayerSlicedPass(base, lora, batch, rng_state)
+def run_pass(base, lora, batch, rng_state=None, keep_graph=False) -> LayerSlicedPass:
+    unit_pass = LayerSlicedPass(base, lora, batch, rng_state, keep_graph=keep_graph)
     kinds = []
     while not unit_pass.done:
         kinds.append(unit_pass.run_unit())
@@ -34,8 +34,9 @@ def run_pass(base, lora, batch, rng_state=None) -> LayerSlicedPass:
     return unit_pass
 
 
+@pytest.mark.parametrize("keep_graph", [False, True], ids=["recompute", "keep-graph"])
 @pytest.mark.parametrize("targets", sorted(TARGET_SETS))
-def test_unit_gradients_equal_hf_peft(tiny_model, targets):
+def test_unit_gradients_equal_hf_peft(tiny_model, targets, keep_graph):
     hf = load_hf(tiny_model)
     config = DecoderConfig.from_hf(hf.config)
     lora = random_lora(config, **TARGET_SETS[targets])
@@ -44,7 +45,7 @@ def test_unit_gradients_equal_hf_peft(tiny_model, targets):
     (batch,) = pack_examples(examples, batch_tokens=64)
     assert len(batch.seq_lens) == 3
 
-    unit_pass = run_pass(base_weights_from_hf(peft), lora, batch)
+    unit_pass = run_pass(base_weights_from_hf(peft), lora, batch, keep_graph=keep_graph)
 
     reference = hf_micro_batch_loss(peft, examples)
     reference.backward()
@@ -55,7 +56,8 @@ def test_unit_gradients_equal_hf_peft(tiny_model, targets):
         assert relative_error(param.grad, live[key].grad) < 1e-4, key
 
 
-def test_dropout_backward_replays_forward_masks(tiny_model):
+@pytest.mark.parametrize("keep_graph", [False, True], ids=["recompute", "keep-graph"])
+def test_dropout_backward_replays_forward_masks(tiny_model, keep_graph):
     """With LoRA dropout the recomputing BWD units must see the FWD units' masks: the gradients
     equal one whole-graph backward drawing from the same random stream; the global stream is
     left untouched (inference sampling in the same process must not be shifted)."""
@@ -67,7 +69,7 @@ def test_dropout_backward_replays_forward_masks(tiny_model):
     start = torch.Generator().manual_seed(1234).get_state()
 
     global_before = torch.get_rng_state()
-    unit_pass = run_pass(base, lora, batch, rng_state=start)
+    unit_pass = run_pass(base, lora, batch, rng_state=start, keep_graph=keep_graph)
     assert torch.equal(torch.get_rng_state(), global_before)
     ours = {k: p.grad.clone() for k, p in lora.named_parameters()}
 

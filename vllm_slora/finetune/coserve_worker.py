@@ -8,7 +8,9 @@ has spent the least time so far.
 
 A job's life, unit by unit (every unit is a preemption point):
 
-    fwd x L, loss, bwd x L      one packed micro-batch (layer_units.LayerSlicedPass)
+    fwd x L, loss, bwd x L      one packed micro-batch (layer_units.LayerSlicedPass; each
+                                layer keeps its graph when the activations fit
+                                slora.finetune_activation_mb, else backward recomputes it)
     update                      clip + AdamW + schedule (LoraTrainer.update), a "step" event
     publish (every N steps)     PEFT files to <job dir>/step-N (durable; what the server
                                 registers) + the packed weights into this worker's host
@@ -34,7 +36,7 @@ import torch
 from vllm_slora.step_plan import TrainEvent, TrainJobSpec, TrainOrder
 
 from .base_weights import BaseWeights, base_weights_from_vllm
-from .layer_units import LayerSlicedPass
+from .layer_units import LayerSlicedPass, activation_bytes
 from .lora_params import LoraParams
 from .packing import PackedBatch, load_batches
 from .trainer import LoraTrainer, TrainingSettings
@@ -86,9 +88,12 @@ class WorkerTraining:
     """The jobs of one worker. `model`: the engine's vLLM model (its parameters are the base
     weights); or give `base` directly (tests and in-process drivers without vLLM)."""
 
-    def __init__(self, model, base_model: str = "", base: BaseWeights | None = None) -> None:
+    def __init__(self, model, base_model: str = "", base: BaseWeights | None = None,
+                 activation_budget_bytes: int = 1 << 30) -> None:
         self.model = model
         self.base_model = base_model
+        # A pass keeps every layer's graph (no recompute) when its activations fit in this.
+        self.activation_budget_bytes = activation_budget_bytes
         self._base: BaseWeights | None = base
         self.jobs: dict[str, _Job] = {}
         self.unit_seconds: dict[str, float] = {}  # expected seconds per unit kind (EWMA)
@@ -182,7 +187,8 @@ class WorkerTraining:
             return
         job = _Job(spec, lora, trainer, batches, rng)
         self.jobs[spec.job_id] = job
-        self._event(job, "started", step=trainer.steps_done, parameters=lora.num_parameters())
+        self._event(job, "started", step=trainer.steps_done, parameters=lora.num_parameters(),
+                    threads=torch.get_num_threads())
 
     def _run_unit(self, job: _Job, kind: str) -> None:
         if kind == PUBLISH:
@@ -191,7 +197,8 @@ class WorkerTraining:
         if job.unit_pass is None:
             batch = job.batches[job.trainer.steps_done % len(job.batches)]
             job.trainer.zero_grad()
-            job.unit_pass = LayerSlicedPass(self.base, job.lora, batch, job.rng)
+            keep_graph = activation_bytes(batch.num_tokens, self.base.config, True) <= self.activation_budget_bytes
+            job.unit_pass = LayerSlicedPass(self.base, job.lora, batch, job.rng, keep_graph=keep_graph)
             job.pass_lr, job.pass_seconds = job.trainer.lr, 0.0
         if kind != UPDATE:
             job.unit_pass.run_unit()
@@ -206,7 +213,8 @@ class WorkerTraining:
         record = job.trainer.update(unit_pass.batch, unit_pass.loss, job.pass_lr, job.pass_seconds)
         job.last_loss = record.loss
         self._event(job, "step", step=record.step, loss=record.loss, lr=record.lr, tokens=record.tokens,
-                    loss_tokens=record.loss_tokens, seconds=record.seconds)
+                    loss_tokens=record.loss_tokens, seconds=record.seconds,
+                    unit_ms={kind: round(s * 1000, 2) for kind, s in self.unit_seconds.items()})
         last = record.step >= job.spec.total_steps
         if last or record.step % job.spec.publish_every == 0:
             job.publish_due = True  # the next unit; the job finishes with its last publish

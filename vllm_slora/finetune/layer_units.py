@@ -13,6 +13,11 @@ This is activation checkpointing at layer granularity: only the L+1 boundaries
 ([T, hidden] each) live between units, never a layer's graph. Every unit sees the whole
 micro-batch, so training needs no KV cache and its GEMMs keep T rows.
 
+With ``keep_graph=True`` (when the micro-batch's activations fit the memory the engine
+grants training) FWD(l) keeps layer l's autograd graph instead, cut off from the layers
+around it, and BWD(l) only backpropagates through it: no recompute, about a quarter less
+work per step, and the units stay just as preemptible.
+
 The gradients equal those of `packed_loss(...).backward()` (the same ops in the same
 order, only split at layer boundaries). LoRA dropout: each FWD(l) runs on the unit's own
 random stream, saved so that BWD(l) replays the very same mask; the engine's global
@@ -47,6 +52,7 @@ class LayerSlicedPass:
         lora: LoraParams,
         batch: PackedBatch,
         rng_state: torch.Tensor | None = None,  # CPU generator state for LoRA dropout
+        keep_graph: bool = False,  # keep each layer's graph from FWD to BWD (no recompute)
     ) -> None:
         self.base, self.lora, self.batch = base, lora, batch
         self.num_layers = len(base.layers)
@@ -62,6 +68,8 @@ class LayerSlicedPass:
         self._layer_rng: list[torch.Tensor | None] = [None] * self.num_layers
         self._layout: PackedLayout | None = None
         self._boundaries: list[torch.Tensor | None] = []  # h_0 .. h_L, detached
+        self.keep_graph = keep_graph
+        self._outputs: list[torch.Tensor | None] = []  # keep_graph: layer outputs with their graphs
         self._grad: torch.Tensor | None = None  # dL/dh of the boundary above the next BWD
         self._next = (FWD, 0)
         self.loss: float | None = None
@@ -108,15 +116,21 @@ class LayerSlicedPass:
             self._layout = PackedLayout.build(self.batch.seq_lens, self.base.config, self.base.dtype,
                                               self.input_ids.device)
             self._boundaries = [F.embedding(self.input_ids, self.base.embed_tokens).detach()]
-        with torch.no_grad():
+        hidden = self._boundaries[index]
+        if self.keep_graph and index > 0:
+            hidden.requires_grad_(True)  # the cut between this layer's graph and the one below
+        with torch.set_grad_enabled(self.keep_graph):
             if self.dropout:
                 self._layer_rng[index] = self._rng if self._rng is not None else torch.get_rng_state()
                 with torch.random.fork_rng(devices=[]):
                     torch.set_rng_state(self._layer_rng[index])
-                    out = self._layer(index, self._boundaries[index])
+                    out = self._layer(index, hidden)
                     self._rng = torch.get_rng_state()
             else:
-                out = self._layer(index, self._boundaries[index])
+                out = self._layer(index, hidden)
+        if self.keep_graph:
+            self._outputs.append(out)
+            out = out.detach()
         self._boundaries.append(out)
 
     def _loss(self) -> None:
@@ -131,6 +145,12 @@ class LayerSlicedPass:
 
     def _backward(self, index: int) -> None:
         hidden = self._boundaries[index]
+        if self.keep_graph:
+            out, self._outputs[index] = self._outputs[index], None
+            out.backward(self._grad)
+            self._grad = hidden.grad if index > 0 else None
+            self._boundaries[index] = None
+            return
         if index > 0:  # the embedding is frozen: no gradient below layer 0
             hidden.requires_grad_(True)
         if self.dropout:
@@ -147,3 +167,14 @@ class LayerSlicedPass:
     def rng_state(self) -> torch.Tensor | None:
         """The dropout stream after this pass (feed it to the next pass)."""
         return self._rng
+
+
+def activation_bytes(num_tokens: int, config, keep_graph: bool) -> int:
+    """Rough bytes a pass holds between units (fp32): the boundaries, plus each layer's
+    saved tensors when it keeps its graph (normed inputs, q/k/v, attention output and
+    weights, gate/up/activation products)."""
+    per_token = config.hidden_size
+    if keep_graph:
+        per_token += (6 * config.hidden_size + 2 * config.kv_size + 4 * config.intermediate_size
+                      + 2 * config.num_heads * num_tokens)
+    return 4 * num_tokens * config.num_layers * per_token

@@ -134,6 +134,7 @@ def finetune_in_engine(
                     record = StepRecord(step=step, loss=data["loss"], lr=data["lr"], loss_tokens=data["loss_tokens"],
                                         tokens=data["tokens"], seconds=data["seconds"])
                     result.records.append(record)
+                    result.unit_ms = data.get("unit_ms")
                     if bar is not None:
                         bar.update(1)
                         bar.set_postfix(loss=f"{record.loss:.4f}")

@@ -131,7 +131,8 @@ class SLoRARunnerMixin:
         if trainer is None:
             from vllm_slora.finetune.coserve_worker import WorkerTraining
 
-            trainer = WorkerTraining(self.model, base_model=self.model_config.model)
+            trainer = WorkerTraining(self.model, base_model=self.model_config.model,
+                                     activation_budget_bytes=self.slora_config.finetune_activation_mb << 20)
             trainer.host_cache = self.slora.host_cache
             self.slora_trainer = trainer
         return trainer
