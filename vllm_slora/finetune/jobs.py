@@ -686,6 +686,7 @@ class FineTuningJobs:
         checkpoint_name = f"{job.fine_tuned_model}:step-{step}"
         started = time.perf_counter()
         self._on_loop(self.host.load(job.fine_tuned_model, str(path), replace=True))
+        servable_at = time.time()  # fine_tuned_model answers with this version from here on
         self._on_loop(self.host.load(checkpoint_name, str(path), replace=False))
         with self._lock:
             job.published_step = step
@@ -700,7 +701,7 @@ class FineTuningJobs:
             })
             data = {"step": step, "publish_seconds": time.perf_counter() - started}
             if trained_at is not None:  # wall time from the optimizer step's weights to servable
-                data["update_to_servable_seconds"] = time.time() - trained_at
+                data["update_to_servable_seconds"] = servable_at - trained_at
             self._event(job, f"Published step {step}: {job.fine_tuned_model} now serves it, also served as "
                         f"{checkpoint_name}", data=data)
         self._persist(job)
@@ -744,7 +745,10 @@ class FineTuningJobs:
                                                       loss_tokens=data["loss_tokens"], tokens=data["tokens"],
                                                       seconds=data["seconds"]))
                 elif kind == "published":
-                    self._serve_version(job, step, Path(data["path"]), data["loss"], trained_at=event["time"])
+                    # The engine's event is stamped after the publish unit; the update ended
+                    # that unit's duration earlier.
+                    self._serve_version(job, step, Path(data["path"]), data["loss"],
+                                        trained_at=event["time"] - data.get("seconds", 0.0))
                 elif kind == "failed":
                     message = data.get("message", "training failed")
                     code = "training_diverged" if "non-finite" in message or "loss is" in message else "training_error"

@@ -49,6 +49,7 @@ class EngineFinetuneResult:
     records: list[StepRecord]
     published: list[tuple[int, Path]] = field(default_factory=list)  # (step, directory) per version
     plot_path: Path | None = None
+    unit_ms: dict | None = None  # the worker's expected time per unit kind at the last step
 
     @property
     def lora_request(self):
