@@ -109,6 +109,7 @@ class SLoRASchedulerMixin:
         self._slora_pool_copy_seconds: list[float] = []
         # Co-served finetuning (finetune/coserve_planner.py): only with slora.finetune.
         self.slora_training = None
+        self._slora_last_schedule: float | None = None
         if self.slora_config.finetune:
             from vllm_slora.finetune.coserve_planner import TrainingPlanner
 
@@ -323,6 +324,10 @@ class SLoRASchedulerMixin:
         output = super().schedule(*args, **kwargs)
         train = None
         if self.slora_training is not None:
+            now = time.perf_counter()
+            if self._slora_last_schedule is not None:
+                self.slora_training.observe_period(now - self._slora_last_schedule)
+            self._slora_last_schedule = now
             train = self.slora_training.order(len(self.running), len(self.waiting), output.total_num_scheduled_tokens)
         if not output.total_num_scheduled_tokens and self._slora_warmed and train is None:
             time.sleep(IDLE_STEP_SLEEP_S)

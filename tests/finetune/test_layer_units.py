@@ -15,6 +15,7 @@ from tests.finetune.peft_reference import (
     relative_error,
 )
 from tests.finetune.training_cases import TARGET_SETS, packed_examples, random_lora
+from vllm_slora.finetune import layer_units
 from vllm_slora.finetune.base_weights import base_weights_from_hf
 from vllm_slora.finetune.layer_units import BWD, FWD, LOSS, LayerSlicedPass
 from vllm_slora.finetune.lora_params import LoraParams, LoraSettings
@@ -29,14 +30,15 @@ def run_pass(base, lora, batch, rng_state=None, keep_graph=False) -> LayerSliced
     kinds = []
     while not unit_pass.done:
         kinds.append(unit_pass.run_unit())
-    layers = len(base.layers)
-    assert kinds == [FWD] * layers + [LOSS] + [BWD] * layers and len(kinds) == unit_pass.num_units
+    layers, chunks = len(base.layers), unit_pass.num_units - 2 * len(base.layers)
+    assert kinds == [FWD] * layers + [LOSS] * chunks + [BWD] * layers and len(kinds) == unit_pass.num_units
     return unit_pass
 
 
+@pytest.mark.parametrize("loss_chunk", [64, 5], ids=["one-loss-unit", "loss-in-chunks"])
 @pytest.mark.parametrize("keep_graph", [False, True], ids=["recompute", "keep-graph"])
 @pytest.mark.parametrize("targets", sorted(TARGET_SETS))
-def test_unit_gradients_equal_hf_peft(tiny_model, targets, keep_graph):
+def test_unit_gradients_equal_hf_peft(tiny_model, targets, keep_graph, loss_chunk, monkeypatch):
     hf = load_hf(tiny_model)
     config = DecoderConfig.from_hf(hf.config)
     lora = random_lora(config, **TARGET_SETS[targets])
@@ -44,6 +46,7 @@ def test_unit_gradients_equal_hf_peft(tiny_model, targets, keep_graph):
     examples = packed_examples(config.vocab_size)
     (batch,) = pack_examples(examples, batch_tokens=64)
     assert len(batch.seq_lens) == 3
+    monkeypatch.setattr(layer_units, "LOSS_CHUNK", loss_chunk)
 
     unit_pass = run_pass(base_weights_from_hf(peft), lora, batch, keep_graph=keep_graph)
 

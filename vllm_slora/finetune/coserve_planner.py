@@ -7,16 +7,22 @@ simplified to what a CPU engine can measure):
 * requests wait for admission -> 0: training never delays a queued request's first token;
 * no inference at all          -> ``idle_step_s`` (at least one unit): full speed, and a
                                   request arriving meanwhile waits about one such step;
-* otherwise                    -> a credit that grows by ``slack`` x the measured
-                                  inference step time (EWMA) every step and shrinks by the
-                                  training time spent. Units are indivisible, so the credit
-                                  builds up over a few steps until the next unit fits: on
-                                  average training adds ``slack`` of the inference time
+* otherwise                    -> a credit that grows by ``slack`` x the step period
+                                  without training (EWMA of the wall time between two
+                                  schedule() calls, i.e. what a running request waits per
+                                  token) every step, and shrinks by what a step with
+                                  training really cost: its period minus that baseline (at
+                                  least its training time). Units are indivisible, so the
+                                  credit builds up over a few steps until the next unit
+                                  fits: on average training adds ``slack`` of the step time
                                   (TPOT, a per-request mean, grows by about that share).
 
-Every figure comes from the workers' reports (inference and training seconds per step,
-expected unit times), so the policy adapts to the machine and the load. Jobs are driven
-through `handle()` (EngineCore utility calls, patches/patch_engine_core.py).
+Charging the measured period, not the units' own time, matters on a CPU: training slows
+what runs around it (allocator, caches, the other processes' share of the cores), which
+the units' timers do not see. Figures come from the workers' reports (training seconds,
+expected unit times) and the scheduler's clock, so the policy adapts to the machine and
+the load. Jobs are driven through `handle()` (EngineCore utility calls,
+patches/patch_engine_core.py).
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ class TrainingStats:
     seconds: float = 0.0
     loaded_seconds: float = 0.0  # training seconds added to steps with inference
     inference_seconds: float = 0.0  # inference seconds of those same steps
+    loaded_cost_seconds: float = 0.0  # what those steps cost beyond the period without training
 
 
 class TrainingPlanner:
@@ -61,7 +68,9 @@ class TrainingPlanner:
         self._start: list[TrainJobSpec] = []
         self._cancel: list[str] = []
         self.credit = 0.0
-        self.inference_s: float | None = None  # EWMA of a step's inference seconds
+        self.inference_s: float | None = None  # EWMA of a step's inference seconds (worker)
+        self.period_s: float | None = None  # EWMA of a loaded step's period without training
+        self._previous: tuple[str, float] | None = None  # (kind, training seconds) of the last step
         self.next_unit_s = 0.0
         self.stats = TrainingStats()
         self._last_idle = False
@@ -75,7 +84,7 @@ class TrainingPlanner:
         if action == "poll":
             return self.poll(payload["job_id"], int(payload.get("after", 0)))
         if action == "stats":
-            return dict(vars(self.stats), credit=self.credit, inference_s=self.inference_s,
+            return dict(vars(self.stats), credit=self.credit, inference_s=self.inference_s, period_s=self.period_s,
                         unit_s=self.next_unit_s, active=sum(j.status in ACTIVE for j in self.jobs.values()))
         raise TrainingRefused(f"unknown finetune action {action!r}")
 
@@ -128,11 +137,26 @@ class TrainingPlanner:
             self._last_idle = True
             self.credit = 0.0
         else:
-            per_step = self.slack * (self.inference_s or 0.0)
-            cap = 2.0 * max(self.next_unit_s, per_step)
+            per_step = self.slack * (self.period_s or self.inference_s or 0.0)
+            cap = max(self.next_unit_s, per_step)
             self.credit = min(self.credit + per_step, cap)
             order.budget_s = max(self.credit, 0.0)
         return order
+
+    def observe_period(self, seconds: float) -> None:
+        """Wall time of the step that just ended (from its schedule() to the next one's)."""
+        previous, self._previous = self._previous, None
+        if previous is None:
+            return
+        kind, trained = previous
+        if kind == "loaded":
+            self.period_s = seconds if self.period_s is None else (
+                EWMA_WEIGHT * seconds + (1 - EWMA_WEIGHT) * self.period_s)
+        elif kind == "trained":
+            cost = trained if self.period_s is None else max(seconds - self.period_s, trained)
+            self.stats.loaded_cost_seconds += cost
+            # Overspending (an indivisible unit, the slowdown around it) is paid back later.
+            self.credit -= cost
 
     def take(self, report: SLoRAWorkerReport) -> None:
         if report.inference_seconds > 0 and not self._last_idle:
@@ -147,8 +171,14 @@ class TrainingPlanner:
                 self.stats.loaded_steps += 1
                 self.stats.loaded_seconds += report.train_seconds
                 self.stats.inference_seconds += report.inference_seconds
-                # Overspending (an indivisible unit) is paid back by the next steps.
-                self.credit -= report.train_seconds
+        if self._last_idle:
+            self._previous = None
+        elif report.train_units:
+            self._previous = ("trained", report.train_seconds)
+        elif report.inference_seconds > 0:
+            self._previous = ("loaded", 0.0)
+        else:
+            self._previous = None
         if report.training is not None:
             self.next_unit_s = report.next_unit_seconds
             for event in report.training:

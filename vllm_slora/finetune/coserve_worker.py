@@ -99,6 +99,7 @@ class WorkerTraining:
         self.unit_seconds: dict[str, float] = {}  # expected seconds per unit kind (EWMA)
         self.events: list[TrainEvent] = []
         self.host_cache = None  # set by the runner: published versions go in from memory
+        keep_freed_memory()
 
     @property
     def base(self) -> BaseWeights:
@@ -245,6 +246,28 @@ class WorkerTraining:
 
     def _event(self, job: _Job, kind: str, step: int, **data) -> None:
         self.events.append(TrainEvent(job.spec.job_id, kind, step, data))
+
+
+def keep_freed_memory() -> None:
+    """Let glibc keep and reuse the memory training frees (CPU workers).
+
+    A training unit allocates and frees tens of MB of activations; with glibc's defaults
+    larger blocks are mmap'ed and every free returns memory to the system, so the next
+    unit and the next inference step page-fault it back in (measured: units ~1.8x slower,
+    inference around them slower too). Blocks up to 32 MiB now come from the heap, and the
+    heap is not trimmed. No-op where mallopt is not available (not glibc).
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    mallopt(m_mmap_threshold, 32 << 20)
+    mallopt(m_trim_threshold, (1 << 31) - 1)
 
 
 def _save_atomic(obj, path: Path) -> None:

@@ -2,10 +2,11 @@
 
 The engine gives training only the time inference leaves (research/flexllm.md §4.2), so
 a training step must stop and resume at fine grain. A micro-batch of T packed tokens
-becomes ``2L + 1`` units for an L-layer decoder:
+becomes ``2L + C`` units for an L-layer decoder (C = loss chunks):
 
     FWD(0) .. FWD(L-1)   layer l from its input boundary h_l, no graph kept: stores h_{l+1}
-    LOSS                 final norm + LM head + cross-entropy from h_L, backward to dL/dh_L
+    LOSS(0) .. LOSS(C-1) final norm + LM head + cross-entropy of LOSS_CHUNK loss tokens each
+                         (the LM head is the largest GEMM), backward to their rows of dL/dh_L
     BWD(L-1) .. BWD(0)   recompute layer l from h_l with autograd, backpropagate dL/dh_{l+1}
                          to dL/dh_l; LoRA A/B of layer l accumulate their gradients
 
@@ -36,6 +37,7 @@ from .lora_params import LoraParams
 from .packing import PackedBatch
 
 FWD, LOSS, BWD = "fwd", "loss", "bwd"
+LOSS_CHUNK = 64  # loss tokens per LOSS unit: the LM head's GEMM is split to keep units short
 
 
 class LayerSlicedPass:
@@ -63,6 +65,8 @@ class LayerSlicedPass:
         self.num_loss_tokens = int(self.keep.sum())
         if self.num_loss_tokens == 0:
             raise ValueError("the micro-batch has no loss tokens")
+        self._loss_rows = self.keep.nonzero().squeeze(1).split(LOSS_CHUNK)  # row indices per LOSS unit
+        self._loss_sum: torch.Tensor | None = None
         self.dropout = lora.settings.dropout
         self._rng = rng_state
         self._layer_rng: list[torch.Tensor | None] = [None] * self.num_layers
@@ -76,7 +80,7 @@ class LayerSlicedPass:
 
     @property
     def num_units(self) -> int:
-        return 2 * self.num_layers + 1
+        return 2 * self.num_layers + len(self._loss_rows)
 
     @property
     def next_kind(self) -> str | None:
@@ -97,8 +101,9 @@ class LayerSlicedPass:
                 self._forward(layer)
                 self._next = (FWD, layer + 1) if layer + 1 < self.num_layers else (LOSS, 0)
             elif kind == LOSS:
-                self._loss()
-                self._next = (BWD, self.num_layers - 1)
+                self._loss(layer)  # (the chunk index)
+                last = layer + 1 == len(self._loss_rows)
+                self._next = (BWD, self.num_layers - 1) if last else (LOSS, layer + 1)
             else:
                 self._backward(layer)
                 self._next = (BWD, layer - 1) if layer > 0 else None
@@ -133,15 +138,19 @@ class LayerSlicedPass:
             out = out.detach()
         self._boundaries.append(out)
 
-    def _loss(self) -> None:
+    def _loss(self, chunk: int) -> None:
         top = self._boundaries[self.num_layers].requires_grad_(True)
-        hidden = rms_norm(top, self.base.norm, self.base.config.rms_norm_eps)
-        logits = F.linear(hidden[self.keep], self.base.lm_head).to(torch.float32)  # [loss tokens, vocab]
-        loss = F.cross_entropy(logits, self.targets[self.keep], reduction="sum") / self.num_loss_tokens
-        loss.backward()
-        self.loss = float(loss.detach())
-        self._grad = top.grad
-        self._boundaries[self.num_layers] = None
+        rows = self._loss_rows[chunk]
+        # rms_norm is per row: normalising only this chunk's rows is the same computation.
+        hidden = rms_norm(top[rows], self.base.norm, self.base.config.rms_norm_eps)
+        logits = F.linear(hidden, self.base.lm_head).to(torch.float32)  # [chunk tokens, vocab]
+        loss = F.cross_entropy(logits, self.targets[rows], reduction="sum") / self.num_loss_tokens
+        loss.backward()  # accumulates into top.grad, row by row
+        self._loss_sum = loss.detach() if self._loss_sum is None else self._loss_sum + loss.detach()
+        if chunk + 1 == len(self._loss_rows):
+            self.loss = float(self._loss_sum)
+            self._grad = top.grad
+            self._boundaries[self.num_layers] = None
 
     def _backward(self, index: int) -> None:
         hidden = self._boundaries[index]
