@@ -7,10 +7,12 @@ second time as another module and re-run its module-level set-up.
 from __future__ import annotations
 
 import gc
+import os
 from pathlib import Path
 
 # Small, fixed KV budget: deterministic across machines and leaves room for HF models.
 TEST_KV_BYTES = 512 * 1024 * 1024
+RESERVED_CPU = "VLLM_CPU_NUM_OF_RESERVED_CPU"
 
 
 def make_llm(model: Path, slora: dict | None, **overrides):
@@ -32,7 +34,16 @@ def make_llm(model: Path, slora: dict | None, **overrides):
     if slora is not None:
         kwargs["additional_config"] = {"slora": slora}
     kwargs.update(overrides)
-    return LLM(**kwargs)
+    # A finetune engine sets VLLM_CPU_NUM_OF_RESERVED_CPU=0 for the engine processes it
+    # starts (vllm_slora/activation.py); keep it from reaching later engines of the session.
+    reserved = os.environ.get(RESERVED_CPU)
+    try:
+        return LLM(**kwargs)
+    finally:
+        if reserved is None:
+            os.environ.pop(RESERVED_CPU, None)
+        else:
+            os.environ[RESERVED_CPU] = reserved
 
 
 def make_adapters_known(llm, loras) -> None:

@@ -81,7 +81,8 @@ def _cpu_cores_for_training(slora: SLoRAConfig, vllm_config) -> None:
     "TODO: make scheduler proc sleep when idle"; on 2 cores the worker computes on one).
     With slora.finetune the EngineCore sleeps instead (patches/patch_shm_broadcast.py), so
     the reservation only idles a core that training could use. Set before the EngineCore
-    process starts (it inherits the environment); an explicit user setting is kept.
+    process starts (it inherits the environment); an explicit user setting is kept. It is
+    process-wide: engines started later by the same process inherit it too.
     """
     import os
 
