@@ -64,6 +64,23 @@ def test_loaded_steps_average_the_slack_share_of_the_real_step_time():
     assert planner.stats.loaded_steps > 600 and planner.stats.steps == planner.stats.loaded_steps
 
 
+def test_idle_steps_are_short_right_after_inference_and_full_later():
+    """Between requests (inference a moment ago) an idle step trains briefly, so an arrival
+    waits less; after a quiet spell it trains full steps."""
+    now = [100.0]
+    planner = TrainingPlanner(slack=0.1, idle_step_s=0.1, clock=lambda: now[0])
+    planner.submit(spec())
+    assert planner.order(running=0, waiting=0, scheduled_tokens=0).budget_s == pytest.approx(0.1)
+    planner.take(report(events=[TrainEvent("job-1", "started")]))
+    planner.order(running=1, waiting=0, scheduled_tokens=1)
+    planner.take(report(inference_s=0.05))
+    now[0] += 0.5
+    order = planner.order(running=0, waiting=0, scheduled_tokens=0)
+    assert order.idle and order.budget_s == pytest.approx(0.1 / 5)
+    now[0] += 3.0
+    assert planner.order(running=0, waiting=0, scheduled_tokens=0).budget_s == pytest.approx(0.1)
+
+
 def test_zero_slack_trains_only_when_idle():
     planner = TrainingPlanner(slack=0.0, idle_step_s=0.05)
     planner.submit(spec())

@@ -7,6 +7,9 @@ simplified to what a CPU engine can measure):
 * requests wait for admission -> 0: training never delays a queued request's first token;
 * no inference at all          -> ``idle_step_s`` (at least one unit): full speed, and a
                                   request arriving meanwhile waits about one such step;
+                                  within ``RECENT_LOAD_S`` of the last inference (requests
+                                  come and go) only ``idle_step_s / IDLE_SHORTEN``, so an
+                                  arrival between requests waits less;
 * otherwise                    -> a credit that grows by ``slack`` x the step period
                                   without training (EWMA of the wall time between two
                                   schedule() calls, i.e. what a running request waits per
@@ -33,6 +36,8 @@ from dataclasses import dataclass, field
 from vllm_slora.step_plan import SLoRAWorkerReport, TrainEvent, TrainJobSpec, TrainOrder
 
 EWMA_WEIGHT = 0.2
+RECENT_LOAD_S = 2.0  # inference this recent: requests are likely to arrive soon
+IDLE_SHORTEN = 5  # idle steps are this much shorter then
 ACTIVE = ("queued", "running")
 TERMINAL_KIND = {"finished": "succeeded", "failed": "failed", "cancelled": "cancelled"}
 
@@ -60,7 +65,10 @@ class TrainingStats:
 
 
 class TrainingPlanner:
-    def __init__(self, slack: float, idle_step_s: float, tp_size: int = 1, pp_size: int = 1) -> None:
+    def __init__(self, slack: float, idle_step_s: float, tp_size: int = 1, pp_size: int = 1,
+                 clock=time.monotonic) -> None:
+        self.clock = clock
+        self._last_loaded = float("-inf")  # clock() of the last step with inference
         self.slack = slack
         self.idle_step_s = idle_step_s
         self.tp_size, self.pp_size = tp_size, pp_size
@@ -132,11 +140,15 @@ class TrainingPlanner:
         self._last_idle = False
         if waiting:
             order.budget_s = 0.0  # admission first
+            self._last_loaded = self.clock()
         elif not scheduled_tokens and not running:
-            order.budget_s, order.idle = self.idle_step_s, True
+            recent = self.clock() - self._last_loaded < RECENT_LOAD_S
+            order.budget_s = self.idle_step_s / IDLE_SHORTEN if recent else self.idle_step_s
+            order.idle = True
             self._last_idle = True
             self.credit = 0.0
         else:
+            self._last_loaded = self.clock()
             per_step = self.slack * (self.period_s or self.inference_s or 0.0)
             cap = max(self.next_unit_s, per_step)
             self.credit = min(self.credit + per_step, cap)

@@ -37,7 +37,7 @@ from .lora_params import LoraParams
 from .packing import PackedBatch
 
 FWD, LOSS, BWD = "fwd", "loss", "bwd"
-LOSS_CHUNK = 64  # loss tokens per LOSS unit: the LM head's GEMM is split to keep units short
+LOSS_CHUNK = 32  # loss tokens per LOSS unit: the LM head's GEMM is split to keep units short
 
 
 class LayerSlicedPass:
