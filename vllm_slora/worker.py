@@ -66,18 +66,13 @@ class SLoRAWorkerMixin:
         """
         import torch
 
-        from vllm_slora.finetune.base_weights import base_weights_from_vllm
+        from vllm_slora.finetune.coserve_worker import engine_base_weights
         from vllm_slora.finetune.forward import forward_logits
         from vllm_slora.finetune.lora_params import LoraParams
 
         if not self._slora_finetune:
             raise RuntimeError(FINETUNE_DISABLED)
-        model = self.model_runner.model
-        base = base_weights_from_vllm(model)
-        storage = {p.data_ptr() for p in model.parameters()}
-        copied = [name for name, t in base.named_tensors() if t.data_ptr() not in storage]
-        if copied:
-            raise AssertionError(f"base weights {copied} are not views of the engine's parameters")
+        base = engine_base_weights(self.model_runner.model)  # views, checked by data_ptr
         lora = None if adapter_dir is None else LoraParams.from_peft_dir(adapter_dir, base.config, dtype=base.dtype)
         ids = torch.tensor(token_ids, dtype=torch.long, device=base.embed_tokens.device)
         # Workers may run under inference mode; the forward is the training one (autograd-capable

@@ -7,14 +7,13 @@ train in the worker on the engine's own weights, in the time inference leaves.
 
 from __future__ import annotations
 
-import json
 import time
 
 import pytest
 
 from tests.engines import close_llm, make_llm
 from tests.finetune.peft_reference import hf_adamw_loss_curve, load_hf, peft_model_like
-from tests.finetune.training_cases import SENTENCES
+from tests.finetune.training_cases import write_training_file
 
 pytestmark = pytest.mark.engine
 
@@ -28,17 +27,7 @@ def llm(tiny_model):
 
 @pytest.fixture(scope="module")
 def training_file(tmp_path_factory):
-    lines = []
-    for i, sentence in enumerate(SENTENCES):
-        words = sentence.split(" ")
-        cut = len(words) // 2
-        if i % 2 == 0:
-            lines.append({"prompt": " ".join(words[:cut]), "completion": " " + " ".join(words[cut:])})
-        else:
-            lines.append({"prompt": "", "completion": sentence})
-    path = tmp_path_factory.mktemp("coserve-data") / "train.jsonl"
-    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    return path
+    return write_training_file(tmp_path_factory.mktemp("coserve-data") / "train.jsonl")
 
 
 def engine_job(llm, tmp_path, name: str, training_file, steps: int, publish_every: int, lr: float = 1e-2,

@@ -14,7 +14,7 @@ from tests.finetune.peft_reference import (
     peft_model_like,
     relative_error,
 )
-from tests.finetune.training_cases import SENTENCES
+from tests.finetune.training_cases import write_training_file
 from vllm_slora.finetune.base_weights import base_weights_from_checkpoint, base_weights_from_hf
 from vllm_slora.finetune.data import load_training_file
 from vllm_slora.finetune.forward import forward_logits
@@ -22,19 +22,6 @@ from vllm_slora.finetune.lora_params import LoraParams, LoraSettings
 from vllm_slora.finetune.model_config import DecoderConfig
 from vllm_slora.finetune.packing import pack_examples
 from vllm_slora.finetune.trainer import LoraTrainer, TrainingSettings, finetune
-
-
-def write_training_file(path):
-    lines = []
-    for i, sentence in enumerate(SENTENCES):
-        words = sentence.split(" ")
-        cut = len(words) // 2
-        if i % 2 == 0:
-            lines.append({"prompt": " ".join(words[:cut]), "completion": " " + " ".join(words[cut:])})
-        else:
-            lines.append({"prompt": "", "completion": sentence})
-    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    return path
 
 
 def test_twenty_adamw_steps_match_hf_peft(tiny_model, tmp_path):

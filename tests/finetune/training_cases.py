@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import torch
 
 from vllm_slora.finetune.data import IGNORE_INDEX, TrainingExample
@@ -45,3 +47,17 @@ def packed_examples(vocab: int, lengths=(9, 17, 5), seed: int = 3) -> list[Train
         masked = min(i + 2, n - 2)
         examples.append(TrainingExample(i + 1, ids, [IGNORE_INDEX] * masked + ids[masked:]))
     return examples
+
+
+def write_training_file(path):
+    """SENTENCES as JSONL: even lines prompt/completion (cut in half), odd lines completion only."""
+    lines = []
+    for i, sentence in enumerate(SENTENCES):
+        words = sentence.split(" ")
+        cut = len(words) // 2
+        if i % 2 == 0:
+            lines.append({"prompt": " ".join(words[:cut]), "completion": " " + " ".join(words[cut:])})
+        else:
+            lines.append({"prompt": "", "completion": sentence})
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path

@@ -12,24 +12,11 @@ adapter of every published step, training_log.json and loss.png under --out, and
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
 from ..adapters.modules import SLICE_ORDER
-
-
-def _positive(kind):
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
-        if not math.isfinite(value) or value <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-        return value
-
-    return parse
+from ..cli import _int_at_least, _positive_alpha
 
 
 def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
@@ -37,20 +24,20 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output folder (step-N/ adapters, training_log.json, loss.png)")
     p.add_argument("--base", help="base model folder (default: the embedded default model)")
     p.add_argument("--name", default="finetuned", help="adapter name (default: finetuned)")
-    p.add_argument("--rank", type=_positive(int), default=8, help="LoRA rank (default: 8)")
-    p.add_argument("--alpha", type=_positive(float), default=None, help="LoRA alpha (default: 2 x rank)")
+    p.add_argument("--rank", type=_int_at_least(1), default=8, help="LoRA rank (default: 8)")
+    p.add_argument("--alpha", type=_positive_alpha, default=None, help="LoRA alpha (default: 2 x rank)")
     p.add_argument("--targets", nargs="+", choices=SLICE_ORDER, default=list(SLICE_ORDER), metavar="MODULE",
                    help="projections to adapt (default: all seven)")
-    p.add_argument("--steps", type=_positive(int), default=None, help="optimizer steps (default: one epoch)")
-    p.add_argument("--epochs", type=_positive(int), default=1, help="epochs when --steps is not given (default: 1)")
-    p.add_argument("--lr", type=_positive(float), default=2e-4, help="learning rate (default: 2e-4)")
-    p.add_argument("--batch-tokens", type=_positive(int), default=2048, help="tokens per packed micro-batch")
-    p.add_argument("--max-length", type=_positive(int), default=None, help="longest example (default: batch tokens)")
+    p.add_argument("--steps", type=_int_at_least(1), default=None, help="optimizer steps (default: one epoch)")
+    p.add_argument("--epochs", type=_int_at_least(1), default=1, help="epochs when --steps is not given (default: 1)")
+    p.add_argument("--lr", type=_positive_alpha, default=2e-4, help="learning rate (default: 2e-4)")
+    p.add_argument("--batch-tokens", type=_int_at_least(1), default=2048, help="tokens per packed micro-batch")
+    p.add_argument("--max-length", type=_int_at_least(1), default=None, help="longest example (default: batch tokens)")
     p.add_argument("--truncate", action="store_true", help="cut longer examples instead of refusing the file")
-    p.add_argument("--publish-every", type=_positive(int), default=None, help="write a version every N steps")
+    p.add_argument("--publish-every", type=_int_at_least(1), default=None, help="write a version every N steps")
     p.add_argument("--seed", type=int, default=0, help="LoRA init and dropout seed (default: 0)")
     p.add_argument("--prompt", default=None, help="print the greedy answer to this prompt before/after")
-    p.add_argument("--max-tokens", type=_positive(int), default=32, help="answer length for --prompt")
+    p.add_argument("--max-tokens", type=_int_at_least(1), default=32, help="answer length for --prompt")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "auto"),
                    help="the engine's dtype (default: float32)")
 
