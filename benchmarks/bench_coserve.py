@@ -50,6 +50,7 @@ import math
 import os
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import threading
@@ -203,9 +204,14 @@ def check_job_events(events: Sequence[dict], publish_every: int) -> list[str]:
     return problems
 
 
-def evaluate_goals(fig: dict) -> list[dict]:
+def evaluate_goals(fig: dict, publish: dict | None = None) -> list[dict]:
     """The issue's goals from the figures (see `figures`); met is None where not measured."""
     goals = []
+    co = (publish or {}).get("coserve") or {}
+    first, step = (co.get("probe_update_to_first_request_s") or {}).get("p50"), co.get("probe_stream_request_p50_s")
+    goals.append({"goal": "publish: optimizer update -> first request served with the new version within one "
+                          "engine step (yardstick: a 1-token request through the server)",
+                  "value": first, "target": f"<= {step}", "met": None if None in (first, step) else first <= step})
     for rate in LOADED:
         for metric in ("ttft_p99", "tpot_p99"):
             value = ratio(fig["latency"]["coserve"][rate][metric], fig["latency"]["no_job"][rate][metric])
@@ -467,23 +473,45 @@ def all_events(client, job_id: str) -> list[dict]:
 
 
 def probe_publishes(client, base_url: str, job, count: int, timeout_s: float) -> list[dict]:
-    """For the next `count` publishes: the event's update_to_servable plus a first request with the version."""
-    seen = {e["data"]["step"] for e in all_events(client, job.id)
-            if e.get("data") and str(e["message"]).startswith("Published")}
+    """The next `count` publishes while a client keeps asking `fine_tuned_model` (1-token requests,
+    back to back): for each, the engine's times from the optimizer update to servable and to the
+    first request admitted with the new version ("Step N served" events), the API server's own
+    loads, and one request to `<fine_tuned_model>:step-N` once the server lists it."""
+    import threading
+
+    def steps_with(key: str) -> dict[int, dict]:
+        return {e["data"]["step"]: e["data"] for e in all_events(client, job.id) if key in (e.get("data") or {})}
+
+    seen = set(steps_with("publish_seconds"))
+    stream_s, stop = [], threading.Event()
+
+    def stream() -> None:
+        while not stop.is_set():
+            stream_s.append(first_request_s(base_url, job.fine_tuned_model))
+
+    streamer = threading.Thread(target=stream, daemon=True)
+    streamer.start()
     out, deadline = [], time.monotonic() + timeout_s
-    while len(out) < count and time.monotonic() < deadline:
-        page = client.fine_tuning.jobs.list_events(job.id, limit=10).data
-        new = [e for e in page if e.message.startswith("Published") and e.data and e.data["step"] not in seen]
-        if not new:
-            time.sleep(0.05)
-            continue
-        newest = max(new, key=lambda e: e.data["step"])
-        seen.update(e.data["step"] for e in new)
-        request_s = first_request_s(base_url, f"{job.fine_tuned_model}:step-{newest.data['step']}")
-        servable = newest.data.get("update_to_servable_seconds")
-        out.append({"step": newest.data["step"], "update_to_servable_s": servable,
-                    "publish_s": newest.data.get("publish_seconds"), "first_request_s": request_s,
-                    "total_s": None if servable is None else servable + request_s})
+    try:
+        while len(out) < count and time.monotonic() < deadline:
+            published = {k: v for k, v in steps_with("publish_seconds").items() if k not in seen}
+            served = steps_with("first_request_seconds")
+            ready = [k for k in sorted(published) if k in served]
+            if not ready:
+                time.sleep(0.05)
+                continue
+            for step in ready:
+                seen.add(step)
+                data, first = published[step], served[step]
+                out.append({"step": step, "update_to_servable_s": first.get("servable_seconds"),
+                            "update_to_first_request_s": first.get("first_request_seconds"),
+                            "api_loads_s": data.get("publish_seconds"),
+                            "checkpoint_request_s": first_request_s(base_url, f"{job.fine_tuned_model}:step-{step}")})
+    finally:
+        stop.set()
+        streamer.join(timeout=30)
+    for probe in out:
+        probe["stream_request_p50_s"] = statistics.median(stream_s) if stream_s else None
     return out
 
 
@@ -574,9 +602,11 @@ def print_table(rates: dict, fig: dict, publish: dict, goals: list[dict]) -> Non
               f"{f(fig['trained_tok_s']['hf_side'][r]):>13s} | {f(fig['coserve_vs_hf_side'][r], digits=2):>5s} | "
               f"{ttft:27s} | {tpot}")
     co, disk = publish.get("coserve", {}), publish.get("disk_path", {})
+    first = co.get("probe_update_to_first_request_s") or {}
     print(f"\npublish: co-served update->servable p50 {f((co.get('update_to_servable_s') or {}).get('p50'), 1e3, 0)} ms"
-          f" (max {f((co.get('update_to_servable_s') or {}).get('max'), 1e3, 0)} ms), + first request p50 "
-          f"{f((co.get('probe_first_request_s') or {}).get('p50'), 1e3, 0)} ms; disk path copy+load+first request "
+          f" (max {f((co.get('update_to_servable_s') or {}).get('max'), 1e3, 0)} ms), update->first request p50 "
+          f"{f(first.get('p50'), 1e3, 0)} ms (max {f(first.get('max'), 1e3, 0)} ms; one 1-token request "
+          f"{f(co.get('probe_stream_request_p50_s'), 1e3, 0)} ms); disk path copy+load+first request "
           f"p50 {f((disk.get('total_s') or {}).get('p50'), 1e3, 0)} ms; HF save_pretrained "
           f"{f(publish.get('hf_save_pretrained_s'), 1e3, 0)} ms")
     print("\ngoals:")
@@ -758,12 +788,16 @@ def run(args) -> int:
             "update_to_servable_s": distribution([e["data"].get("update_to_servable_seconds") for e in published]),
             "publish_s": distribution([e["data"].get("publish_seconds") for e in published]),
             "probes": probes,
-            "probe_first_request_s": distribution([p["first_request_s"] for p in probes]),
-            "probe_total_s": distribution([p["total_s"] for p in probes]),
-            "note": "update_to_servable: from the engine's 'published' event (recorded after the worker's "
-                    "publish unit wrote the PEFT files) until the API server has loaded both names "
-                    "(fine_tuned_model in place, then <fine_tuned_model>:step-N); the publish unit's own time "
-                    "is not in the job's events. probe: + one max_tokens=1 request to the new version",
+            "probe_update_to_servable_s": distribution([p["update_to_servable_s"] for p in probes]),
+            "probe_update_to_first_request_s": distribution([p["update_to_first_request_s"] for p in probes]),
+            "probe_api_loads_s": distribution([p["api_loads_s"] for p in probes]),
+            "probe_stream_request_p50_s": probes[0]["stream_request_p50_s"] if probes else None,
+            "note": "update_to_servable: from the end of the optimizer update (worker clock) until the "
+                    "scheduler gives the version to new requests (the end of the engine step that published "
+                    "it). update_to_first_request: until the first request for fine_tuned_model is admitted "
+                    "with it, while a client sends 1-token requests back to back (stream_request_p50: how "
+                    "long one such request takes through the server, i.e. about one engine step). "
+                    "api_loads: the API server's own loads afterwards (in place, then <name>:step-N).",
         }
 
         # 4. the disk path
@@ -805,7 +839,7 @@ def run(args) -> int:
     problems += [f"server log: {line}" for line in log_problems(log_path)]
 
     fig = figures(phases)
-    goals = evaluate_goals(fig)
+    goals = evaluate_goals(fig, publish)
     machine_name = machine_tag(machine)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -103,6 +103,20 @@ class AdapterFilesIdentity:
 IDENTITY = AdapterFilesIdentity()
 
 
+def rehash_request(request) -> None:
+    """Compute a waiting request's block hashes again after its adapter was changed (the
+    scheduler gives it a newer published version, vllm_slora/finetune/published_versions.py).
+
+    Only for a request with no computed tokens: none of its blocks is in use yet.
+    """
+    try:
+        delattr(request, _REQUEST_ATTR)
+    except AttributeError:
+        pass
+    request.block_hashes = []
+    request.update_block_hashes()
+
+
 def apply() -> None:
     from vllm_slora.compat import kv_cache_utils
 

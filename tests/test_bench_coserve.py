@@ -94,7 +94,18 @@ def test_goals_not_measured_without_hf():
               "coserve": {"idle": _phase(400.0), "moderate": _phase(300.0, 1.0, 0.1), "heavy": _phase(100.0, 2.0, 0.2)},
               "hf_side": {}}
     goals = bench.evaluate_goals(bench.figures(phases))
-    assert [g["met"] for g in goals] == [True, True, True, True, None, None, None]
+    assert [g["met"] for g in goals] == [None, True, True, True, True, None, None, None]  # None: no publish probe
+
+
+def test_publish_goal_against_one_engine_step():
+    phases = {"no_job": {}, "coserve": {"idle": _phase(400.0)}, "hf_side": {}}
+    fig = bench.figures(phases)
+    probe = {"coserve": {"probe_update_to_first_request_s": {"p50": 0.03}, "probe_stream_request_p50_s": 0.05}}
+    (goal,) = [g for g in bench.evaluate_goals(fig, probe) if g["goal"].startswith("publish")]
+    assert goal["met"] is True and goal["value"] == 0.03
+    probe["coserve"]["probe_update_to_first_request_s"]["p50"] = 0.51
+    (goal,) = [g for g in bench.evaluate_goals(fig, probe) if g["goal"].startswith("publish")]
+    assert goal["met"] is False
 
 
 def test_check_job_events():

@@ -47,6 +47,7 @@ from vllm.platforms import current_platform  # noqa: E402
 from vllm.utils.torch_utils import kv_cache_dtype_str_to_dtype  # noqa: E402
 from vllm.v1.core import kv_cache_utils  # noqa: E402
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler  # noqa: E402
+from vllm.v1.core.sched.interface import PauseState  # noqa: E402  (training stops while paused)
 from vllm.v1.core.sched.output import SchedulerOutput  # noqa: E402
 from vllm.v1.core.sched.scheduler import Scheduler  # noqa: E402
 from vllm.v1.engine.core import EngineCore  # noqa: E402
@@ -80,6 +81,7 @@ __all__ = [
     "current_platform",
     "AsyncScheduler",
     "EngineArgs",
+    "PauseState",
     "Scheduler",
     "SchedulerOutput",
     "EngineCore",

@@ -32,10 +32,11 @@ from vllm_slora.adapters import AdapterError
 from vllm_slora.adapters.base_model import BaseModelShape
 from vllm_slora.adapters.registry import AdapterRegistry
 from vllm_slora.adapters.validation import adapter_files_identity
-from vllm_slora.compat import AsyncScheduler, Scheduler, SchedulerOutput, logger
+from vllm_slora.compat import AsyncScheduler, PauseState, Scheduler, SchedulerOutput, logger
 from vllm_slora.config import SLoRAConfig
 from vllm_slora.patches import apply_patches
 from vllm_slora.patches.patch_kv_cache_utils import IDENTITY as ADAPTER_FILES
+from vllm_slora.patches.patch_kv_cache_utils import rehash_request
 from vllm_slora.pool.admission import MAX_BLOCKED_STEPS, AdmissionGate, Demand, kv_blocks_for, never_fits
 from vllm_slora.pool.geometry import page_elems
 from vllm_slora.pool.residency import AdapterResidency, Residency
@@ -109,9 +110,13 @@ class SLoRASchedulerMixin:
         self._slora_pool_copy_seconds: list[float] = []
         # Co-served finetuning (finetune/coserve_planner.py): only with slora.finetune.
         self.slora_training = None
+        self.slora_published = None  # finetune/published_versions.py
         self._slora_last_schedule: float | None = None
         if self.slora_config.finetune:
             from vllm_slora.finetune.coserve_planner import TrainingPlanner
+            from vllm_slora.finetune.published_versions import PublishedVersions
+
+            self.slora_published = PublishedVersions()
 
             apply_patches("slora_finetune")  # the EngineCore side of patch_shm_broadcast
 
@@ -211,10 +216,67 @@ class SLoRASchedulerMixin:
         self._slora_pending_evictions.append(lora_int_id)
 
     # -- vLLM hooks --------------------------------------------------------------------
+    def add_request(self, request) -> None:
+        if self.slora_published:
+            self._slora_follow_published(request)
+        super().add_request(request)
+
     def _handle_blocked_waiting_request(self, request) -> bool:
         if not super()._handle_blocked_waiting_request(request):
             return False
-        return self._slora_admit(request)
+        if self.slora_published:
+            self._slora_follow_published(request)
+        if not self._slora_admit(request):
+            return False
+        if self.slora_published and request.lora_request is not None:
+            self._slora_note_first_request(request.lora_request.lora_int_id)
+        return True
+
+    # -- co-served finetuning: newest published version (finetune/published_versions.py) --
+    def _slora_follow_published(self, request) -> None:
+        """Give a request that has not started yet its job's newest published version."""
+        if request.num_computed_tokens or request.num_output_tokens:
+            return  # started (or holds KV): it keeps the version it started with
+        version = self.slora_published.newest_for(request.lora_request)
+        if version is None:
+            return
+        request.lora_request = version.lora_request
+        rehash_request(request)
+
+    def _slora_publish(self, event) -> None:
+        """A job's worker published a version in the step that just ended: serve it from now on."""
+        job = self.slora_training.jobs.get(event.job_id) if self.slora_training is not None else None
+        if job is None:
+            return
+        data = event.data
+        previous = self.slora_published.newest(job.spec.adapter_name)
+        version = self.slora_published.publish(
+            event.job_id, job.spec.adapter_name, job.spec.job_dir, event.step, data["path"], data.get("updated_at"))
+        if previous is not None:
+            # Superseded: its pages go back now, or when the last request reading them ends.
+            self.slora_unload(previous.lora_request.lora_int_id)
+        lora = version.lora_request
+        try:
+            spec = self._slora_spec(lora)
+        except AdapterError as e:  # e.g. the checkpoint cannot be read back: requests say so
+            logger.error("vllm-slora: published %s step %d cannot be served: %s", lora.lora_name, event.step, e)
+            return
+        files = data.get("files")
+        if spec is not None and files is not None and tuple(map(_as_tuple, files)) == spec.files:
+            # The worker put exactly these files' weights into its host cache while publishing:
+            # the next request loads them into pages in its first step, with no disk read.
+            self._slora_host_ready.add((lora.lora_int_id, spec.version))
+        data["servable_at"] = version.servable_at
+
+    def _slora_note_first_request(self, lora_int_id: int) -> None:
+        version = self.slora_published.first_request(lora_int_id)
+        if version is not None and self.slora_training is not None:
+            from vllm_slora.step_plan import TrainEvent
+
+            self.slora_training.record(TrainEvent(version.job_id, "served", version.step, {
+                "first_request_seconds": version.first_request_at - version.updated_at,
+                "servable_seconds": version.servable_at - version.updated_at,
+            }))
 
     # -- admission under pool pressure (rules in pool/admission.py) ----------------------
     def _slora_admit(self, request) -> bool:
@@ -316,14 +378,22 @@ class SLoRASchedulerMixin:
         self._slora_admit_gate().forget(request.request_id)
         return False
 
+    def _slora_training_paused(self) -> bool:
+        # pause_generation (e.g. to swap weights): training stops too, so it never reads
+        # weights being replaced, and a completed pause leaves the engine with no work.
+        return self.pause_state is not PauseState.UNPAUSED
+
     def has_requests(self) -> bool:
         # A co-served finetuning job keeps the engine stepping with no request at all.
-        return super().has_requests() or (self.slora_training is not None and self.slora_training.busy())
+        return super().has_requests() or (
+            self.slora_training is not None and self.slora_training.busy() and not self._slora_training_paused())
 
     def schedule(self, *args, **kwargs):
         output = super().schedule(*args, **kwargs)
         train = None
-        if self.slora_training is not None:
+        if self.slora_training is not None and self._slora_training_paused():
+            self._slora_last_schedule = None  # no period spans a pause
+        elif self.slora_training is not None:
             now = time.perf_counter()
             if self._slora_last_schedule is not None:
                 self.slora_training.observe_period(now - self._slora_last_schedule)
@@ -400,6 +470,9 @@ class SLoRASchedulerMixin:
         """Apply a worker report; returns request_id -> error of the requests it fails."""
         self.slora_worker_report = report
         if self.slora_training is not None:
+            for event in report.training or ():
+                if event.kind == "published":
+                    self._slora_publish(event)
             self.slora_training.take(report)
         for observed, kept in ((report.disk_read_seconds, self._slora_disk_read_seconds),
                                (report.pool_copy_seconds, self._slora_pool_copy_seconds)):
@@ -469,6 +542,8 @@ class SLoRASchedulerMixin:
 
             raise TrainingRefused("this engine does not co-serve finetuning: start it with slora.finetune=true "
                                   "(--additional-config '{\"slora\": {\"finetune\": true}}')")
+        if action == "versions":  # what each job's name serves now (finetune/published_versions.py)
+            return {"versions": self.slora_published.describe()}
         return self.slora_training.handle(action, payload)
 
     def slora_unload(self, lora_int_id: int) -> bool:
@@ -517,6 +592,11 @@ class SLoRASchedulerMixin:
 
         metrics.request_finished(self, request)
         return super()._free_request(request, *args, **kwargs)
+
+
+def _as_tuple(item):
+    """A files identity entry as the registry makes it (events may carry lists)."""
+    return tuple(item) if isinstance(item, list) else item
 
 
 def _without_tokens(model_runner_output, request_ids):

@@ -206,3 +206,76 @@ def test_diverging_job_fails_naming_the_step_and_serving_goes_on(llm, training_f
     (out,) = llm.generate(["the quick"], SamplingParams(max_tokens=4, temperature=0.0), use_tqdm=False)
     assert len(out.outputs[0].token_ids) == 4
     assert utility(llm, "stats", {})["active"] == 0
+
+
+def test_waiting_requests_get_the_newest_published_version(llm, tiny_model, training_file, tmp_path):
+    """The engine serves a job's newest version from the step that published it: a request that
+    names the job's step-0 (what the server had loaded) answers with the step-6 weights, exactly
+    like HF+PEFT with that checkpoint; the times from the update to servable and to the first
+    request are recorded in that order."""
+    from vllm import SamplingParams
+    from vllm.lora.request import LoRARequest
+
+    from tests.hf_reference import hf_greedy
+    from vllm_slora.finetune.lora_params import LoraParams, LoraSettings
+    from vllm_slora.finetune.model_config import DecoderConfig
+
+    job_dir = tmp_path / "follow"
+    tokenizer = llm.get_tokenizer()
+    # Prompts longer than a KV block (128 tokens on CPU), served once with step-0 first: a request
+    # that did not get new block hashes with its new version would reuse KV of the old weights.
+    prompts = [tokenizer(p * 80)["input_ids"][:160] for p in ("the quick brown ", "paris is ", "many adapters ")]
+    params = SamplingParams(max_tokens=8, temperature=0.0)
+    stale = LoRARequest("follow", 4100, str(job_dir / "step-0"))
+
+    def generate():
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, lora_request=stale, use_tqdm=False)
+        return [list(o.outputs[0].token_ids) for o in outs]
+
+    # engine_job's initial adapter (written again there, the same weights), served before the job.
+    LoraParams.init(DecoderConfig.from_hf(tiny_model), LoraSettings(r=8, alpha=16.0), seed=0).save_peft(
+        job_dir / "step-0")
+    assert generate() == [list(e) for e in hf_greedy(tiny_model, prompts, 8, adapter_dir=str(job_dir / "step-0"))]
+    job_id = engine_job(llm, tmp_path, "follow", training_file, steps=6, publish_every=3, lr=2e-2)
+    status, events = follow(llm, job_id)
+    assert status == "succeeded"
+    published = [e for e in events if e["kind"] == "published"]
+    assert [e["step"] for e in published] == [3, 6]
+    assert all(e["data"]["updated_at"] <= e["data"]["servable_at"] for e in published)
+
+    expected = hf_greedy(tiny_model, prompts, 8, adapter_dir=str(job_dir / "step-6"))
+    assert expected != hf_greedy(tiny_model, prompts, 8, adapter_dir=str(job_dir / "step-0"))  # tells them apart
+    assert generate() == [list(e) for e in expected]
+
+    (version,) = [v for v in utility(llm, "versions", {})["versions"] if v["name"] == "follow"]
+    assert version["step"] == 6 and version["path"] == str(job_dir / "step-6")
+    assert version["updated_at"] <= version["servable_at"] <= version["first_request_at"]
+
+
+def test_training_stops_while_the_engine_is_paused(llm, training_file, tmp_path):
+    """pause_scheduler completes with a job running (no work left), no training step runs while
+    paused (it would read weights an operator may be replacing), and training resumes after."""
+    core = llm.llm_engine.engine_core
+
+    def steps_so_far(job_id):
+        return sum(e["kind"] == "step" for e in utility(llm, "poll", {"job_id": job_id})["events"])
+
+    def wait_for_step_after(job_id, count):
+        deadline = time.monotonic() + 60
+        while steps_so_far(job_id) <= count:
+            assert time.monotonic() < deadline, "no training step"
+            time.sleep(0.02)
+
+    job_id = engine_job(llm, tmp_path, "paused", training_file, steps=10**6, publish_every=10**6)
+    wait_for_step_after(job_id, 0)
+    core.call_utility("pause_scheduler", "keep", False)
+    try:
+        assert core.call_utility("is_scheduler_paused")
+        paused_at = steps_so_far(job_id)
+        time.sleep(1.0)
+        assert steps_so_far(job_id) == paused_at
+    finally:
+        core.call_utility("resume_scheduler")
+    wait_for_step_after(job_id, paused_at)
+    utility(llm, "cancel", {"job_id": job_id})
+    assert follow(llm, job_id)[0] == "cancelled"

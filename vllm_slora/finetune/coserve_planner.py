@@ -113,7 +113,7 @@ class TrainingPlanner:
         if job.status in ACTIVE:
             if any(s.job_id == job_id for s in self._start):
                 self._start = [s for s in self._start if s.job_id != job_id]
-                self._record(TrainEvent(job_id, "cancelled", 0))
+                self.record(TrainEvent(job_id, "cancelled", 0))
             else:
                 self._cancel.append(job_id)
         return {"job_id": job_id, "status": job.status}
@@ -194,9 +194,9 @@ class TrainingPlanner:
         if report.training is not None:
             self.next_unit_s = report.next_unit_seconds
             for event in report.training:
-                self._record(event)
+                self.record(event)
 
-    def _record(self, event: TrainEvent) -> None:
+    def record(self, event: TrainEvent) -> None:
         job = self.jobs.get(event.job_id)
         if job is None:
             return

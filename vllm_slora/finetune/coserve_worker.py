@@ -70,6 +70,7 @@ class _Job:
     publish_due: bool = False
     spent_s: float = 0.0  # all unit time so far: the fairness key
     last_loss: float = float("nan")
+    updated_at: float | None = None  # wall time the last optimizer update ended
     published: list[int] = field(default_factory=list)
 
     def next_kind(self) -> str:
@@ -212,6 +213,7 @@ class WorkerTraining:
         if unit_pass.rng_state is not None:
             job.rng = unit_pass.rng_state
         record = job.trainer.update(unit_pass.batch, unit_pass.loss, job.pass_lr, job.pass_seconds)
+        job.updated_at = time.time()
         job.last_loss = record.loss
         self._event(job, "step", step=record.step, loss=record.loss, lr=record.lr, tokens=record.tokens,
                     loss_tokens=record.loss_tokens, seconds=record.seconds,
@@ -235,8 +237,11 @@ class WorkerTraining:
                      Path(job.spec.job_dir) / TRAINER_STATE)
         job.publish_due = False
         job.published.append(step)
+        # `files` (the identity the host-cache entry is keyed by) lets the scheduler serve
+        # this version from the host cache at once (finetune/published_versions.py).
         self._event(job, "published", step=step, path=str(path), loss=job.last_loss,
-                    seconds=time.perf_counter() - started, host_cached=files is not None)
+                    seconds=time.perf_counter() - started, host_cached=files is not None,
+                    files=files, updated_at=job.updated_at)
         if step >= job.spec.total_steps:
             self._finish(job)
 

@@ -681,12 +681,18 @@ class FineTuningJobs:
         job.lora.save_peft(path, base_model_name_or_path=self.engine.model_dir)
         self._serve_version(job, record.step, path, record.loss)
 
-    def _serve_version(self, job: Job, step: int, path: Path, loss: float, trained_at: float | None = None) -> None:
-        """Serve the adapter at `path` as fine_tuned_model (in place) and as `<fine_tuned_model>:step-N`."""
+    def _serve_version(self, job: Job, step: int, path: Path, loss: float, trained_at: float | None = None,
+                       servable_at: float | None = None) -> None:
+        """Serve the adapter at `path` as fine_tuned_model (in place) and as `<fine_tuned_model>:step-N`.
+
+        `servable_at`: when the engine itself started serving this version under the name
+        (in-engine jobs); otherwise the in-place load below is what makes it servable.
+        """
         checkpoint_name = f"{job.fine_tuned_model}:step-{step}"
         started = time.perf_counter()
         self._on_loop(self.host.load(job.fine_tuned_model, str(path), replace=True))
-        servable_at = time.time()  # fine_tuned_model answers with this version from here on
+        if servable_at is None:
+            servable_at = time.time()  # fine_tuned_model answers with this version from here on
         self._on_loop(self.host.load(checkpoint_name, str(path), replace=False))
         with self._lock:
             job.published_step = step
@@ -745,10 +751,17 @@ class FineTuningJobs:
                                                       loss_tokens=data["loss_tokens"], tokens=data["tokens"],
                                                       seconds=data["seconds"]))
                 elif kind == "published":
-                    # The engine's event is stamped after the publish unit; the update ended
-                    # that unit's duration earlier.
+                    # The engine already gives the new version to every request that starts
+                    # from the end of the step that published it (data["servable_at"],
+                    # finetune/published_versions.py); loading it here keeps the server's
+                    # own records (the name's path, `:step-N`, /v1/models) in step.
                     self._serve_version(job, step, Path(data["path"]), data["loss"],
-                                        trained_at=event["time"] - data.get("seconds", 0.0))
+                                        trained_at=data.get("updated_at"), servable_at=data.get("servable_at"))
+                elif kind == "served":
+                    with self._lock:
+                        self._event(job, f"Step {step} served its first request "
+                                    f"{data['first_request_seconds'] * 1000:.0f} ms after the optimizer update",
+                                    data={"step": step, **data})
                 elif kind == "failed":
                     message = data.get("message", "training failed")
                     code = "training_diverged" if "non-finite" in message or "loss is" in message else "training_error"
