@@ -8,7 +8,9 @@ cached adapters). We call the scheduler's `slora_unload` first, then the origina
 Co-served finetuning jobs live in the scheduler too (finetune/coserve_planner.py), and
 EngineCore utility calls only reach EngineCore methods: `slora_finetune(action, payload)`
 is added, forwarding to the scheduler's `slora_finetune` (an error naming the problem on
-engines without it).
+engines without it). Its first call also hands the scheduler the EngineCore's input queue,
+so that training steps end early when a request arrives (finetune/arrivals.py): the
+engine object is not otherwise reachable from the scheduler.
 
 Applied by SLoRAScheduler.__init__ (EngineCore of engines with the `slora` key); the
 wrapper checks for the method, so other engines in the process are untouched. See
@@ -42,4 +44,8 @@ def slora_finetune(self, action: str, payload: dict) -> dict:
     handler = getattr(self.scheduler, "slora_finetune", None)
     if handler is None:
         raise RuntimeError("this engine does not run vllm-slora's scheduler (no 'slora' key in additional_config)")
+    input_queue = getattr(self, "input_queue", None)  # EngineCoreProc only (not in-process engines)
+    watch = getattr(self.scheduler, "slora_watch_arrivals", None)
+    if input_queue is not None and watch is not None:
+        watch(input_queue)
     return handler(action, payload)

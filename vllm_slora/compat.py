@@ -50,6 +50,7 @@ from vllm.v1.core.sched.async_scheduler import AsyncScheduler  # noqa: E402
 from vllm.v1.core.sched.interface import PauseState  # noqa: E402  (training stops while paused)
 from vllm.v1.core.sched.output import SchedulerOutput  # noqa: E402
 from vllm.v1.core.sched.scheduler import Scheduler  # noqa: E402
+from vllm.v1.engine import EngineCoreRequestType  # noqa: E402  (finetune/arrivals.py)
 from vllm.v1.engine.core import EngineCore  # noqa: E402
 from vllm.v1.engine.input_processor import InputProcessor  # noqa: E402
 from vllm.v1.engine.output_processor import RequestState  # noqa: E402
@@ -85,6 +86,7 @@ __all__ = [
     "Scheduler",
     "SchedulerOutput",
     "EngineCore",
+    "EngineCoreRequestType",
     "InputProcessor",
     "RequestState",
     "GenerateBaseServing",

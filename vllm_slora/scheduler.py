@@ -546,6 +546,18 @@ class SLoRASchedulerMixin:
             return {"versions": self.slora_published.describe()}
         return self.slora_training.handle(action, payload)
 
+    def slora_watch_arrivals(self, input_queue) -> None:
+        """Count new requests through the EngineCore's input queue for training steps to see
+        (finetune/arrivals.py); once per engine, from the first finetune utility call."""
+        if self.slora_training is None or self.slora_training.arrivals is not None:
+            return
+        from vllm_slora.compat import EngineCoreRequestType
+        from vllm_slora.finetune.arrivals import ArrivalCounter, count_arrivals
+
+        counter = ArrivalCounter.create()
+        count_arrivals(input_queue, counter, lambda item: item[0] == EngineCoreRequestType.ADD)
+        self.slora_training.arrivals = counter.path
+
     def slora_unload(self, lora_int_id: int) -> bool:
         """The adapter was unloaded: free its pages now (or, while running requests read
         them, when the last one finishes) and forget its spec. Later requests for the

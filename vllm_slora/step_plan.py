@@ -66,6 +66,9 @@ class TrainOrder:
     budget_s: float = 0.0
     # No inference in this step: run at least one unit even if it is longer than the budget.
     idle: bool = False
+    # Shared counter of requests waiting in the EngineCore's input queue (finetune/arrivals.py):
+    # the step ends before the next unit once one is. None: not watched (in-process engines).
+    arrivals: str | None = None
 
 
 @dataclass
@@ -122,3 +125,5 @@ class SLoRAWorkerReport:
     train_units: int = 0
     # The longest expected unit of the next jobs (how much budget a step must grant).
     next_unit_seconds: float = 0.0
+    # Training ended this step early because a request arrived (finetune/arrivals.py).
+    train_cut_short: bool = False

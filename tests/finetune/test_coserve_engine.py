@@ -166,9 +166,37 @@ def test_inference_tokens_unchanged_while_a_job_trains(llm, tiny_model, training
     assert run() == before
 
 
+def test_an_arriving_request_ends_an_idle_training_step(llm, training_file, tmp_path):
+    """The multiprocess engine watches its input queue: requests sent while a job trains in idle
+    steps end those steps early (counted by the planner) and are answered."""
+    from vllm import SamplingParams
+
+    job_id = engine_job(llm, tmp_path, "cut", training_file, steps=10**6, publish_every=10**6)
+    deadline = time.monotonic() + 60
+    while not any(e["kind"] == "step" for e in utility(llm, "poll", {"job_id": job_id})["events"]):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    before = utility(llm, "stats", {})
+    assert before["arrivals_watched"] is True
+    for _ in range(4):
+        time.sleep(0.2)  # the engine is back in an idle training step
+        (out,) = llm.generate(["the quick"], SamplingParams(max_tokens=1, temperature=0.0), use_tqdm=False)
+        assert len(out.outputs[0].token_ids) == 1
+    assert utility(llm, "stats", {})["cut_short"] > before["cut_short"]
+    utility(llm, "cancel", {"job_id": job_id})
+    assert follow(llm, job_id)[0] == "cancelled"
+
+
 def test_two_jobs_share_the_time_and_both_finish(llm, training_file, tmp_path):
-    first = engine_job(llm, tmp_path, "first", training_file, steps=30, publish_every=15)
-    second = engine_job(llm, tmp_path, "second", training_file, steps=30, publish_every=15, seed=1)
+    # Submitted while the engine is paused, so both start in the same step: a step may run
+    # a whole small job before the next one's submission is even read.
+    core = llm.llm_engine.engine_core
+    core.call_utility("pause_scheduler", "keep", False)
+    try:
+        first = engine_job(llm, tmp_path, "first", training_file, steps=30, publish_every=15)
+        second = engine_job(llm, tmp_path, "second", training_file, steps=30, publish_every=15, seed=1)
+    finally:
+        core.call_utility("resume_scheduler")
     (status_a, events_a), (status_b, events_b) = follow(llm, first), follow(llm, second)
     assert status_a == status_b == "succeeded"
     times_a = [e["time"] for e in events_a if e["kind"] == "step"]

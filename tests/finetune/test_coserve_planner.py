@@ -120,3 +120,20 @@ def test_refusals_name_the_problem():
         planner.poll("nope")
     with pytest.raises(TrainingRefused, match="unknown finetune action 'explode'"):
         planner.handle("explode", {})
+
+
+def test_watched_arrivals_make_idle_steps_long_and_cut_short_steps_are_counted():
+    from vllm_slora.finetune.coserve_planner import WATCHED_IDLE_STEP_S
+
+    planner = TrainingPlanner(slack=0.1, idle_step_s=0.05, clock=lambda: 0.0)
+    planner.submit(spec())
+    planner.arrivals = "/dev/shm/counter"
+    order = planner.order(running=0, waiting=0, scheduled_tokens=0)
+    # Right after inference too: an arrival cuts the step short, so it need not be short itself.
+    assert order.idle and order.budget_s == WATCHED_IDLE_STEP_S > 0.05 and order.arrivals == "/dev/shm/counter"
+    cut = report(train_s=0.01, units=1)
+    cut.train_cut_short = True
+    planner.take(cut)
+    planner.take(report(train_s=0.5, units=20))
+    stats = planner.handle("stats", {})
+    assert stats["cut_short"] == 1 and stats["arrivals_watched"] is True

@@ -5,11 +5,13 @@ seconds of training units the workers may add to this step (research/flexllm.md 
 simplified to what a CPU engine can measure):
 
 * requests wait for admission -> 0: training never delays a queued request's first token;
-* no inference at all          -> ``idle_step_s`` (at least one unit): full speed, and a
-                                  request arriving meanwhile waits about one such step;
-                                  within ``RECENT_LOAD_S`` of the last inference (requests
-                                  come and go) only ``idle_step_s / IDLE_SHORTEN``, so an
-                                  arrival between requests waits less;
+* no inference at all          -> full speed (at least one unit): where the EngineCore's
+                                  input queue is watched (finetune/arrivals.py; every
+                                  multiprocess engine), steps of ``WATCHED_IDLE_STEP_S`` that
+                                  end before the next unit once a request arrives; otherwise
+                                  ``idle_step_s``, and only ``idle_step_s / IDLE_SHORTEN``
+                                  within ``RECENT_LOAD_S`` of the last inference (an arrival
+                                  waits about one such step);
 * otherwise                    -> a credit that grows by ``slack`` x the step period
                                   without training (EWMA of the wall time between two
                                   schedule() calls, i.e. what a running request waits per
@@ -38,6 +40,10 @@ from vllm_slora.step_plan import SLoRAWorkerReport, TrainEvent, TrainJobSpec, Tr
 EWMA_WEIGHT = 0.2
 RECENT_LOAD_S = 2.0  # inference this recent: requests are likely to arrive soon
 IDLE_SHORTEN = 5  # idle steps are this much shorter then
+# Idle steps when arrivals are watched: a request arriving meanwhile waits for one unit only,
+# so long steps cost no latency and save step boundaries (engine calls and utility replies,
+# e.g. a job's events, wait for the step's end though).
+WATCHED_IDLE_STEP_S = 0.5
 ACTIVE = ("queued", "running")
 TERMINAL_KIND = {"finished": "succeeded", "failed": "failed", "cancelled": "cancelled"}
 
@@ -62,6 +68,7 @@ class TrainingStats:
     loaded_seconds: float = 0.0  # training seconds added to steps with inference
     inference_seconds: float = 0.0  # inference seconds of those same steps
     loaded_cost_seconds: float = 0.0  # what those steps cost beyond the period without training
+    cut_short: int = 0  # steps whose training stopped early for an arriving request
 
 
 class TrainingPlanner:
@@ -82,6 +89,9 @@ class TrainingPlanner:
         self.next_unit_s = 0.0
         self.stats = TrainingStats()
         self._last_idle = False
+        # Shared counter of requests waiting in the EngineCore's input queue (finetune/arrivals.py),
+        # set by the scheduler once it watches that queue; None for in-process engines.
+        self.arrivals: str | None = None
 
     # -- control (EngineCore utility calls) ------------------------------------------------
     def handle(self, action: str, payload: dict) -> dict:
@@ -93,7 +103,8 @@ class TrainingPlanner:
             return self.poll(payload["job_id"], int(payload.get("after", 0)))
         if action == "stats":
             return dict(vars(self.stats), credit=self.credit, inference_s=self.inference_s, period_s=self.period_s,
-                        unit_s=self.next_unit_s, active=sum(j.status in ACTIVE for j in self.jobs.values()))
+                        unit_s=self.next_unit_s, active=sum(j.status in ACTIVE for j in self.jobs.values()),
+                        arrivals_watched=self.arrivals is not None)
         raise TrainingRefused(f"unknown finetune action {action!r}")
 
     def submit(self, spec: TrainJobSpec) -> dict:
@@ -135,15 +146,18 @@ class TrainingPlanner:
     def order(self, running: int, waiting: int, scheduled_tokens: int) -> TrainOrder | None:
         if not self.busy():
             return None
-        order = TrainOrder(start=self._start, cancel=self._cancel)
+        order = TrainOrder(start=self._start, cancel=self._cancel, arrivals=self.arrivals)
         self._start, self._cancel = [], []
         self._last_idle = False
         if waiting:
             order.budget_s = 0.0  # admission first
             self._last_loaded = self.clock()
         elif not scheduled_tokens and not running:
-            recent = self.clock() - self._last_loaded < RECENT_LOAD_S
-            order.budget_s = self.idle_step_s / IDLE_SHORTEN if recent else self.idle_step_s
+            if self.arrivals is not None:  # an arrival ends the step after the unit it waits for
+                order.budget_s = max(self.idle_step_s, WATCHED_IDLE_STEP_S)
+            else:
+                recent = self.clock() - self._last_loaded < RECENT_LOAD_S
+                order.budget_s = self.idle_step_s / IDLE_SHORTEN if recent else self.idle_step_s
             order.idle = True
             self._last_idle = True
             self.credit = 0.0
@@ -175,6 +189,7 @@ class TrainingPlanner:
             previous = self.inference_s
             self.inference_s = report.inference_seconds if previous is None else (
                 EWMA_WEIGHT * report.inference_seconds + (1 - EWMA_WEIGHT) * previous)
+        self.stats.cut_short += report.train_cut_short
         if report.train_units:
             self.stats.steps += 1
             self.stats.units += report.train_units

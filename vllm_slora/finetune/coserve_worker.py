@@ -35,6 +35,7 @@ import torch
 
 from vllm_slora.step_plan import TrainEvent, TrainJobSpec, TrainOrder
 
+from .arrivals import ArrivalCounter
 from .base_weights import BaseWeights, base_weights_from_vllm
 from .layer_units import LayerSlicedPass, activation_bytes
 from .lora_params import LoraParams
@@ -100,6 +101,8 @@ class WorkerTraining:
         self.unit_seconds: dict[str, float] = {}  # expected seconds per unit kind (EWMA)
         self.events: list[TrainEvent] = []
         self.host_cache = None  # set by the runner: published versions go in from memory
+        self._arrival_counter: ArrivalCounter | None = None
+        self.cut_short = False  # the last step stopped early for an arriving request
         keep_freed_memory()
 
     @property
@@ -126,7 +129,12 @@ class WorkerTraining:
         for spec in order.start:
             self._start(spec)
         spent, units = 0.0, 0
+        arrivals = self._arrivals(order.arrivals)
+        self.cut_short = False
         while self.jobs:
+            if arrivals is not None and arrivals.waiting() > 0:
+                self.cut_short = True  # a request waits for this step to end: let it in
+                break
             job = min(self.jobs.values(), key=lambda j: j.spent_s)
             expected = self.unit_seconds.get(job.next_kind(), 0.0)
             if spent + expected > order.budget_s and not (order.idle and units == 0):
@@ -149,6 +157,16 @@ class WorkerTraining:
             spent += seconds
             units += 1
         return spent, units
+
+    def _arrivals(self, path: str | None) -> ArrivalCounter | None:
+        if path is None:
+            return None
+        if self._arrival_counter is None or self._arrival_counter.path != path:
+            try:
+                self._arrival_counter = ArrivalCounter.attach(path)
+            except OSError:  # another machine / no shared file: steps just are not cut short
+                return None
+        return self._arrival_counter
 
     def next_unit_seconds(self) -> float:
         """Expected time of the longest next unit among the jobs (0 when none is known)."""

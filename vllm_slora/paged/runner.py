@@ -121,6 +121,7 @@ class SLoRARunnerMixin:
             if training is not None:
                 report.training = training.take_events()
                 report.train_seconds, report.train_units = spent, units
+                report.train_cut_short = training.cut_short
                 report.next_unit_seconds = training.next_unit_seconds()
             return report
 
