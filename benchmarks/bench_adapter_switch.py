@@ -5,10 +5,10 @@ pool pages, so an engine step that runs a different set of adapters copies no we
 at all. The only per-step work that depends on which adapters run is the worker's
 metadata update, `PagedAdapterManager.set_token_mapping(token_lora_mapping)`
 (vllm_slora/paged/manager.py): it maps each token's lora_int_id to a step slot through
-`StepMetadata.assign_slot` (vllm_slora/paged/step_metadata.py), which, for an adapter
-that is not already in a slot, picks the least recently used slot and writes that
-adapter's page-table rows (pool offsets of its A / B^T rows, ranks, scalings) into the
-static per-step tables, then writes the token->slot map. That call, timed alone, is the
+`StepMetadata.assign_slots` (vllm_slora/paged/step_metadata.py), which, for the adapters
+that are not already in a slot, picks the least recently used slots and writes those
+adapters' page-table rows (pool offsets of their A / B^T rows, ranks, scalings) into the
+static per-step tables, all of them with one copy per table, then writes the token->slot map. That call, timed alone, is the
 switch cost: the forward reads the same static tables whichever adapters they hold.
 
 Set-up (no engine, the same path the worker runs): a `PagedAdapterManager` with
@@ -37,7 +37,7 @@ adapter) with T tokens: ``decode`` (one token per request, T = k) and ``prefill1
 
 Reported: median (p10/p90) µs per step, median µs per adapter per step (step / k), the
 table writes per step, and the marginal µs per table write ((switch_all_new - steady) / k).
-A separate instrumented pass splits the switch step into slot choice (`_free_slot`) and
+A separate instrumented pass splits the switch step into slot choice (`_free_slots`) and
 table writes (`_write`). GC is off while timing.
 
 Stock vLLM, for contrast (an emulation, labelled so in the output): stock vLLM has
@@ -216,7 +216,7 @@ def args_warmup(reps: int) -> int:
 def breakdown(manager: PagedAdapterManager, num_adapters: int, k: int, reps: int, rng: np.random.Generator) -> dict:
     """Where an all-new decode step goes: slot choice vs table writes (instrumented, so slower)."""
     state = manager.state
-    spent = {"_free_slot": 0.0, "_write": 0.0}
+    spent = {"_free_slots": 0.0, "_write": 0.0}
     originals = {name: getattr(state, name) for name in spent}
 
     def wrap(name):
@@ -318,7 +318,7 @@ def print_table(shape_name: str, results: dict, ks: list[int], stock: dict | Non
                   + f"{r['marginal_us_per_table_write']:>10.2f}")
     b = results["breakdown"]
     print(f"breakdown (all-new decode, k={b['k']}, instrumented): {b['us_per_step']} µs/step; slot choice "
-          f"{b['free_slot_share']:.0%} ({b['free_slot_us_per_adapter']} µs/adapter), table writes "
+          f"{b['free_slots_share']:.0%} ({b['free_slots_us_per_adapter']} µs/adapter), table writes "
           f"{b['write_share']:.0%} ({b['write_us_per_adapter']} µs/adapter)")
     if stock:
         s = stock["us_per_adapter_switch"]

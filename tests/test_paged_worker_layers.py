@@ -316,3 +316,27 @@ def test_warm_reads_adapters_off_the_step(base, manager, adapters, tmp_path):
     assert failed[:2] == (77, 1) and "'broken'" in failed[2] and "TP rank 0" in failed[2]
     with pytest.raises(AdapterError, match="broken"):
         cache.get("broken", str(broken), 1)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_steps_that_switch_every_slot_match_dense_reference(base, adapters, backend):
+    """Two slots, four adapters: each step brings several adapters into slots other adapters
+    held (their rows written together, one copy per table); outputs stay equal to the dense
+    reference, adapters that stay keep their slot, and only new ones are written."""
+    manager = PagedAdapterManager(base, torch.float32, "cpu", 64 << 20, max_num_tokens=32, max_adapters_per_step=2,
+                                  kernel_backend=backend)
+    manager.attach_pool(make_pools(), PAGE_ELEMS)
+    free = list(range(1, NUM_BLOCKS))
+    manager.apply_plan(SLoRAStepPlan(load=place(manager, adapters, free)))
+    state = manager.state
+    check_all_layers(base, manager, adapters, [10, 0, 11, 11])
+    assert state.table_writes == 2
+    check_all_layers(base, manager, adapters, [12, 13, 0, 13])  # both slots taken over at once
+    assert state.table_writes == 4 and set(state.slot_of) == {12, 13}
+    kept = state.slot_of[13]
+    check_all_layers(base, manager, adapters, [13, 10, 10])  # 13 stays, 10 takes 12's slot
+    assert state.slot_of[13] == kept and state.table_writes == 5
+    check_all_layers(base, manager, adapters, [11, 12, 0])
+    assert state.table_writes == 7
+    with pytest.raises(RuntimeError, match="more than 2 distinct adapters"):
+        manager.set_token_mapping([10, 11, 12])

@@ -18,7 +18,7 @@ class EngineGone(RuntimeError):
 
 class InProcessEngine:
     def __init__(self, model_dir, crash_after_publish: int | None = None, on_crash=None) -> None:
-        # crash_after_publish: the engine dies right after a job publishes that step (restart tests).
+        # crash_after_publish: the engine dies right after a job checkpoints that step (restart tests).
         self.crash_after_publish, self.on_crash = crash_after_publish, on_crash
         self.planner = TrainingPlanner(slack=0.1, idle_step_s=0.02)
         self.worker = WorkerTraining(None, base_model=str(model_dir), base=base_weights_from_checkpoint(model_dir))
@@ -44,7 +44,7 @@ class InProcessEngine:
                         training=events, train_seconds=spent, train_units=units,
                         next_unit_seconds=self.worker.next_unit_seconds()))
                     if self.crash_after_publish is not None and any(
-                            e.kind == "published" and e.step >= self.crash_after_publish for e in events):
+                            e.kind == "checkpointed" and e.step >= self.crash_after_publish for e in events):
                         self._stop.set()
                         if self.on_crash is not None:
                             self.on_crash()

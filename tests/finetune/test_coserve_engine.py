@@ -41,6 +41,7 @@ def engine_job(llm, tmp_path, name: str, training_file, steps: int, publish_ever
     from vllm_slora.finetune.model_config import DecoderConfig
     from vllm_slora.finetune.packing import pack_examples, save_batches
     from vllm_slora.finetune.trainer import TrainingSettings
+    from vllm_slora.step_plan import TrainJobSpec
 
     model_dir = llm.llm_engine.vllm_config.model_config.model
     job_dir = job_dir or tmp_path / name
@@ -52,11 +53,11 @@ def engine_job(llm, tmp_path, name: str, training_file, steps: int, publish_ever
             job_dir / "step-0")
     settings = dataclasses.asdict(TrainingSettings(max_steps=steps, lr=lr))
     job_id = f"{name}-{time.monotonic_ns()}"
-    utility(llm, "submit", {
-        "job_id": job_id, "adapter_name": name, "job_dir": str(job_dir),
-        "init_adapter_dir": str(job_dir / f"step-{resume_from or 0}"), "settings": settings, "total_steps": steps,
-        "publish_every": publish_every, "seed": seed, "base_model": model_dir, "resume": resume_from is not None,
-    })
+    utility(llm, "submit", dataclasses.asdict(TrainJobSpec(
+        job_id=job_id, adapter_name=name, job_dir=str(job_dir), init_adapter_dir=str(job_dir / f"step-{resume_from or 0}"),
+        settings=settings, total_steps=steps, publish_every=publish_every, seed=seed, base_model=model_dir,
+        resume=resume_from is not None,
+    )))
     return job_id
 
 

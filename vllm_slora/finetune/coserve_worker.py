@@ -42,7 +42,7 @@ from .lora_params import LoraParams
 from .packing import PackedBatch, load_batches
 from .trainer import LoraTrainer, TrainingSettings
 
-UPDATE, PUBLISH = "update", "publish"
+UPDATE, PUBLISH, CHECKPOINT = "update", "publish", "checkpoint"
 TRAINER_STATE = "trainer_state.pt"
 BATCHES_FILE = "batches.pt"
 EWMA_WEIGHT = 0.3  # weight of the newest observation in a unit kind's expected time
@@ -69,6 +69,7 @@ class _Job:
     pass_lr: float = 0.0
     pass_seconds: float = 0.0
     publish_due: bool = False
+    checkpoint_due: bool = False  # trainer_state.pt of the last published step not written yet
     spent_s: float = 0.0  # all unit time so far: the fairness key
     last_loss: float = float("nan")
     updated_at: float | None = None  # wall time the last optimizer update ended
@@ -77,6 +78,8 @@ class _Job:
     def next_kind(self) -> str:
         if self.publish_due:
             return PUBLISH
+        if self.checkpoint_due:
+            return CHECKPOINT
         if self.unit_pass is None:
             return "fwd"
         return self.unit_pass.next_kind or UPDATE
@@ -149,13 +152,15 @@ class WorkerTraining:
                 self._event(job, "failed", step=job.trainer.steps_done + 1, message=message)
             seconds = time.perf_counter() - started
             job.spent_s += seconds
-            if kind != PUBLISH:
+            if kind not in (PUBLISH, CHECKPOINT):
                 job.pass_seconds += seconds
             previous = self.unit_seconds.get(kind)
             self.unit_seconds[kind] = seconds if previous is None else (
                 EWMA_WEIGHT * seconds + (1 - EWMA_WEIGHT) * previous)
             spent += seconds
             units += 1
+            if kind == PUBLISH:
+                break  # end the step now: its report makes the new version servable at once
         return spent, units
 
     def _arrivals(self, path: str | None) -> ArrivalCounter | None:
@@ -214,6 +219,9 @@ class WorkerTraining:
         if kind == PUBLISH:
             self._publish(job)
             return
+        if kind == CHECKPOINT:
+            self._checkpoint(job)
+            return
         if job.unit_pass is None:
             batch = job.batches[job.trainer.steps_done % len(job.batches)]
             job.trainer.zero_grad()
@@ -251,15 +259,22 @@ class WorkerTraining:
         files = None
         if self.host_cache is not None:
             files = self.host_cache.put_trained(job.spec.adapter_name, str(path), job.lora.peft_state_dict())
-        _save_atomic({"trainer": job.trainer.state_dict(), "rng": job.rng, "step": step},
-                     Path(job.spec.job_dir) / TRAINER_STATE)
-        job.publish_due = False
+        job.publish_due, job.checkpoint_due = False, True
         job.published.append(step)
         # `files` (the identity the host-cache entry is keyed by) lets the scheduler serve
         # this version from the host cache at once (finetune/published_versions.py).
         self._event(job, "published", step=step, path=str(path), loss=job.last_loss,
                     seconds=time.perf_counter() - started, host_cached=files is not None,
                     files=files, updated_at=job.updated_at)
+
+    def _checkpoint(self, job: _Job) -> None:
+        """What a resume needs beside step-N (optimizer, schedule, dropout stream): a unit of its
+        own after the publish, so the new version is served without waiting for it."""
+        step = job.trainer.steps_done
+        _save_atomic({"trainer": job.trainer.state_dict(), "rng": job.rng, "step": step},
+                     Path(job.spec.job_dir) / TRAINER_STATE)
+        job.checkpoint_due = False
+        self._event(job, "checkpointed", step=step)
         if step >= job.spec.total_steps:
             self._finish(job)
 

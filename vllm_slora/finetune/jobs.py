@@ -717,14 +717,16 @@ class FineTuningJobs:
         """Submit the job to the engine, then follow its events until it ends (driver thread)."""
         import dataclasses
 
+        from vllm_slora.step_plan import TrainJobSpec
+
         from .trainer import StepRecord
 
-        spec = {
-            "job_id": job.id, "adapter_name": job.fine_tuned_model, "job_dir": str(job.dir),
-            "init_adapter_dir": str(job.dir / "step-0"), "settings": dataclasses.asdict(job.settings),
-            "total_steps": job.total_steps, "publish_every": job.publish_every, "seed": job.seed,
-            "base_model": self.engine.model_dir, "resume": resume,
-        }
+        spec = dataclasses.asdict(TrainJobSpec(
+            job_id=job.id, adapter_name=job.fine_tuned_model, job_dir=str(job.dir),
+            init_adapter_dir=str(job.dir / "step-0"), settings=dataclasses.asdict(job.settings),
+            total_steps=job.total_steps, publish_every=job.publish_every, seed=job.seed,
+            base_model=self.engine.model_dir, resume=resume,
+        ))
         with self._lock:
             if job.status != "queued":
                 return

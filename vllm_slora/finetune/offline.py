@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..adapters.modules import SLICE_ORDER
+from ..step_plan import TrainJobSpec
 from .coserve_worker import BATCHES_FILE
 from .data import load_training_file
 from .lora_params import LoraParams, LoraSettings
@@ -117,11 +118,11 @@ def finetune_in_engine(
                                 max_grad_norm=max_grad_norm)
     job_id = f"offline-{secrets.token_hex(6)}"
     call = engine_utility(llm)
-    call("submit", {
-        "job_id": job_id, "adapter_name": name, "job_dir": str(out), "init_adapter_dir": str(out / "step-0"),
-        "settings": asdict(training), "total_steps": steps,
-        "publish_every": publish_every or max(1, min(len(batches), steps)), "seed": seed, "base_model": model_dir,
-    })
+    call("submit", asdict(TrainJobSpec(
+        job_id=job_id, adapter_name=name, job_dir=str(out), init_adapter_dir=str(out / "step-0"),
+        settings=asdict(training), total_steps=steps,
+        publish_every=publish_every or max(1, min(len(batches), steps)), seed=seed, base_model=model_dir,
+    )))
     bar = _progress_bar(steps, name) if progress else None
     result = EngineFinetuneResult(name, out / "step-0", [])
     after = 0

@@ -219,17 +219,16 @@ class PagedAdapterManager:
         if self.failed:  # their requests are being failed: no LoRA, no missing pages
             ids = np.where(np.isin(ids, list(self.failed)), 0, ids)
         used = np.unique(ids[ids > 0])
-        missing = [int(i) for i in used if int(i) not in self.resident]
+        missing = [i for i in used.tolist() if i not in self.resident]
         if missing:
             raise RuntimeError(
                 f"vllm-slora: adapters {missing} are used in this step but their pages were never "
                 "filled (no load in the scheduler's plan, or evicted since)"
             )
-        in_step = {int(i) for i in used}
         slots = np.full(ids.size, -1, dtype=np.int32)
         if used.size:
             # used is sorted: slot_sorted[i] is the slot of adapter used[i].
-            slot_sorted = np.array([self.state.assign_slot(int(i), self.resident[int(i)], in_step) for i in used],
+            slot_sorted = np.array(self.state.assign_slots([(i, self.resident[i]) for i in used.tolist()]),
                                    dtype=np.int32)
             adapted = ids > 0
             slots[adapted] = slot_sorted[np.searchsorted(used, ids[adapted])]

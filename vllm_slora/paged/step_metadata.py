@@ -11,8 +11,8 @@ Allocated once per worker when the model is built, before vLLM traces or capture
                                              entries (CUDA + Triton only)
 
 Before each forward `set_step` writes the step's token->slot map (a pinned host buffer
-copied into the device tensor on CUDA) and `assign_slot` writes the rows of adapters
-that are new to their slot; nothing is ever reallocated, so a graph traced or captured
+copied into the device tensor on CUDA) and `assign_slots` writes the rows of adapters
+that are new to their slot, all of a step's at once; nothing is ever reallocated, so a graph traced or captured
 in a step without adapters reads the live tables in every later step. Slots are sticky:
 an adapter keeps its slot while it stays resident and slots are handed out least
 recently used first, so a steady adapter set costs no table writes at all. At most
@@ -25,7 +25,8 @@ CUDA path never branches on per-step state.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import heapq
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -100,42 +101,75 @@ class StepMetadata:
         return found
 
     # -- per step ----------------------------------------------------------------------
+    def assign_slots(self, adapters: Sequence[tuple[int, ResidentAdapter]]) -> list[int]:
+        """Slots of one step's adapters ((lora_int_id, adapter), distinct ids), in order.
+
+        Adapters already in a slot with these rows keep it at no cost; the others take the
+        least recently used slots no adapter of this step holds (empty ones first), and all
+        their rows are written together (one copy per table, `SlotTables.write_many`).
+        """
+        in_step = {lora_int_id for lora_int_id, _ in adapters}
+        slots: list[int | None] = []
+        writes: list[int] = []  # positions in `adapters` whose rows go into their slot
+        for position, (lora_int_id, adapter) in enumerate(adapters):
+            slot = self.slot_of.get(lora_int_id)
+            if slot is None or self._content[slot] is not adapter:
+                writes.append(position)
+            slots.append(slot)
+        homeless = [p for p in writes if slots[p] is None]
+        if homeless:
+            for position, slot in zip(homeless, self._free_slots(in_step, len(homeless))):
+                slots[position] = slot
+        for slot in slots:
+            self._last_step[slot] = self.step
+        if writes:
+            self._write([(slots[p], *adapters[p]) for p in writes])
+        return slots
+
     def assign_slot(self, lora_int_id: int, adapter: ResidentAdapter, in_step: set[int]) -> int:
-        """The adapter's slot, writing its rows there unless the slot already holds them."""
+        """One adapter's slot (`assign_slots` for a step of one; `in_step`: the step's other adapters)."""
         slot = self.slot_of.get(lora_int_id)
         if slot is None or self._content[slot] is not adapter:
             if slot is None:
-                slot = self._free_slot(in_step)
-            self._write(slot, lora_int_id, adapter)
+                (slot,) = self._free_slots(in_step | {lora_int_id}, 1)
+            self._write([(slot, lora_int_id, adapter)])
         self._last_step[slot] = self.step
         return slot
 
-    def _free_slot(self, in_step: set[int]) -> int:
+    def _free_slots(self, in_step: set[int], count: int) -> list[int]:
+        """`count` slots for adapters new to the step's tables, their previous owners evicted."""
         candidates = [s for s in range(self.num_slots) if self._owner(s) not in in_step]
-        if not candidates:
+        if len(candidates) < count:
             raise RuntimeError(
                 f"vllm-slora: more than {self.num_slots} distinct adapters in one step "
                 "(the scheduler must cap them with max_loras)"
             )
-        slot = min(candidates, key=lambda s: (self._content[s] is not None, self._last_step[s]))
-        owner = self._owner(slot)
-        if owner is not None:
-            del self.slot_of[owner]
-        return slot
+        # Empty slots first, then the least recently used (ties: lowest slot, as sorted()).
+        chosen = heapq.nsmallest(count, candidates, key=lambda s: (self._content[s] is not None, self._last_step[s]))
+        for slot in chosen:
+            owner = self._owner(slot)
+            if owner is not None:
+                del self.slot_of[owner]
+        return chosen
 
     def _owner(self, slot: int) -> int | None:
         content = self._content[slot]
         return None if content is None else content.lora_int_id
 
-    def _write(self, slot: int, lora_int_id: int, adapter: ResidentAdapter) -> None:
+    def _write(self, writes: Sequence[tuple[int, int, ResidentAdapter]]) -> None:
+        """(slot, lora_int_id, adapter) each: the adapters' rows into their slots, all at once."""
+        slots = [slot for slot, _, _ in writes]
         for name, tables in self.tables.items():
-            rows = adapter.modules[name]
-            tables.write(slot, rows.a_offsets, rows.b_offsets, rows.a_ranks, rows.b_ranks, rows.scalings,
-                         rows.b_chunk_offsets)
-        self._content[slot] = adapter
-        self.slot_of[lora_int_id] = slot
-        self.generation[slot] += 1
-        self.table_writes += 1
+            rows = [adapter.modules[name] for _, _, adapter in writes]
+            chunks = [r.b_chunk_offsets for r in rows] if tables.b_chunk_offsets is not None else None
+            tables.write_many(slots, [r.a_offsets for r in rows], [r.b_offsets for r in rows],
+                              [r.a_ranks for r in rows], [r.b_ranks for r in rows], [r.scalings for r in rows],
+                              chunks)
+        for slot, lora_int_id, adapter in writes:
+            self._content[slot] = adapter
+            self.slot_of[lora_int_id] = slot
+            self.generation[slot] += 1
+        self.table_writes += len(writes)
 
     def release(self, lora_int_id: int) -> None:
         """The adapter's pages are gone: empty its slot."""
