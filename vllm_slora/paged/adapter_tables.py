@@ -51,9 +51,14 @@ class ResidentAdapter:
 
 
 def resident_adapter(
-    lora_int_id: int, packed: PackedAdapter, block_ids: Sequence[int], device: torch.device | str
+    lora_int_id: int, packed: PackedAdapter, block_ids: Sequence[int], device: torch.device | str,
+    rows_width: int | None = None,  # pad row tables to this many rows (the slot tables' max_rows)
 ) -> ResidentAdapter:
-    """Translate the packed adapter's relative rows to offsets in ``block_ids``' pages."""
+    """Translate the packed adapter's relative rows to offsets in ``block_ids``' pages.
+
+    With ``rows_width`` every row table already has the slot tables' width, so a step
+    writes many adapters into slots with one stacked copy per table and no padding.
+    """
     pe = packed.page_elems
     blocks = torch.as_tensor(list(block_ids), dtype=torch.int64)
     num_layers = len(packed.relative_rows)
@@ -64,6 +69,8 @@ def resident_adapter(
         # Rows are [A_s, B_s^T] per slice: matrices 2s and 2s+1 of a layer.
         width = max(1, max(rows[2 * s + k].numel() for rows in packed.relative_rows
                            for s in range(lo, hi) for k in (0, 1)))
+        if rows_width is not None and rows_width > width:
+            width = rows_width
         tables = [torch.zeros(num_layers, n, width, dtype=torch.int64) for _ in range(2)]
         counts = torch.zeros(2, num_layers, n, dtype=torch.int32)
         for layer, rows in enumerate(packed.relative_rows):

@@ -164,7 +164,7 @@ class PagedAdapterManager:
         write_pages(packed, self.state.pools, placement.block_ids)
         elapsed = time.perf_counter() - started
         self.resident[placement.lora_int_id] = resident_adapter(
-            placement.lora_int_id, packed, placement.block_ids, self.device
+            placement.lora_int_id, packed, placement.block_ids, self.device, rows_width=self.state.max_rows
         )
         self.known[placement.lora_int_id] = (placement.lora_name, placement.lora_path, placement.version)
         with self._events_lock:
