@@ -208,10 +208,10 @@ def evaluate_goals(fig: dict, publish: dict | None = None) -> list[dict]:
     """The issue's goals from the figures (see `figures`); met is None where not measured."""
     goals = []
     co = (publish or {}).get("coserve") or {}
-    first, step = (co.get("probe_update_to_first_request_s") or {}).get("p50"), co.get("probe_stream_request_p50_s")
-    goals.append({"goal": "publish: optimizer update -> first request served with the new version within one "
-                          "engine step (yardstick: a 1-token request through the server)",
-                  "value": first, "target": f"<= {step}", "met": None if None in (first, step) else first <= step})
+    steps = (co.get("probe_update_to_first_request_engine_steps") or {}).get("max")
+    goals.append({"goal": "publish: the first request served with the new version is admitted in the engine step "
+                          "right after the optimizer update's (engine steps from update to it, max over probes)",
+                  "value": steps, "target": "<= 1", "met": None if steps is None else steps <= 1})
     for rate in LOADED:
         for metric in ("ttft_p99", "tpot_p99"):
             value = ratio(fig["latency"]["coserve"][rate][metric], fig["latency"]["no_job"][rate][metric])
@@ -505,6 +505,7 @@ def probe_publishes(client, base_url: str, job, count: int, timeout_s: float) ->
                 data, first = published[step], served[step]
                 out.append({"step": step, "update_to_servable_s": first.get("servable_seconds"),
                             "update_to_first_request_s": first.get("first_request_seconds"),
+                            "update_to_first_request_engine_steps": first.get("first_request_engine_steps"),
                             "api_loads_s": data.get("publish_seconds"),
                             "checkpoint_request_s": first_request_s(base_url, f"{job.fine_tuned_model}:step-{step}")})
     finally:
@@ -606,7 +607,8 @@ def print_table(rates: dict, fig: dict, publish: dict, goals: list[dict]) -> Non
     print(f"\npublish: co-served update->servable p50 {f((co.get('update_to_servable_s') or {}).get('p50'), 1e3, 0)} ms"
           f" (max {f((co.get('update_to_servable_s') or {}).get('max'), 1e3, 0)} ms), update->first request p50 "
           f"{f(first.get('p50'), 1e3, 0)} ms (max {f(first.get('max'), 1e3, 0)} ms; one 1-token request "
-          f"{f(co.get('probe_stream_request_p50_s'), 1e3, 0)} ms); disk path copy+load+first request "
+          f"{f(co.get('probe_stream_request_p50_s'), 1e3, 0)} ms), engine steps max "
+          f"{(co.get('probe_update_to_first_request_engine_steps') or {}).get('max')}; disk path copy+load+first request "
           f"p50 {f((disk.get('total_s') or {}).get('p50'), 1e3, 0)} ms; HF save_pretrained "
           f"{f(publish.get('hf_save_pretrained_s'), 1e3, 0)} ms")
     print("\ngoals:")
@@ -791,6 +793,8 @@ def run(args) -> int:
             "probe_update_to_servable_s": distribution([p["update_to_servable_s"] for p in probes]),
             "probe_update_to_first_request_s": distribution([p["update_to_first_request_s"] for p in probes]),
             "probe_api_loads_s": distribution([p["api_loads_s"] for p in probes]),
+            "probe_update_to_first_request_engine_steps": distribution(
+                [p["update_to_first_request_engine_steps"] for p in probes]),
             "probe_stream_request_p50_s": probes[0]["stream_request_p50_s"] if probes else None,
             "note": "update_to_servable: from the end of the optimizer update (worker clock) until the "
                     "scheduler gives the version to new requests (the end of the engine step that published "

@@ -100,10 +100,10 @@ def test_goals_not_measured_without_hf():
 def test_publish_goal_against_one_engine_step():
     phases = {"no_job": {}, "coserve": {"idle": _phase(400.0)}, "hf_side": {}}
     fig = bench.figures(phases)
-    probe = {"coserve": {"probe_update_to_first_request_s": {"p50": 0.03}, "probe_stream_request_p50_s": 0.05}}
+    probe = {"coserve": {"probe_update_to_first_request_engine_steps": {"p50": 1, "max": 1}}}
     (goal,) = [g for g in bench.evaluate_goals(fig, probe) if g["goal"].startswith("publish")]
-    assert goal["met"] is True and goal["value"] == 0.03
-    probe["coserve"]["probe_update_to_first_request_s"]["p50"] = 0.51
+    assert goal["met"] is True and goal["value"] == 1
+    probe["coserve"]["probe_update_to_first_request_engine_steps"]["max"] = 3
     (goal,) = [g for g in bench.evaluate_goals(fig, probe) if g["goal"].startswith("publish")]
     assert goal["met"] is False
 

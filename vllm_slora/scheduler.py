@@ -251,7 +251,8 @@ class SLoRASchedulerMixin:
         data = event.data
         previous = self.slora_published.newest(job.spec.adapter_name)
         version = self.slora_published.publish(
-            event.job_id, job.spec.adapter_name, job.spec.job_dir, event.step, data["path"], data.get("updated_at"))
+            event.job_id, job.spec.adapter_name, job.spec.job_dir, event.step, data["path"], data.get("updated_at"),
+            data.get("updated_step"))
         if previous is not None:
             # Superseded: its pages go back now, or when the last request reading them ends.
             self.slora_unload(previous.lora_request.lora_int_id)
@@ -269,13 +270,17 @@ class SLoRASchedulerMixin:
         data["servable_at"] = version.servable_at
 
     def _slora_note_first_request(self, lora_int_id: int) -> None:
-        version = self.slora_published.first_request(lora_int_id)
+        version = self.slora_published.first_request(lora_int_id, self._slora_step)
         if version is not None and self.slora_training is not None:
             from vllm_slora.step_plan import TrainEvent
 
+            steps = None if version.updated_step is None else self._slora_step - version.updated_step
             self.slora_training.record(TrainEvent(version.job_id, "served", version.step, {
                 "first_request_seconds": version.first_request_at - version.updated_at,
                 "servable_seconds": version.servable_at - version.updated_at,
+                # Engine steps from the one whose units made the update to the one that admitted
+                # the first request with it (1: the very next step).
+                "first_request_engine_steps": steps,
             }))
 
     # -- admission under pool pressure (rules in pool/admission.py) ----------------------
@@ -399,6 +404,8 @@ class SLoRASchedulerMixin:
                 self.slora_training.observe_period(now - self._slora_last_schedule)
             self._slora_last_schedule = now
             train = self.slora_training.order(len(self.running), len(self.waiting), output.total_num_scheduled_tokens)
+            if train is not None:
+                train.engine_step = self._slora_step
         if not output.total_num_scheduled_tokens and self._slora_warmed and train is None:
             time.sleep(IDLE_STEP_SLEEP_S)
         in_use = {r.lora_request.lora_int_id for r in self.running if r.lora_request}

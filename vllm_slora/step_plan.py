@@ -69,6 +69,7 @@ class TrainOrder:
     # Shared counter of requests waiting in the EngineCore's input queue (finetune/arrivals.py):
     # the step ends before the next unit once one is. None: not watched (in-process engines).
     arrivals: str | None = None
+    engine_step: int = 0  # the scheduler's step number (events say in which step a job did what)
 
 
 @dataclass

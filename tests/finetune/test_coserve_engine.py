@@ -279,6 +279,7 @@ def test_waiting_requests_get_the_newest_published_version(llm, tiny_model, trai
     (version,) = [v for v in utility(llm, "versions", {})["versions"] if v["name"] == "follow"]
     assert version["step"] == 6 and version["path"] == str(job_dir / "step-6")
     assert version["updated_at"] <= version["servable_at"] <= version["first_request_at"]
+    assert version["first_request_step"] > version["updated_step"] >= 0
 
 
 def test_training_stops_while_the_engine_is_paused(llm, training_file, tmp_path):

@@ -73,6 +73,7 @@ class _Job:
     spent_s: float = 0.0  # all unit time so far: the fairness key
     last_loss: float = float("nan")
     updated_at: float | None = None  # wall time the last optimizer update ended
+    updated_step: int | None = None  # ... and the engine step it ended in
     published: list[int] = field(default_factory=list)
 
     def next_kind(self) -> str:
@@ -106,6 +107,7 @@ class WorkerTraining:
         self.host_cache = None  # set by the runner: published versions go in from memory
         self._arrival_counter: ArrivalCounter | None = None
         self.cut_short = False  # the last step stopped early for an arriving request
+        self._engine_step = 0  # the step the units now running belong to (TrainOrder.engine_step)
         keep_freed_memory()
 
     @property
@@ -133,6 +135,7 @@ class WorkerTraining:
             self._start(spec)
         spent, units = 0.0, 0
         arrivals = self._arrivals(order.arrivals)
+        self._engine_step = order.engine_step
         self.cut_short = False
         while self.jobs:
             if arrivals is not None and arrivals.waiting() > 0:
@@ -239,7 +242,7 @@ class WorkerTraining:
         if unit_pass.rng_state is not None:
             job.rng = unit_pass.rng_state
         record = job.trainer.update(unit_pass.batch, unit_pass.loss, job.pass_lr, job.pass_seconds)
-        job.updated_at = time.time()
+        job.updated_at, job.updated_step = time.time(), self._engine_step
         job.last_loss = record.loss
         self._event(job, "step", step=record.step, loss=record.loss, lr=record.lr, tokens=record.tokens,
                     loss_tokens=record.loss_tokens, seconds=record.seconds,
@@ -265,7 +268,7 @@ class WorkerTraining:
         # this version from the host cache at once (finetune/published_versions.py).
         self._event(job, "published", step=step, path=str(path), loss=job.last_loss,
                     seconds=time.perf_counter() - started, host_cached=files is not None,
-                    files=files, updated_at=job.updated_at)
+                    files=files, updated_at=job.updated_at, updated_step=job.updated_step)
 
     def _checkpoint(self, job: _Job) -> None:
         """What a resume needs beside step-N (optimizer, schedule, dropout stream): a unit of its

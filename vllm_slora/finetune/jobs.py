@@ -761,8 +761,11 @@ class FineTuningJobs:
                                         trained_at=data.get("updated_at"), servable_at=data.get("servable_at"))
                 elif kind == "served":
                     with self._lock:
+                        steps = data.get("first_request_engine_steps")
                         self._event(job, f"Step {step} served its first request "
-                                    f"{data['first_request_seconds'] * 1000:.0f} ms after the optimizer update",
+                                    f"{data['first_request_seconds'] * 1000:.0f} ms after the optimizer update"
+                                    + (f" ({steps} engine step{'s' if steps != 1 else ''} later)"
+                                       if steps is not None else ""),
                                     data={"step": step, **data})
                 elif kind == "failed":
                     message = data.get("message", "training failed")

@@ -40,7 +40,9 @@ class PublishedVersion:
     lora_request: object  # vllm LoRARequest of this version
     updated_at: float  # wall time the optimizer update that made it ended (worker clock)
     servable_at: float  # wall time the scheduler started giving it to new requests
+    updated_step: int | None = None  # the engine step the update ended in
     first_request_at: float | None = None
+    first_request_step: int | None = None
 
 
 class PublishedVersions:
@@ -55,14 +57,14 @@ class PublishedVersions:
         return bool(self._latest)
 
     def publish(self, job_id: str, name: str, job_dir: str, step: int, path: str,
-                updated_at: float | None) -> PublishedVersion:
+                updated_at: float | None, updated_step: int | None = None) -> PublishedVersion:
         from vllm.lora.request import LoRARequest
 
         now = self._clock()
         version = PublishedVersion(
             job_id=job_id, name=name, job_dir=Path(job_dir), step=step,
             lora_request=LoRARequest(name, next(self._ids), str(path)),
-            updated_at=updated_at if updated_at is not None else now, servable_at=now,
+            updated_at=updated_at if updated_at is not None else now, servable_at=now, updated_step=updated_step,
         )
         self._latest[name] = version
         return version
@@ -83,13 +85,15 @@ class PublishedVersions:
             return None  # not one of the job's versions: loaded by hand under the same name
         return version
 
-    def first_request(self, lora_int_id: int) -> PublishedVersion | None:
-        """Note that a request of ``lora_int_id`` was admitted; returns its version the first time."""
+    def first_request(self, lora_int_id: int, engine_step: int | None = None) -> PublishedVersion | None:
+        """Note that a request of ``lora_int_id`` was admitted (in ``engine_step``); returns its
+        version the first time."""
         for version in self._latest.values():
             if version.lora_request.lora_int_id == lora_int_id:
                 if version.first_request_at is not None:
                     return None
                 version.first_request_at = self._clock()
+                version.first_request_step = engine_step
                 return version
         return None
 
@@ -98,5 +102,6 @@ class PublishedVersions:
         return [{
             "name": v.name, "job_id": v.job_id, "step": v.step, "lora_int_id": v.lora_request.lora_int_id,
             "path": v.lora_request.lora_path, "updated_at": v.updated_at, "servable_at": v.servable_at,
-            "first_request_at": v.first_request_at,
+            "first_request_at": v.first_request_at, "updated_step": v.updated_step,
+            "first_request_step": v.first_request_step,
         } for v in self._latest.values()]
