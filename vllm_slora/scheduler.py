@@ -441,6 +441,8 @@ class SLoRASchedulerMixin:
         spare = pool.num_gpu_blocks // 4
         room = True
         for request in itertools.islice(self.waiting, depth):
+            if self.slora_published:  # never warm a version superseded while it waited
+                self._slora_follow_published(request)
             lora = request.lora_request
             if lora is None:
                 continue

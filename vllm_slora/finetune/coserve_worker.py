@@ -142,29 +142,40 @@ class WorkerTraining:
                 self.cut_short = True  # a request waits for this step to end: let it in
                 break
             job = min(self.jobs.values(), key=lambda j: j.spent_s)
-            expected = self.unit_seconds.get(job.next_kind(), 0.0)
+            kind = job.next_kind()
+            expected = self.unit_seconds.get(kind, 0.0)
             if spent + expected > order.budget_s and not (order.idle and units == 0):
                 break
-            started = time.perf_counter()
-            kind = job.next_kind()
-            try:
-                self._run_unit(job, kind)
-            except Exception as exc:  # the job fails, the engine serves on
-                self.jobs.pop(job.spec.job_id, None)
-                message = str(exc) if isinstance(exc, JobFailed) else f"{type(exc).__name__}: {exc}"
-                self._event(job, "failed", step=job.trainer.steps_done + 1, message=message)
-            seconds = time.perf_counter() - started
-            job.spent_s += seconds
-            if kind not in (PUBLISH, CHECKPOINT):
-                job.pass_seconds += seconds
-            previous = self.unit_seconds.get(kind)
-            self.unit_seconds[kind] = seconds if previous is None else (
-                EWMA_WEIGHT * seconds + (1 - EWMA_WEIGHT) * previous)
-            spent += seconds
+            spent += self._timed_unit(job, kind)
             units += 1
             if kind == PUBLISH:
-                break  # end the step now: its report makes the new version servable at once
+                break  # its report makes the version servable at once
+            if job.publish_due and job.spec.job_id in self.jobs:
+                # The update just made a version to publish: publish it in this same step,
+                # whatever the budget, and end the step, so that its report makes the version
+                # servable to the requests of the very next step.
+                spent += self._timed_unit(job, PUBLISH)
+                units += 1
+                break
         return spent, units
+
+    def _timed_unit(self, job: _Job, kind: str) -> float:
+        """Run one unit of `job` (a failure fails the job only); returns its seconds."""
+        started = time.perf_counter()
+        try:
+            self._run_unit(job, kind)
+        except Exception as exc:  # the job fails, the engine serves on
+            self.jobs.pop(job.spec.job_id, None)
+            message = str(exc) if isinstance(exc, JobFailed) else f"{type(exc).__name__}: {exc}"
+            self._event(job, "failed", step=job.trainer.steps_done + 1, message=message)
+        seconds = time.perf_counter() - started
+        job.spent_s += seconds
+        if kind not in (PUBLISH, CHECKPOINT):
+            job.pass_seconds += seconds
+        previous = self.unit_seconds.get(kind)
+        self.unit_seconds[kind] = seconds if previous is None else (
+            EWMA_WEIGHT * seconds + (1 - EWMA_WEIGHT) * previous)
+        return seconds
 
     def _arrivals(self, path: str | None) -> ArrivalCounter | None:
         if path is None:
