@@ -216,16 +216,9 @@ class SLoRASchedulerMixin:
         self._slora_pending_evictions.append(lora_int_id)
 
     # -- vLLM hooks --------------------------------------------------------------------
-    def add_request(self, request) -> None:
-        if self.slora_published:
-            self._slora_follow_published(request)
-        super().add_request(request)
-
     def _handle_blocked_waiting_request(self, request) -> bool:
         if not super()._handle_blocked_waiting_request(request):
             return False
-        if self.slora_published:
-            self._slora_follow_published(request)
         if not self._slora_admit(request):
             return False
         if self.slora_published and request.lora_request is not None:
@@ -234,8 +227,9 @@ class SLoRASchedulerMixin:
 
     # -- co-served finetuning: newest published version (finetune/published_versions.py) --
     def _slora_follow_published(self, request) -> None:
-        """Give a request that has not started yet its job's newest published version."""
-        if request.num_computed_tokens or request.num_output_tokens:
+        """Give a request that has not started yet its job's newest published version (before
+        anything sizes, warms or pins its adapter: admission and prefetch)."""
+        if not self.slora_published or request.num_computed_tokens or request.num_output_tokens:
             return  # started (or holds KV): it keeps the version it started with
         version = self.slora_published.newest_for(request.lora_request)
         if version is None:
@@ -292,6 +286,7 @@ class SLoRASchedulerMixin:
         reservation, admits others only if they fit beside it.
         """
         gate = self._slora_admit_gate()
+        self._slora_follow_published(request)
         if request.num_computed_tokens > 0:
             # Already holds KV blocks (e.g. an async KV load): not ours to hold back.
             return self._slora_admit_pin(request)
@@ -305,6 +300,7 @@ class SLoRASchedulerMixin:
         beside = None
         holder = gate.holder(self._slora_admit_is_waiting)
         if holder is not None and holder[0] != request.request_id:
+            self._slora_follow_published(holder[1])
             try:
                 beside = self._slora_admit_demand(holder[1])
             except AdapterError:
@@ -441,8 +437,7 @@ class SLoRASchedulerMixin:
         spare = pool.num_gpu_blocks // 4
         room = True
         for request in itertools.islice(self.waiting, depth):
-            if self.slora_published:  # never warm a version superseded while it waited
-                self._slora_follow_published(request)
+            self._slora_follow_published(request)  # never warm a version superseded while it waited
             lora = request.lora_request
             if lora is None:
                 continue

@@ -50,6 +50,7 @@ class PublishedVersions:
 
     def __init__(self, clock=time.time) -> None:
         self._latest: dict[str, PublishedVersion] = {}
+        self._by_id: dict[int, PublishedVersion] = {}  # the same versions by lora_int_id
         self._ids = itertools.count(FIRST_VERSION_ID)
         self._clock = clock
 
@@ -66,7 +67,11 @@ class PublishedVersions:
             lora_request=LoRARequest(name, next(self._ids), str(path)),
             updated_at=updated_at if updated_at is not None else now, servable_at=now, updated_step=updated_step,
         )
+        replaced = self._latest.get(name)
+        if replaced is not None:
+            del self._by_id[replaced.lora_request.lora_int_id]
         self._latest[name] = version
+        self._by_id[version.lora_request.lora_int_id] = version
         return version
 
     def newest(self, name: str) -> PublishedVersion | None:
@@ -88,14 +93,12 @@ class PublishedVersions:
     def first_request(self, lora_int_id: int, engine_step: int | None = None) -> PublishedVersion | None:
         """Note that a request of ``lora_int_id`` was admitted (in ``engine_step``); returns its
         version the first time."""
-        for version in self._latest.values():
-            if version.lora_request.lora_int_id == lora_int_id:
-                if version.first_request_at is not None:
-                    return None
-                version.first_request_at = self._clock()
-                version.first_request_step = engine_step
-                return version
-        return None
+        version = self._by_id.get(lora_int_id)
+        if version is None or version.first_request_at is not None:
+            return None
+        version.first_request_at = self._clock()
+        version.first_request_step = engine_step
+        return version
 
     def describe(self) -> list[dict]:
         """Every name's newest version, with the times from its update to serving it."""

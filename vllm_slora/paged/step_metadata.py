@@ -126,16 +126,6 @@ class StepMetadata:
             self._write([(slots[p], *adapters[p]) for p in writes])
         return slots
 
-    def assign_slot(self, lora_int_id: int, adapter: ResidentAdapter, in_step: set[int]) -> int:
-        """One adapter's slot (`assign_slots` for a step of one; `in_step`: the step's other adapters)."""
-        slot = self.slot_of.get(lora_int_id)
-        if slot is None or self._content[slot] is not adapter:
-            if slot is None:
-                (slot,) = self._free_slots(in_step | {lora_int_id}, 1)
-            self._write([(slot, lora_int_id, adapter)])
-        self._last_step[slot] = self.step
-        return slot
-
     def _free_slots(self, in_step: set[int], count: int) -> list[int]:
         """`count` slots for adapters new to the step's tables, their previous owners evicted."""
         candidates = [s for s in range(self.num_slots) if self._owner(s) not in in_step]
