@@ -59,6 +59,36 @@ def test_unit_gradients_equal_hf_peft(tiny_model, targets, keep_graph, loss_chun
         assert relative_error(param.grad, live[key].grad) < 1e-4, key
 
 
+def test_loss_units_of_any_sizes_give_hf_peft_gradients(tiny_model):
+    """The worker sizes each LOSS unit to its step (all rows at once when idle, a few under
+    load): any sequence of sizes covers every loss row once, and the loss and gradients
+    still equal HF + PEFT's."""
+    hf = load_hf(tiny_model)
+    config = DecoderConfig.from_hf(hf.config)
+    lora = random_lora(config, **TARGET_SETS["all7"])
+    peft = peft_model_like(hf, lora)
+    examples = packed_examples(config.vocab_size)
+    (batch,) = pack_examples(examples, batch_tokens=64)
+    unit_pass = LayerSlicedPass(base_weights_from_hf(peft), lora, batch, keep_graph=True)
+    sizes = iter([3, 1, 17, 0, 1000])  # 0 still makes progress (one row)
+    loss_units = []
+    while not unit_pass.done:
+        if unit_pass.next_kind == LOSS:
+            before = unit_pass.loss_rows_left
+            unit_pass.run_unit(next(sizes))
+            loss_units.append(before - unit_pass.loss_rows_left)
+        else:
+            unit_pass.run_unit()
+    assert loss_units == [3, 1, 17, 1, unit_pass.num_loss_tokens - 22] and unit_pass.loss_rows_left == 0
+
+    reference = hf_micro_batch_loss(peft, examples)
+    reference.backward()
+    assert unit_pass.loss == pytest.approx(reference.item(), rel=1e-5)
+    live = peft_lora_tensors(peft, lora)
+    for key, param in lora.named_parameters():
+        assert relative_error(param.grad, live[key].grad) < 1e-4, key
+
+
 @pytest.mark.parametrize("keep_graph", [False, True], ids=["recompute", "keep-graph"])
 def test_dropout_backward_replays_forward_masks(tiny_model, keep_graph):
     """With LoRA dropout the recomputing BWD units must see the FWD units' masks: the gradients

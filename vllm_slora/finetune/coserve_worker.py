@@ -37,7 +37,7 @@ from vllm_slora.step_plan import TrainEvent, TrainJobSpec, TrainOrder
 
 from .arrivals import ArrivalCounter
 from .base_weights import BaseWeights, base_weights_from_vllm
-from .layer_units import LayerSlicedPass, activation_bytes
+from .layer_units import LOSS, LOSS_CHUNK, LayerSlicedPass, activation_bytes
 from .lora_params import LoraParams
 from .packing import PackedBatch, load_batches
 from .trainer import LoraTrainer, TrainingSettings
@@ -146,7 +146,8 @@ class WorkerTraining:
             expected = self.unit_seconds.get(kind, 0.0)
             if spent + expected > order.budget_s and not (order.idle and units == 0):
                 break
-            spent += self._timed_unit(job, kind)
+            loss_rows = self._loss_rows(job, order.budget_s - spent) if kind == LOSS else None
+            spent += self._timed_unit(job, kind, loss_rows)
             units += 1
             if kind == PUBLISH:
                 break  # its report makes the version servable at once
@@ -159,11 +160,21 @@ class WorkerTraining:
                 break
         return spent, units
 
-    def _timed_unit(self, job: _Job, kind: str) -> float:
+    def _loss_rows(self, job: _Job, budget_left_s: float) -> int:
+        """Loss rows for `job`'s next LOSS unit: as many as the rest of the step's budget
+        is expected to take, at least LOSS_CHUNK. The LM head's GEMM is faster per row with
+        more rows, so an idle step runs the whole loss at once and a loaded one short units."""
+        per_chunk = self.unit_seconds.get(LOSS)
+        if not per_chunk:
+            return LOSS_CHUNK
+        return max(LOSS_CHUNK, int(budget_left_s / per_chunk * LOSS_CHUNK))
+
+    def _timed_unit(self, job: _Job, kind: str, loss_rows: int | None = None) -> float:
         """Run one unit of `job` (a failure fails the job only); returns its seconds."""
         started = time.perf_counter()
+        rows_before = job.unit_pass.loss_rows_left if kind == LOSS and job.unit_pass is not None else 0
         try:
-            self._run_unit(job, kind)
+            self._run_unit(job, kind, loss_rows)
         except Exception as exc:  # the job fails, the engine serves on
             self.jobs.pop(job.spec.job_id, None)
             message = str(exc) if isinstance(exc, JobFailed) else f"{type(exc).__name__}: {exc}"
@@ -172,9 +183,13 @@ class WorkerTraining:
         job.spent_s += seconds
         if kind not in (PUBLISH, CHECKPOINT):
             job.pass_seconds += seconds
+        observed = seconds
+        if kind == LOSS and job.unit_pass is not None:  # per LOSS_CHUNK rows, whatever the unit's size
+            rows = rows_before - job.unit_pass.loss_rows_left
+            observed = seconds * LOSS_CHUNK / max(1, rows)
         previous = self.unit_seconds.get(kind)
-        self.unit_seconds[kind] = seconds if previous is None else (
-            EWMA_WEIGHT * seconds + (1 - EWMA_WEIGHT) * previous)
+        self.unit_seconds[kind] = observed if previous is None else (
+            EWMA_WEIGHT * observed + (1 - EWMA_WEIGHT) * previous)
         return seconds
 
     def _arrivals(self, path: str | None) -> ArrivalCounter | None:
@@ -229,7 +244,7 @@ class WorkerTraining:
         self._event(job, "started", step=trainer.steps_done, parameters=lora.num_parameters(),
                     threads=torch.get_num_threads())
 
-    def _run_unit(self, job: _Job, kind: str) -> None:
+    def _run_unit(self, job: _Job, kind: str, loss_rows: int | None = None) -> None:
         if kind == PUBLISH:
             self._publish(job)
             return
@@ -243,9 +258,9 @@ class WorkerTraining:
             job.unit_pass = LayerSlicedPass(self.base, job.lora, batch, job.rng, keep_graph=keep_graph)
             job.pass_lr, job.pass_seconds = job.trainer.lr, 0.0
         if kind != UPDATE:
-            job.unit_pass.run_unit()
+            job.unit_pass.run_unit(loss_rows)
             loss = job.unit_pass.loss
-            if loss is not None and kind == "loss" and not math.isfinite(loss):
+            if loss is not None and kind == LOSS and not math.isfinite(loss):
                 raise JobFailed(f"training loss is {loss} at step {job.trainer.steps_done + 1} "
                                 f"(learning rate {job.pass_lr:g}); the job stopped")
             return

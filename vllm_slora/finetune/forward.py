@@ -95,13 +95,33 @@ def fused_projection(
     dropout: float,
     training: bool,
 ) -> list[torch.Tensor]:  # one [T, out] per part
-    """One GEMM over the fused base weight, then each targeted part gets its LoRA delta."""
-    outputs = torch.split(F.linear(x, weight), [size for _, size in parts], dim=-1)
-    result = []
-    for (name, _), out in zip(parts, outputs):
-        module = lora.get(name)
-        result.append(out if module is None else out + lora_delta(x, module, dropout, training))
-    return result
+    """One GEMM over the fused base weight plus every targeted part's LoRA delta.
+
+    Without dropout the parts' deltas are fused too: the parts share the input x, so one
+    GEMM x @ [A_1; A_2; ..]^T gives every part's rank rows, and one addmm adds
+    (x A^T) @ blockdiag(s B_1, s B_2, ..)^T into the base output (a part without LoRA gets
+    an empty block, i.e. zero rows). That is 2 GEMMs per fused weight instead of 2 GEMMs,
+    a scale and an add over [T, out] per part (about a tenth of a training pass on CPU),
+    and the same sum as PEFT's (x A^T) B^T * s up to rounding. With dropout, PEFT draws a
+    separate mask per part, so each part keeps its own delta.
+    """
+    base = F.linear(x, weight)
+    sizes = [size for _, size in parts]
+    modules = [lora.get(name) for name, _ in parts]
+    if not any(modules):
+        return list(torch.split(base, sizes, dim=-1))
+    if dropout and training:
+        outputs = torch.split(base, sizes, dim=-1)
+        return [out if m is None else out + lora_delta(x, m, dropout, training) for m, out in zip(modules, outputs)]
+    dtype = x.dtype
+    a = torch.cat([m.a.to(dtype) for m in modules if m is not None])  # [sum r, in]
+    blocks = [
+        (m.b.to(dtype) * m.scaling) if m is not None else x.new_zeros(size, 0)
+        for m, size in zip(modules, sizes)
+    ]
+    b = torch.block_diag(*blocks)  # [sum(out sizes), sum r]
+    out = torch.addmm(base, F.linear(x, a), b.t())
+    return list(torch.split(out, sizes, dim=-1))
 
 
 def attention(
