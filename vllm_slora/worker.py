@@ -10,7 +10,7 @@ legacy Ray DAG calls the runner's execute_model without going through the worker
 from __future__ import annotations
 
 from vllm_slora import trace
-from vllm_slora.compat import cpu_worker_cls, gpu_worker_cls
+from vllm_slora.compat import cpu_worker_cls, gpu_worker_cls, logger
 from vllm_slora.config import SLoRAConfig
 from vllm_slora.paged.runner import install_runner_mixin
 from vllm_slora.patches import apply_patches
@@ -38,6 +38,38 @@ class SLoRAWorkerMixin:
     def load_model(self, *args, **kwargs) -> None:
         with keep_dense_linear_weights(self._slora_finetune):
             return super().load_model(*args, **kwargs)
+
+    def determine_available_memory(self) -> int:
+        """KV cache bytes: vLLM's figure, less what co-served training will take later
+        (finetune/memory.py), unless the operator gave the KV cache size explicitly."""
+        available = super().determine_available_memory()
+        if not self._slora_finetune:
+            return available
+        reserve = self.slora_training_reserve_bytes()
+        if self.cache_config.kv_cache_memory_bytes is not None:
+            logger.info("vllm-slora: --kv-cache-memory-bytes is explicit; co-served training takes up to "
+                        "%.0f MiB on top of it", reserve / 2**20)
+            return available
+        if available - reserve <= 0:
+            raise ValueError(
+                f"vllm-slora: co-served training needs {reserve / 2**20:.0f} MiB kept out of the KV cache "
+                f"(slora.finetune_activation_mb={self.slora_config.finetune_activation_mb}, plus one job's "
+                f"state at --max-lora-rank and one loss unit) but only {available / 2**20:.0f} MiB are left "
+                "for the KV cache: lower slora.finetune_activation_mb or --max-lora-rank, or give the engine "
+                "more memory"
+            )
+        logger.info("vllm-slora: %.0f MiB kept out of the KV cache for co-served training (%.0f MiB left for it)",
+                    reserve / 2**20, (available - reserve) / 2**20)
+        return available - reserve
+
+    def slora_training_reserve_bytes(self) -> int:
+        from vllm_slora.finetune.memory import training_reserve_bytes
+        from vllm_slora.finetune.model_config import DecoderConfig
+
+        config = DecoderConfig.from_hf(self.vllm_config.model_config.hf_config.to_dict())
+        lora_config = self.vllm_config.lora_config
+        max_rank = lora_config.max_lora_rank if lora_config is not None else 0
+        return training_reserve_bytes(config, max_rank, self.slora_config.finetune_activation_mb << 20)
 
     def init_device(self) -> None:
         super().init_device()  # creates self.model_runner; load_model comes later

@@ -1,4 +1,5 @@
-"""The worker's unit loop (no vLLM): how it sizes LOSS units to the step it was granted."""
+"""The worker's unit loop (no vLLM): how it sizes LOSS units to the step it was granted and to
+the memory training may take (finetune/memory.py)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,10 @@ import dataclasses
 import pytest
 
 from tests.finetune.training_cases import packed_examples
-from vllm_slora.finetune import coserve_worker
+from vllm_slora.finetune import coserve_worker, memory
 from vllm_slora.finetune.base_weights import base_weights_from_checkpoint
 from vllm_slora.finetune.coserve_worker import BATCHES_FILE, WorkerTraining
-from vllm_slora.finetune.layer_units import LOSS, LayerSlicedPass
+from vllm_slora.finetune.layer_units import LOSS, LayerSlicedPass, activation_bytes
 from vllm_slora.finetune.lora_params import LoraParams, LoraSettings
 from vllm_slora.finetune.model_config import DecoderConfig
 from vllm_slora.finetune.packing import pack_examples, save_batches
@@ -18,17 +19,23 @@ from vllm_slora.finetune.trainer import TrainingSettings
 from vllm_slora.step_plan import TrainJobSpec, TrainOrder
 
 
-@pytest.fixture()
-def worker_and_job(tiny_model, tmp_path, monkeypatch):
+def job_spec(tiny_model, job_dir, job_id: str = "job") -> TrainJobSpec:
+    """A job of the tiny model's packed examples (64-token micro-batches) that never ends."""
     config = DecoderConfig.from_hf(tiny_model)
-    examples = packed_examples(config.vocab_size)
-    batches = pack_examples(examples, batch_tokens=64)
+    batches = pack_examples(packed_examples(config.vocab_size), batch_tokens=64)
     assert batches[0].num_tokens > 2 * 8
-    save_batches(batches, tmp_path / BATCHES_FILE)
-    LoraParams.init(config, LoraSettings(r=4, alpha=8.0), seed=0).save_peft(tmp_path / "step-0")
-    spec = TrainJobSpec(job_id="job", adapter_name="ft", job_dir=str(tmp_path), init_adapter_dir=str(tmp_path / "step-0"),
+    job_dir.mkdir(parents=True, exist_ok=True)
+    save_batches(batches, job_dir / BATCHES_FILE)
+    LoraParams.init(config, LoraSettings(r=4, alpha=8.0), seed=0).save_peft(job_dir / "step-0")
+    return TrainJobSpec(job_id=job_id, adapter_name=f"ft-{job_id}", job_dir=str(job_dir),
+                        init_adapter_dir=str(job_dir / "step-0"),
                         settings=dataclasses.asdict(TrainingSettings(max_steps=10**6, lr=1e-3)), total_steps=10**6,
                         publish_every=10**6, seed=0, base_model=str(tiny_model))
+
+
+@pytest.fixture()
+def worker_and_job(tiny_model, tmp_path, monkeypatch):
+    spec = job_spec(tiny_model, tmp_path)
     worker = WorkerTraining(None, base_model=str(tiny_model), base=base_weights_from_checkpoint(tiny_model))
     monkeypatch.setattr(coserve_worker, "LOSS_CHUNK", 8)  # the tiny batch has a few chunks of 8 rows
     sizes: list[int] = []
@@ -71,3 +78,40 @@ def test_an_idle_step_runs_the_whole_loss_in_one_unit_and_a_short_step_small_one
     sizes.clear()
     run_pass(worker, budget_s=0.0)  # no time to spare: back to the shortest units
     assert max(sizes) == 8 and sum(sizes) == rows
+
+
+def test_a_loss_unit_never_outgrows_its_memory_share(worker_and_job, monkeypatch):
+    worker, sizes = worker_and_job
+    run_pass(worker, budget_s=0.0)  # time the units
+    rows = sum(sizes)
+    config = worker.base.config
+    # Room for the logits of 5 rows only (finetune/memory.py); the tiny batch has more.
+    monkeypatch.setattr(memory, "LOSS_UNIT_BYTES", 5 * memory.LOSS_TENSORS * memory.FP32_BYTES * config.vocab_size)
+    assert memory.max_loss_rows(config) == 5 < rows
+    run_pass(worker, budget_s=0.0)
+    sizes.clear()
+    run_pass(worker, budget_s=4 * sum(worker.unit_seconds.values()) * len(worker.base.layers))  # time to spare
+    assert sizes and max(sizes) == 5
+
+
+def test_the_activation_budget_is_shared_by_the_jobs_micro_batches(tiny_model, tmp_path):
+    """Two jobs' passes in flight at once: the first keeps its layer graphs, the second only
+    fits its layer boundaries beside it and recomputes in backward; alone, it keeps them."""
+    config = DecoderConfig.from_hf(tiny_model)
+    (batch, *_) = pack_examples(packed_examples(config.vocab_size), batch_tokens=64)
+    keep = activation_bytes(batch.num_tokens, config, True)
+    worker = WorkerTraining(None, base_model=str(tiny_model), base=base_weights_from_checkpoint(tiny_model),
+                            activation_budget_bytes=keep + activation_bytes(batch.num_tokens, config, False))
+    specs = [job_spec(tiny_model, tmp_path / name, name) for name in ("a", "b")]
+    worker.step(TrainOrder(start=specs, budget_s=0.0, idle=True))
+    while not all(j.unit_pass is not None for j in worker.jobs.values()):
+        worker.step(TrainOrder(budget_s=0.0, idle=True))
+    kept = {name: worker.jobs[name].unit_pass.keep_graph for name in ("a", "b")}
+    assert sorted(kept.values()) == [False, True], kept
+
+    del worker.jobs["a"]  # alone, the next pass of b keeps its graphs
+    steps = worker.jobs["b"].trainer.steps_done
+    while worker.jobs["b"].trainer.steps_done == steps:
+        worker.step(TrainOrder(budget_s=0.0, idle=True))
+    worker.step(TrainOrder(budget_s=0.0, idle=True))
+    assert worker.jobs["b"].unit_pass.keep_graph

@@ -9,8 +9,9 @@ has spent the least time so far.
 A job's life, unit by unit (every unit is a preemption point):
 
     fwd x L, loss, bwd x L      one packed micro-batch (layer_units.LayerSlicedPass; each
-                                layer keeps its graph when the activations fit
-                                slora.finetune_activation_mb, else backward recomputes it)
+                                layer keeps its graph when the activations fit what is left
+                                of slora.finetune_activation_mb beside the other jobs'
+                                micro-batches, else backward recomputes it; finetune/memory.py)
     update                      clip + AdamW + schedule (LoraTrainer.update), a "step" event
     publish (every N steps)     PEFT files to <job dir>/step-N (durable; what the server
                                 registers) + the packed weights into this worker's host
@@ -39,6 +40,7 @@ from .arrivals import ArrivalCounter
 from .base_weights import BaseWeights, base_weights_from_vllm
 from .layer_units import LOSS, LOSS_CHUNK, LayerSlicedPass, activation_bytes
 from .lora_params import LoraParams
+from .memory import max_loss_rows
 from .packing import PackedBatch, load_batches
 from .trainer import LoraTrainer, TrainingSettings
 
@@ -165,9 +167,8 @@ class WorkerTraining:
         is expected to take, at least LOSS_CHUNK. The LM head's GEMM is faster per row with
         more rows, so an idle step runs the whole loss at once and a loaded one short units."""
         per_chunk = self.unit_seconds.get(LOSS)
-        if not per_chunk:
-            return LOSS_CHUNK
-        return max(LOSS_CHUNK, int(budget_left_s / per_chunk * LOSS_CHUNK))
+        rows = LOSS_CHUNK if not per_chunk else max(LOSS_CHUNK, int(budget_left_s / per_chunk * LOSS_CHUNK))
+        return min(rows, max_loss_rows(self.base.config))  # its logits stay within finetune/memory.py's share
 
     def _timed_unit(self, job: _Job, kind: str, loss_rows: int | None = None) -> float:
         """Run one unit of `job` (a failure fails the job only); returns its seconds."""
@@ -254,7 +255,10 @@ class WorkerTraining:
         if job.unit_pass is None:
             batch = job.batches[job.trainer.steps_done % len(job.batches)]
             job.trainer.zero_grad()
-            keep_graph = activation_bytes(batch.num_tokens, self.base.config, True) <= self.activation_budget_bytes
+            # The budget is the worker's, shared by every job's micro-batch in flight.
+            held = sum(activation_bytes(j.unit_pass.batch.num_tokens, self.base.config, j.unit_pass.keep_graph)
+                       for j in self.jobs.values() if j is not job and j.unit_pass is not None)
+            keep_graph = held + activation_bytes(batch.num_tokens, self.base.config, True) <= self.activation_budget_bytes
             job.unit_pass = LayerSlicedPass(self.base, job.lora, batch, job.rng, keep_graph=keep_graph)
             job.pass_lr, job.pass_seconds = job.trainer.lr, 0.0
         if kind != UPDATE:

@@ -1,0 +1,65 @@
+"""What co-served training keeps out of the KV cache (finetune/memory.py, SLoRAWorkerMixin)."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+
+from vllm_slora.config import SLoRAConfig
+from vllm_slora.finetune import memory
+from vllm_slora.finetune.lora_params import LoraParams, LoraSettings
+from vllm_slora.finetune.model_config import DecoderConfig
+from vllm_slora.worker import SLoRAWorkerMixin
+
+MIB = 1 << 20
+
+
+def test_job_state_counts_the_lora_tensors_gradients_and_adamw_moments(tiny_model):
+    config = DecoderConfig.from_hf(tiny_model)
+    lora = LoraParams.init(config, LoraSettings(r=16, alpha=32.0))  # all seven projections
+    assert memory.job_state_bytes(config, 16) == 4 * 4 * lora.num_parameters()
+
+
+def test_loss_rows_fit_the_loss_units_share(tiny_model):
+    config = DecoderConfig.from_hf(tiny_model)
+    rows = memory.max_loss_rows(config)
+    logits = memory.LOSS_TENSORS * memory.FP32_BYTES * config.vocab_size
+    assert rows * logits <= memory.LOSS_UNIT_BYTES < (rows + 1) * logits
+
+
+class _VLLMWorker:
+    """Stands in for vLLM's platform worker: it has sized the KV cache at `available`."""
+
+    available = 4096 * MIB
+
+    def determine_available_memory(self) -> int:
+        return self.available
+
+
+class _Worker(SLoRAWorkerMixin, _VLLMWorker):
+    def __init__(self, tiny_model, finetune: bool, explicit_kv: int | None, activation_mb: int = 256) -> None:
+        from transformers import AutoConfig
+
+        # Not SLoRAWorkerMixin.__init__: no vLLM worker is built, only what the method reads.
+        self.slora_config = SLoRAConfig.from_dict({"finetune": finetune, "finetune_activation_mb": activation_mb})
+        self.cache_config = types.SimpleNamespace(kv_cache_memory_bytes=explicit_kv)
+        self.vllm_config = types.SimpleNamespace(
+            model_config=types.SimpleNamespace(hf_config=AutoConfig.from_pretrained(tiny_model)),
+            lora_config=types.SimpleNamespace(max_lora_rank=16),
+        )
+
+
+def test_a_finetune_engine_keeps_training_memory_out_of_the_kv_cache(tiny_model):
+    config = DecoderConfig.from_hf(tiny_model)
+    reserve = 256 * MIB + memory.LOSS_UNIT_BYTES + memory.job_state_bytes(config, 16)
+    assert _Worker(tiny_model, finetune=True, explicit_kv=None).determine_available_memory() == 4096 * MIB - reserve
+    # No training: vLLM's figure. An explicit --kv-cache-memory-bytes is the operator's.
+    assert _Worker(tiny_model, finetune=False, explicit_kv=None).determine_available_memory() == 4096 * MIB
+    assert _Worker(tiny_model, finetune=True, explicit_kv=4096 * MIB).determine_available_memory() == 4096 * MIB
+
+
+def test_no_room_for_training_is_refused_at_start_naming_the_knobs(tiny_model):
+    worker = _Worker(tiny_model, finetune=True, explicit_kv=None, activation_mb=8192)
+    with pytest.raises(ValueError, match="finetune_activation_mb=8192.*max-lora-rank"):
+        worker.determine_available_memory()

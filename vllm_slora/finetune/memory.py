@@ -1,0 +1,48 @@
+"""Memory co-served training takes in a worker, and the share of it kept out of the KV cache.
+
+vLLM sizes the KV cache at start-up from what the model left free (GPU: profiled peak;
+CPU: the worker's share of RAM minus its RSS). Training allocates later, outside the
+pool, so without a reservation its first micro-batch would take memory the KV cache was
+promised: a CUDA OOM (the job fails) or, on CPU, the OS's OOM killer (the engine dies).
+The worker therefore subtracts `training_reserve_bytes` from what it reports for the KV
+cache when the size is derived (not when the operator gives --kv-cache-memory-bytes:
+that size is theirs), and training stays inside it:
+
+* activations kept between units: ``slora.finetune_activation_mb``, shared by every job's
+  in-flight micro-batch (a pass keeps layer graphs only while they fit; otherwise only the
+  layer boundaries, and backward recomputes);
+* one LOSS unit's logits and their gradient: at most ``LOSS_UNIT_BYTES`` (its rows are
+  capped to fit);
+* one job's trainable state at ``--max-lora-rank`` on all seven projections: the LoRA
+  A/B, their gradients and AdamW's two moments, fp32. Every further concurrent job adds
+  its own state (about 78 MiB at rank 16 on the 135M default model).
+"""
+
+from __future__ import annotations
+
+from ..adapters.modules import SLICE_ORDER
+from .model_config import DecoderConfig
+
+FP32_BYTES = 4
+# Trainable tensors per LoRA element: the parameter, its gradient, AdamW's exp_avg and exp_avg_sq.
+STATE_COPIES = 4
+# Logits of a LOSS unit in fp32, their softmax gradient and the cross-entropy's work
+# tensor: about three [rows, vocab] fp32 tensors live at its peak.
+LOSS_TENSORS = 3
+LOSS_UNIT_BYTES = 192 << 20
+
+
+def job_state_bytes(config: DecoderConfig, rank: int) -> int:
+    """Bytes of one job's LoRA parameters, gradients and AdamW moments (all seven projections)."""
+    per_layer = sum(sum(config.features(projection)) for projection in SLICE_ORDER) * rank
+    return STATE_COPIES * FP32_BYTES * per_layer * config.num_layers
+
+
+def max_loss_rows(config: DecoderConfig) -> int:
+    """Loss rows one LOSS unit may take so that its logits stay within LOSS_UNIT_BYTES."""
+    return max(1, LOSS_UNIT_BYTES // (LOSS_TENSORS * FP32_BYTES * config.vocab_size))
+
+
+def training_reserve_bytes(config: DecoderConfig, max_lora_rank: int, activation_budget_bytes: int) -> int:
+    """What the worker keeps out of the KV cache for co-served training (see the module doc)."""
+    return activation_budget_bytes + LOSS_UNIT_BYTES + job_state_bytes(config, max_lora_rank)
