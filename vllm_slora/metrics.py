@@ -32,7 +32,7 @@ PAYLOAD_KEY = "vllm_slora"
 METRIC_PREFIX = "vllm_slora:"
 ADAPTER_LABEL_LIMIT = 32
 OTHER_ADAPTERS = "__other__"
-POOL_KINDS = ("kv", "adapter_pinned", "adapter_cached", "free")
+POOL_KINDS = ("kv", "adapter_pinned", "adapter_cached", "free", "training")
 # Waiting requests looked at per step for `requests_waiting_for_adapter` (the head of the
 # queue; beyond it the gauge is a lower bound). Keeps the per-step cost fixed.
 WAITING_SCAN_LIMIT = 1024
@@ -112,14 +112,17 @@ def engine_payload(scheduler) -> dict:
     """This step's figures, as plain msgpack-able values."""
     state = _engine_state(scheduler)
     stats = scheduler.slora_residency.stats()
+    loan = getattr(scheduler, "slora_training_loan", None)
+    lent = loan.num_blocks if loan is not None else 0  # held like KV blocks, but by training
     report = getattr(scheduler, "slora_worker_report", None)
     host_cache = dict(getattr(report, "host_cache", None) or {})
     disk, copy = _latencies(scheduler, state)
     finished, state.finished = state.finished, {}
     return {
         "pool": {
-            "kv": stats.kv_blocks,
+            "kv": stats.kv_blocks - lent,
             "adapter_pinned": stats.pinned_adapter_blocks,
+            "training": lent,
             "adapter_cached": stats.cached_adapter_blocks,
             "free": stats.free_blocks - stats.cached_adapter_blocks,
         },
@@ -208,7 +211,8 @@ class SLoRAPrometheus:
 
         self.pool_blocks = g("pool_blocks", "Blocks of the unified KV/adapter pool by kind: kv (KV cache), "
                              "adapter_pinned (adapters of running requests), adapter_cached (resident, "
-                             "reclaimable adapters), free. The kinds sum to the pool's capacity.", ["kind"])
+                             "reclaimable adapters), training (lent to co-served finetuning's activations, "
+                             "called back under KV pressure), free. The kinds sum to the pool's capacity.", ["kind"])
         self.adapters_resident = g("adapters_resident", "Adapters with weights in the pool, by state "
                                    "(pinned: used by running requests; cached: kept warm, reclaimable).", ["state"])
         self.adapters_registered = g("adapters_registered", "Adapters the engine has validated and knows by name.")

@@ -40,7 +40,8 @@ from vllm_slora.patches.patch_kv_cache_utils import rehash_request
 from vllm_slora.pool.admission import MAX_BLOCKED_STEPS, AdmissionGate, Demand, kv_blocks_for, never_fits
 from vllm_slora.pool.geometry import page_elems
 from vllm_slora.pool.residency import AdapterResidency, Residency
-from vllm_slora.step_plan import AdapterPlacement, AdapterSource, SLoRAStepPlan, SLoRAWorkerReport
+from vllm_slora.pool.training_loan import TrainingLoan, graphs_borrow_pool_blocks
+from vllm_slora.step_plan import AdapterPlacement, AdapterSource, SLoRAStepPlan, SLoRAWorkerReport, TrainOrder
 
 # Steps after which an adapter named for a background read with no answer is named again
 # (the read is deduplicated by the workers; this only guards against a lost answer).
@@ -110,6 +111,7 @@ class SLoRASchedulerMixin:
         self._slora_pool_copy_seconds: list[float] = []
         # Co-served finetuning (finetune/coserve_planner.py): only with slora.finetune.
         self.slora_training = None
+        self.slora_training_loan: TrainingLoan | None = None  # pool/training_loan.py (CPU engines)
         self.slora_published = None  # finetune/published_versions.py
         self._slora_last_schedule: float | None = None
         if self.slora_config.finetune:
@@ -124,6 +126,11 @@ class SLoRASchedulerMixin:
                 self.slora_config.finetune_slack, self.slora_config.finetune_idle_step_ms / 1000.0,
                 tp_size=self.slora_tp_size, pp_size=vllm_config.parallel_config.pipeline_parallel_size,
             )
+            if graphs_borrow_pool_blocks():
+                group = kv_cache_config.kv_cache_groups[0]
+                self.slora_training_loan = TrainingLoan(
+                    self.kv_cache_manager.block_pool, group.kv_cache_spec.page_size_bytes * len(group.layer_names))
+                self.slora_training.loan = self.slora_training_loan
         trace.record(
             "scheduler_init", cls=type(self).__name__, page_elems=self.slora_page_elems,
             num_blocks=kv_cache_config.num_blocks,
@@ -387,7 +394,8 @@ class SLoRASchedulerMixin:
     def has_requests(self) -> bool:
         # A co-served finetuning job keeps the engine stepping with no request at all.
         return super().has_requests() or (
-            self.slora_training is not None and self.slora_training.busy() and not self._slora_training_paused())
+            self.slora_training is not None and self.slora_training.busy() and not self._slora_training_paused()
+        ) or bool(self.slora_training_loan is not None and self.slora_training_loan.blocks)  # one step to recall it
 
     def schedule(self, *args, **kwargs):
         output = super().schedule(*args, **kwargs)
@@ -400,6 +408,7 @@ class SLoRASchedulerMixin:
                 self.slora_training.observe_period(now - self._slora_last_schedule)
             self._slora_last_schedule = now
             train = self.slora_training.order(len(self.running), len(self.waiting), output.total_num_scheduled_tokens)
+            train = self._slora_lend_for_training(train)
             if train is not None:
                 train.engine_step = self._slora_step
         if not output.total_num_scheduled_tokens and self._slora_warmed and train is None:
@@ -421,6 +430,26 @@ class SLoRASchedulerMixin:
         self._slora_trace_step(output, plan)
         fields = {f.name: getattr(output, f.name) for f in dataclasses.fields(output) if f.init}
         return SLoRASchedulerOutput(**fields, slora=plan)
+
+    def _slora_lend_for_training(self, order):
+        """Lend pool blocks to the jobs' layer graphs while the KV cache can spare them, and call
+        them back under KV pressure or when no job is left (pool/training_loan.py). Runs after
+        this step's KV allocation; the order tells the workers in this very step."""
+        loan = self.slora_training_loan
+        if loan is None:
+            return order
+        if loan.blocks and (order is None or loan.under_pressure()):
+            loan.recall()
+            if order is None:  # no job left: the workers only free what the graphs held
+                order = TrainOrder()
+        elif order is not None and not self.waiting:
+            wanted = min(self.slora_training.graph_bytes_wanted, self.slora_config.finetune_activation_mb << 20)
+            lent = loan.try_lend(wanted)
+            if lent:
+                order.lent_blocks = lent
+        if order is not None:
+            order.graph_bytes = loan.nbytes
+        return order
 
     def _slora_prefetch(self) -> None:
         """Get adapters of requests at the head of the queue ready ahead of time.

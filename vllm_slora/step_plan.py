@@ -70,6 +70,11 @@ class TrainOrder:
     # the step ends before the next unit once one is. None: not watched (in-process engines).
     arrivals: str | None = None
     engine_step: int = 0  # the scheduler's step number (events say in which step a job did what)
+    # Bytes of pool blocks lent to the jobs' kept layer graphs (pool/training_loan.py), from
+    # this step on; 0 after a recall: drop them before this step's forward. None: no loans
+    # (the worker keeps its own budget, slora.finetune_activation_mb).
+    graph_bytes: int | None = None
+    lent_blocks: list[int] = field(default_factory=list)  # block ids lent in this step
 
 
 @dataclass
@@ -128,3 +133,5 @@ class SLoRAWorkerReport:
     next_unit_seconds: float = 0.0
     # Training ended this step early because a request arrived (finetune/arrivals.py).
     train_cut_short: bool = False
+    # Bytes of layer graphs the jobs' next (or current) micro-batches would keep (pool/training_loan.py).
+    train_graph_bytes_wanted: int = 0

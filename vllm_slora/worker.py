@@ -53,10 +53,11 @@ class SLoRAWorkerMixin:
         if available - reserve <= 0:
             raise ValueError(
                 f"vllm-slora: co-served training needs {reserve / 2**20:.0f} MiB kept out of the KV cache "
-                f"(slora.finetune_activation_mb={self.slora_config.finetune_activation_mb}, plus one job's "
-                f"state at --max-lora-rank and one loss unit) but only {available / 2**20:.0f} MiB are left "
-                "for the KV cache: lower slora.finetune_activation_mb or --max-lora-rank, or give the engine "
-                "more memory"
+                f"(one job's state at --max-lora-rank, a loss unit, a micro-batch's activations up to "
+                f"--max-model-len tokens and, on GPU, slora.finetune_activation_mb="
+                f"{self.slora_config.finetune_activation_mb}) but only {available / 2**20:.0f} MiB are left "
+                "for the KV cache: lower --max-lora-rank, --max-model-len or slora.finetune_activation_mb, "
+                "or give the engine more memory"
             )
         logger.info("vllm-slora: %.0f MiB kept out of the KV cache for co-served training (%.0f MiB left for it)",
                     reserve / 2**20, (available - reserve) / 2**20)
@@ -66,10 +67,14 @@ class SLoRAWorkerMixin:
         from vllm_slora.finetune.memory import training_reserve_bytes
         from vllm_slora.finetune.model_config import DecoderConfig
 
-        config = DecoderConfig.from_hf(self.vllm_config.model_config.hf_config.to_dict())
+        from vllm_slora.pool.training_loan import graphs_borrow_pool_blocks
+
+        model_config = self.vllm_config.model_config
+        config = DecoderConfig.from_hf(model_config.hf_config.to_dict())
         lora_config = self.vllm_config.lora_config
         max_rank = lora_config.max_lora_rank if lora_config is not None else 0
-        return training_reserve_bytes(config, max_rank, self.slora_config.finetune_activation_mb << 20)
+        return training_reserve_bytes(config, max_rank, self.slora_config.finetune_activation_mb << 20,
+                                      model_config.max_model_len, graphs_lent=graphs_borrow_pool_blocks())
 
     def init_device(self) -> None:
         super().init_device()  # creates self.model_runner; load_model comes later

@@ -4,6 +4,7 @@ the memory training may take (finetune/memory.py)."""
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 
@@ -115,3 +116,32 @@ def test_the_activation_budget_is_shared_by_the_jobs_micro_batches(tiny_model, t
         worker.step(TrainOrder(budget_s=0.0, idle=True))
     worker.step(TrainOrder(budget_s=0.0, idle=True))
     assert worker.jobs["b"].unit_pass.keep_graph
+
+
+def test_a_recalled_loan_drops_the_graphs_in_flight_and_the_pass_goes_on(tiny_model, tmp_path):
+    """Graphs live in pool blocks lent by the scheduler (pool/training_loan.py): they are kept
+    only within the loan, dropped when it is called back, and kept again once it returns."""
+    worker = WorkerTraining(None, base_model=str(tiny_model), base=base_weights_from_checkpoint(tiny_model),
+                            activation_budget_bytes=1 << 40)
+    worker.set_graph_budget(0)  # a CPU engine before any loan
+    worker.step(TrainOrder(start=[job_spec(tiny_model, tmp_path)], budget_s=0.0, idle=True))
+    job = worker.jobs["job"]
+    assert job.unit_pass is not None and not job.unit_pass.keep_graph
+    wanted = worker.graph_bytes_wanted()
+    assert wanted == activation_bytes(job.unit_pass.batch.num_tokens, worker.base.config, True)
+
+    run_pass(worker, budget_s=0.0)
+    worker.set_graph_budget(wanted)  # lent
+    worker.step(TrainOrder(budget_s=0.0, idle=True))
+    assert job.unit_pass.keep_graph and job.unit_pass._outputs  # a layer graph is kept
+
+    worker.set_graph_budget(0)  # recalled mid-pass
+    assert not job.unit_pass.keep_graph and not any(o is not None for o in job.unit_pass._outputs)
+    steps = job.trainer.steps_done
+    run_pass(worker, budget_s=0.0)
+    assert job.trainer.steps_done == steps + 1 and math.isfinite(job.last_loss)
+    worker.step(TrainOrder(budget_s=0.0, idle=True))
+    assert not job.unit_pass.keep_graph  # no loan: the next pass keeps no graph
+
+    worker.set_graph_budget(None)  # engines without loans: the configured budget
+    assert worker.graph_budget_bytes == 1 << 40

@@ -89,6 +89,38 @@ def test_loss_units_of_any_sizes_give_hf_peft_gradients(tiny_model):
         assert relative_error(param.grad, live[key].grad) < 1e-4, key
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.3], ids=["no-dropout", "dropout"])
+@pytest.mark.parametrize("when", ["mid-forward", "after-the-loss", "mid-backward"])
+def test_graphs_dropped_mid_pass_leave_the_gradients_unchanged(tiny_model, when, dropout):
+    """The KV cache can call back the memory of kept graphs at any unit boundary: the pass
+    goes on recomputing and ends with the gradients of a pass that kept every graph."""
+    hf = load_hf(tiny_model)
+    config = DecoderConfig.from_hf(hf.config)
+    (batch,) = pack_examples(packed_examples(config.vocab_size), batch_tokens=64)
+    base = base_weights_from_hf(hf)
+    start = torch.Generator().manual_seed(99).get_state()
+    layers = len(base.layers)
+    assert layers >= 2
+    loss_units = LayerSlicedPass(base, random_lora(config), batch).num_units - 2 * layers
+    drop_before = {"mid-forward": 1, "after-the-loss": layers + loss_units,
+                   "mid-backward": layers + loss_units + 1}[when]  # the unit index the drop precedes
+    grads = []
+    for drop in (None, drop_before):
+        lora = random_lora(config, dropout=dropout, **TARGET_SETS["all7"])
+        unit_pass = LayerSlicedPass(base, lora, batch, start, keep_graph=True)
+        units = 0
+        while not unit_pass.done:
+            if units == drop:
+                unit_pass.drop_graphs()
+                assert not unit_pass.keep_graph
+            unit_pass.run_unit()
+            units += 1
+        grads.append({k: p.grad.clone() for k, p in lora.named_parameters()})
+    kept, dropped = grads
+    for key in kept:
+        assert relative_error(dropped[key], kept[key]) < 1e-5, key
+
+
 @pytest.mark.parametrize("keep_graph", [False, True], ids=["recompute", "keep-graph"])
 def test_dropout_backward_replays_forward_masks(tiny_model, keep_graph):
     """With LoRA dropout the recomputing BWD units must see the FWD units' masks: the gradients

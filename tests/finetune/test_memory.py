@@ -8,6 +8,7 @@ import pytest
 
 from vllm_slora.config import SLoRAConfig
 from vllm_slora.finetune import memory
+from vllm_slora.finetune.layer_units import activation_bytes
 from vllm_slora.finetune.lora_params import LoraParams, LoraSettings
 from vllm_slora.finetune.model_config import DecoderConfig
 from vllm_slora.worker import SLoRAWorkerMixin
@@ -45,21 +46,31 @@ class _Worker(SLoRAWorkerMixin, _VLLMWorker):
         self.slora_config = SLoRAConfig.from_dict({"finetune": finetune, "finetune_activation_mb": activation_mb})
         self.cache_config = types.SimpleNamespace(kv_cache_memory_bytes=explicit_kv)
         self.vllm_config = types.SimpleNamespace(
-            model_config=types.SimpleNamespace(hf_config=AutoConfig.from_pretrained(tiny_model)),
+            model_config=types.SimpleNamespace(hf_config=AutoConfig.from_pretrained(tiny_model), max_model_len=512),
             lora_config=types.SimpleNamespace(max_lora_rank=16),
         )
 
 
-def test_a_finetune_engine_keeps_training_memory_out_of_the_kv_cache(tiny_model):
+@pytest.mark.parametrize("lent", [True, False], ids=["cpu-graphs-borrow-pool-blocks", "gpu-graphs-reserved"])
+def test_a_finetune_engine_keeps_training_memory_out_of_the_kv_cache(tiny_model, monkeypatch, lent):
+    from vllm_slora.pool import training_loan
+
+    monkeypatch.setattr(training_loan, "graphs_borrow_pool_blocks", lambda: lent)
     config = DecoderConfig.from_hf(tiny_model)
-    reserve = 256 * MIB + memory.LOSS_UNIT_BYTES + memory.job_state_bytes(config, 16)
+    # A 512-token micro-batch (max_model_len) keeping no graph: boundaries + one layer recomputed.
+    recompute = activation_bytes(512, config, False) + activation_bytes(512, config, True) // config.num_layers
+    reserve = (0 if lent else 256 * MIB) + recompute + memory.LOSS_UNIT_BYTES + memory.job_state_bytes(config, 16)
+    assert memory.recompute_bytes(config, 512) == recompute
     assert _Worker(tiny_model, finetune=True, explicit_kv=None).determine_available_memory() == 4096 * MIB - reserve
     # No training: vLLM's figure. An explicit --kv-cache-memory-bytes is the operator's.
     assert _Worker(tiny_model, finetune=False, explicit_kv=None).determine_available_memory() == 4096 * MIB
     assert _Worker(tiny_model, finetune=True, explicit_kv=4096 * MIB).determine_available_memory() == 4096 * MIB
 
 
-def test_no_room_for_training_is_refused_at_start_naming_the_knobs(tiny_model):
+def test_no_room_for_training_is_refused_at_start_naming_the_knobs(tiny_model, monkeypatch):
+    from vllm_slora.pool import training_loan
+
+    monkeypatch.setattr(training_loan, "graphs_borrow_pool_blocks", lambda: False)
     worker = _Worker(tiny_model, finetune=True, explicit_kv=None, activation_mb=8192)
-    with pytest.raises(ValueError, match="finetune_activation_mb=8192.*max-lora-rank"):
+    with pytest.raises(ValueError, match="max-lora-rank.*finetune_activation_mb=8192.*lower --max-lora-rank"):
         worker.determine_available_memory()

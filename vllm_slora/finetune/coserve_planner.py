@@ -92,6 +92,8 @@ class TrainingPlanner:
         # Shared counter of requests waiting in the EngineCore's input queue (finetune/arrivals.py),
         # set by the scheduler once it watches that queue; None for in-process engines.
         self.arrivals: str | None = None
+        self.loan = None  # pool/training_loan.py TrainingLoan, set by the scheduler of CPU engines
+        self.graph_bytes_wanted = 0  # what the jobs' next micro-batches would keep as graphs (workers)
 
     # -- control (EngineCore utility calls) ------------------------------------------------
     def handle(self, action: str, payload: dict) -> dict:
@@ -104,8 +106,15 @@ class TrainingPlanner:
         if action == "stats":
             return dict(vars(self.stats), credit=self.credit, inference_s=self.inference_s, period_s=self.period_s,
                         unit_s=self.next_unit_s, active=sum(j.status in ACTIVE for j in self.jobs.values()),
-                        arrivals_watched=self.arrivals is not None)
+                        arrivals_watched=self.arrivals is not None, **self._loan_stats())
         raise TrainingRefused(f"unknown finetune action {action!r}")
+
+    def _loan_stats(self) -> dict:
+        loan = self.loan
+        if loan is None:
+            return {"loan_blocks": 0, "loan_bytes": 0, "loans": 0, "loan_recalls": 0}
+        return {"loan_blocks": loan.num_blocks, "loan_bytes": loan.nbytes, "loans": loan.lends,
+                "loan_recalls": loan.recalls}
 
     def submit(self, spec: TrainJobSpec) -> dict:
         if self.tp_size > 1 or self.pp_size > 1:
@@ -208,6 +217,7 @@ class TrainingPlanner:
             self._previous = None
         if report.training is not None:
             self.next_unit_s = report.next_unit_seconds
+            self.graph_bytes_wanted = report.train_graph_bytes_wanted
             for event in report.training:
                 self.record(event)
 

@@ -100,8 +100,11 @@ class WorkerTraining:
                  activation_budget_bytes: int = 1 << 30) -> None:
         self.model = model
         self.base_model = base_model
-        # A pass keeps every layer's graph (no recompute) when its activations fit in this.
+        # A pass keeps every layer's graph (no recompute) when its activations fit in this,
+        # beside the other jobs' passes in flight. Where the scheduler lends pool blocks
+        # (pool/training_loan.py), the lent bytes replace it (set_graph_budget).
         self.activation_budget_bytes = activation_budget_bytes
+        self.graph_budget_bytes = activation_budget_bytes
         self._base: BaseWeights | None = base
         self.jobs: dict[str, _Job] = {}
         self.unit_seconds: dict[str, float] = {}  # expected seconds per unit kind (EWMA)
@@ -161,6 +164,40 @@ class WorkerTraining:
                 units += 1
                 break
         return spent, units
+
+    def set_graph_budget(self, graph_bytes: int | None) -> None:
+        """Apply the order's graph budget (None: loans are not used, keep our own). A smaller
+        one than the passes in flight keep drops their graphs now, before the step's forward
+        may write the recalled pages, and returns the freed heap to the OS."""
+        budget = self.activation_budget_bytes if graph_bytes is None else graph_bytes
+        shrinking = budget < self.graph_budget_bytes
+        self.graph_budget_bytes = budget
+        if not shrinking:
+            return
+        dropped = False
+        for job in self.jobs.values():
+            if self._held_bytes() <= budget:
+                break
+            if job.unit_pass is not None and job.unit_pass.keep_graph:
+                job.unit_pass.drop_graphs()
+                dropped = True
+        if dropped or graph_bytes == 0:
+            return_freed_memory()
+
+    def graph_bytes_wanted(self) -> int:
+        """Activation bytes the jobs' micro-batches would keep with every layer's graph: the
+        pass in flight's, or the next batch's (what a loan of pool blocks should cover)."""
+        total = 0
+        for job in self.jobs.values():
+            batch = job.unit_pass.batch if job.unit_pass is not None else job.batches[
+                job.trainer.steps_done % len(job.batches)]
+            total += activation_bytes(batch.num_tokens, self.base.config, True)
+        return total
+
+    def _held_bytes(self, but: _Job | None = None) -> int:
+        """Activation bytes the passes in flight keep (all jobs', or all but `but`'s)."""
+        return sum(activation_bytes(j.unit_pass.batch.num_tokens, self.base.config, j.unit_pass.keep_graph)
+                   for j in self.jobs.values() if j is not but and j.unit_pass is not None)
 
     def _loss_rows(self, job: _Job, budget_left_s: float) -> int:
         """Loss rows for `job`'s next LOSS unit: as many as the rest of the step's budget
@@ -256,9 +293,8 @@ class WorkerTraining:
             batch = job.batches[job.trainer.steps_done % len(job.batches)]
             job.trainer.zero_grad()
             # The budget is the worker's, shared by every job's micro-batch in flight.
-            held = sum(activation_bytes(j.unit_pass.batch.num_tokens, self.base.config, j.unit_pass.keep_graph)
-                       for j in self.jobs.values() if j is not job and j.unit_pass is not None)
-            keep_graph = held + activation_bytes(batch.num_tokens, self.base.config, True) <= self.activation_budget_bytes
+            needed = self._held_bytes(but=job) + activation_bytes(batch.num_tokens, self.base.config, True)
+            keep_graph = needed <= self.graph_budget_bytes
             job.unit_pass = LayerSlicedPass(self.base, job.lora, batch, job.rng, keep_graph=keep_graph)
             job.pass_lr, job.pass_seconds = job.trainer.lr, 0.0
         if kind != UPDATE:
@@ -339,6 +375,18 @@ def keep_freed_memory() -> None:
     m_trim_threshold, m_mmap_threshold = -1, -3
     mallopt(m_mmap_threshold, 32 << 20)
     mallopt(m_trim_threshold, (1 << 31) - 1)
+
+
+def return_freed_memory() -> None:
+    """Give the heap's free memory back to the OS now (glibc `malloc_trim`): after graphs are
+    dropped for the KV cache, whose recalled pages fault RAM back in (paged/lent_pages.py)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _save_atomic(obj, path: Path) -> None:

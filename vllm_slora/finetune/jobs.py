@@ -663,7 +663,7 @@ class FineTuningJobs:
                 job.status = "succeeded"
                 self._finish(job, f"Fine-tuning job succeeded: {job.fine_tuned_model} serves step {job.published_step}")
 
-    def _record_step(self, job: Job, record) -> None:
+    def _record_step(self, job: Job, record, unit_ms: dict | None = None) -> None:
         with self._lock:
             job.records.append(record)
             job.trained_tokens += record.tokens
@@ -674,6 +674,7 @@ class FineTuningJobs:
                 "step": record.step, "total_steps": job.total_steps, "train_loss": record.loss,
                 "learning_rate": record.lr, "trained_tokens": job.trained_tokens, "step_tokens": record.tokens,
                 "loss_tokens": record.loss_tokens, "step_seconds": record.seconds,
+                **({"unit_ms": unit_ms} if unit_ms else {}),  # in-engine jobs: expected ms per unit kind
             })
 
     def _publish(self, job: Job, record) -> None:
@@ -751,7 +752,7 @@ class FineTuningJobs:
                 elif kind == "step":
                     self._record_step(job, StepRecord(step=step, loss=data["loss"], lr=data["lr"],
                                                       loss_tokens=data["loss_tokens"], tokens=data["tokens"],
-                                                      seconds=data["seconds"]))
+                                                      seconds=data["seconds"]), unit_ms=data.get("unit_ms"))
                 elif kind == "published":
                     # The engine already gives the new version to every request that starts
                     # from the end of the step that published it (data["servable_at"],

@@ -183,6 +183,14 @@ class LayerSlicedPass:
         self._grad = hidden.grad if index > 0 else None
         self._boundaries[index] = None
 
+    def drop_graphs(self) -> None:
+        """Stop keeping layer graphs, from any unit boundary on (their memory is wanted back):
+        the graphs kept so far are freed, the rest of the pass runs as if it had never kept
+        any (the remaining BWD units recompute their layer from its boundary, replaying the
+        same dropout masks), and the gradients stay the same."""
+        self.keep_graph = False
+        self._outputs = [None] * len(self._outputs)
+
     @property
     def rng_state(self) -> torch.Tensor | None:
         """The dropout stream after this pass (feed it to the next pass)."""

@@ -8,9 +8,13 @@ The worker therefore subtracts `training_reserve_bytes` from what it reports for
 cache when the size is derived (not when the operator gives --kv-cache-memory-bytes:
 that size is theirs), and training stays inside it:
 
-* activations kept between units: ``slora.finetune_activation_mb``, shared by every job's
-  in-flight micro-batch (a pass keeps layer graphs only while they fit; otherwise only the
-  layer boundaries, and backward recomputes);
+* a micro-batch's layer boundaries plus one recomputed layer's working set, for the
+  longest micro-batch a job makes by default (``min(2048, max_model_len)`` tokens): what a
+  pass needs when it keeps no layer graph;
+* the layer graphs kept from forward to backward (no recompute): ``slora.finetune_activation_mb``,
+  shared by every job's micro-batch in flight, on GPU only. A CPU engine lends its graphs
+  pool blocks instead while the KV cache can spare them and calls them back under KV
+  pressure (pool/training_loan.py), so nothing is reserved for them there;
 * one LOSS unit's logits and their gradient: at most ``LOSS_UNIT_BYTES`` (its rows are
   capped to fit);
 * one job's trainable state at ``--max-lora-rank`` on all seven projections: the LoRA
@@ -21,6 +25,7 @@ that size is theirs), and training stays inside it:
 from __future__ import annotations
 
 from ..adapters.modules import SLICE_ORDER
+from .layer_units import activation_bytes
 from .model_config import DecoderConfig
 
 FP32_BYTES = 4
@@ -30,6 +35,7 @@ STATE_COPIES = 4
 # tensor: about three [rows, vocab] fp32 tensors live at its peak.
 LOSS_TENSORS = 3
 LOSS_UNIT_BYTES = 192 << 20
+DEFAULT_MICRO_BATCH_TOKENS = 2048  # a job's batch_tokens default (finetune/jobs.py), at most max_model_len
 
 
 def job_state_bytes(config: DecoderConfig, rank: int) -> int:
@@ -43,6 +49,20 @@ def max_loss_rows(config: DecoderConfig) -> int:
     return max(1, LOSS_UNIT_BYTES // (LOSS_TENSORS * FP32_BYTES * config.vocab_size))
 
 
-def training_reserve_bytes(config: DecoderConfig, max_lora_rank: int, activation_budget_bytes: int) -> int:
+def recompute_bytes(config: DecoderConfig, num_tokens: int) -> int:
+    """A pass of `num_tokens` that keeps no graph: its layer boundaries, plus one layer's graph
+    while a BWD unit recomputes it."""
+    return (activation_bytes(num_tokens, config, keep_graph=False)
+            + activation_bytes(num_tokens, config, keep_graph=True) // config.num_layers)
+
+
+def default_micro_batch_tokens(max_model_len: int) -> int:
+    return min(DEFAULT_MICRO_BATCH_TOKENS, max_model_len)
+
+
+def training_reserve_bytes(config: DecoderConfig, max_lora_rank: int, activation_budget_bytes: int,
+                           max_model_len: int, graphs_lent: bool) -> int:
     """What the worker keeps out of the KV cache for co-served training (see the module doc)."""
-    return activation_budget_bytes + LOSS_UNIT_BYTES + job_state_bytes(config, max_lora_rank)
+    graphs = 0 if graphs_lent else activation_budget_bytes
+    return (graphs + recompute_bytes(config, default_micro_batch_tokens(max_model_len)) + LOSS_UNIT_BYTES
+            + job_state_bytes(config, max_lora_rank))

@@ -23,6 +23,7 @@ from vllm_slora.config import SLoRAConfig
 from vllm_slora.pool.geometry import page_elems
 
 from .layers import install_paged_layers
+from .lent_pages import release_pages
 from .manager import PagedAdapterManager
 from .modules import PAGED_MODULES
 from .pool_views import flat_pool_views
@@ -93,6 +94,8 @@ class SLoRARunnerMixin:
         if plan is not None and self.slora is not None:
             # Pages are filled before the forward that reads them: same stream on GPU.
             self.slora.apply_plan(plan)
+            if plan.train is not None:
+                self._slora_training_memory(plan.train)
         return self._slora_with_report(super().execute_model(scheduler_output, *args, **kwargs))
 
     def sample_tokens(self, *args, **kwargs):
@@ -123,9 +126,19 @@ class SLoRARunnerMixin:
                 report.train_seconds, report.train_units = spent, units
                 report.train_cut_short = training.cut_short
                 report.next_unit_seconds = training.next_unit_seconds()
+                report.train_graph_bytes_wanted = training.graph_bytes_wanted()
             return report
 
         return attach_report(output, take_report)
+
+    def _slora_training_memory(self, order) -> None:
+        """Before the forward: pages newly lent to training give their RAM back (CPU), and a
+        recalled loan's graphs are dropped before KV can be written into those pages."""
+        if order.lent_blocks and self.slora.state.pools:
+            page_bytes = self.slora.page_elems * self.slora.dtype.itemsize
+            released = release_pages(self.slora.state.pools, order.lent_blocks, page_bytes)
+            trace.record("training_loan", blocks=len(order.lent_blocks), released_bytes=released)
+        self._slora_training().set_graph_budget(order.graph_bytes)
 
     def _slora_training(self):
         trainer = getattr(self, "slora_trainer", None)
