@@ -66,7 +66,6 @@ class SLoRAWorkerMixin:
     def slora_training_reserve_bytes(self) -> int:
         from vllm_slora.finetune.memory import training_reserve_bytes
         from vllm_slora.finetune.model_config import DecoderConfig
-
         from vllm_slora.pool.training_loan import graphs_borrow_pool_blocks
 
         model_config = self.vllm_config.model_config
