@@ -395,7 +395,10 @@ class SLoRASchedulerMixin:
         # A co-served finetuning job keeps the engine stepping with no request at all.
         return super().has_requests() or (
             self.slora_training is not None and self.slora_training.busy() and not self._slora_training_paused()
-        ) or bool(self.slora_training_loan is not None and self.slora_training_loan.blocks)  # one step to recall it
+        ) or (  # one more step to call a loan back once the last job is gone (never while paused)
+            self.slora_training_loan is not None and bool(self.slora_training_loan.blocks)
+            and not self._slora_training_paused()
+        )
 
     def schedule(self, *args, **kwargs):
         output = super().schedule(*args, **kwargs)
