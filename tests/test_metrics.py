@@ -71,7 +71,7 @@ def test_payload_reports_pool_by_kind_adapters_and_waiting_requests():
     waiting = [_request(1), _request(3), _request(3), _request(None), _request(4), _request(2)]
     payload = metrics.engine_payload(_scheduler(waiting=waiting))
     pool = payload["pool"]
-    assert pool == {"kv": 100 - 60 - 12, "adapter_pinned": 12, "adapter_cached": 5, "free": 60 - 5}
+    assert pool == {"kv": 100 - 60 - 12, "adapter_pinned": 12, "adapter_cached": 5, "free": 60 - 5, "training": 0}
     assert sum(pool.values()) == POOL.total_blocks - 1  # the null block is nobody's
     assert (payload["pinned_adapters"], payload["cached_adapters"], payload["registered_adapters"]) == (2, 1, 3)
     assert (payload["loads"], payload["evictions"]) == (4, 1)
