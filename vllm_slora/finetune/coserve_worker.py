@@ -78,6 +78,10 @@ class _Job:
     updated_step: int | None = None  # ... and the engine step it ended in
     published: list[int] = field(default_factory=list)
 
+    def next_batch(self) -> PackedBatch:
+        """The micro-batch of the job's next pass (the batches cycle, one per optimizer step)."""
+        return self.batches[self.trainer.steps_done % len(self.batches)]
+
     def next_kind(self) -> str:
         if self.publish_due:
             return PUBLISH
@@ -189,8 +193,7 @@ class WorkerTraining:
         pass in flight's, or the next batch's (what a loan of pool blocks should cover)."""
         total = 0
         for job in self.jobs.values():
-            batch = job.unit_pass.batch if job.unit_pass is not None else job.batches[
-                job.trainer.steps_done % len(job.batches)]
+            batch = job.unit_pass.batch if job.unit_pass is not None else job.next_batch()
             total += activation_bytes(batch.num_tokens, self.base.config, True)
         return total
 
@@ -290,7 +293,7 @@ class WorkerTraining:
             self._checkpoint(job)
             return
         if job.unit_pass is None:
-            batch = job.batches[job.trainer.steps_done % len(job.batches)]
+            batch = job.next_batch()
             job.trainer.zero_grad()
             # The budget is the worker's, shared by every job's micro-batch in flight.
             needed = self._held_bytes(but=job) + activation_bytes(batch.num_tokens, self.base.config, True)
