@@ -12,7 +12,8 @@ from pathlib import Path
 
 # Small, fixed KV budget: deterministic across machines and leaves room for HF models.
 TEST_KV_BYTES = 512 * 1024 * 1024
-RESERVED_CPU = "VLLM_CPU_NUM_OF_RESERVED_CPU"
+# Set by a finetune engine for the engine processes it starts (vllm_slora/activation.py).
+FINETUNE_CPU_ENV = ("VLLM_CPU_NUM_OF_RESERVED_CPU", "VLLM_CPU_OMP_THREADS_BIND")
 
 
 def make_llm(model: Path, slora: dict | None, **overrides):
@@ -34,16 +35,17 @@ def make_llm(model: Path, slora: dict | None, **overrides):
     if slora is not None:
         kwargs["additional_config"] = {"slora": slora}
     kwargs.update(overrides)
-    # A finetune engine sets VLLM_CPU_NUM_OF_RESERVED_CPU=0 for the engine processes it
-    # starts (vllm_slora/activation.py); keep it from reaching later engines of the session.
-    reserved = os.environ.get(RESERVED_CPU)
+    # A finetune engine sets FINETUNE_CPU_ENV for the engine processes it starts; keep
+    # them from reaching later engines of the session.
+    saved = {key: os.environ.get(key) for key in FINETUNE_CPU_ENV}
     try:
         return LLM(**kwargs)
     finally:
-        if reserved is None:
-            os.environ.pop(RESERVED_CPU, None)
-        else:
-            os.environ[RESERVED_CPU] = reserved
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def make_adapters_known(llm, loras) -> None:

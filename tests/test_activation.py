@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from importlib.metadata import entry_points
@@ -130,3 +131,32 @@ def test_flag_absent_runs_stock_engine(tiny_model, tmp_path, monkeypatch):
     events = trace.read(str(stock_trace))
     assert {"EngineCore", "VllmWorker-0"} <= {e["process"] for e in events if e["event"] == "plugin_loaded"}
     assert not [e for e in events if e["event"] != "plugin_loaded"]
+
+
+@pytest.mark.parametrize(
+    "preset, finetune, numa_nodes, expected",
+    [
+        ({}, True, 1, {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}),
+        ({}, True, 2, {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_CPU_OMP_THREADS_BIND": None}),
+        ({"VLLM_CPU_OMP_THREADS_BIND": "0-1"}, True, 1,
+         {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_CPU_OMP_THREADS_BIND": "0-1"}),
+        ({"VLLM_CPU_NUM_OF_RESERVED_CPU": "1"}, True, 1,
+         {"VLLM_CPU_NUM_OF_RESERVED_CPU": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}),
+        ({}, False, 1, {"VLLM_CPU_NUM_OF_RESERVED_CPU": None, "VLLM_CPU_OMP_THREADS_BIND": None}),
+    ],
+    ids=["one-node", "two-nodes-keep-pinning", "user-binding-kept", "user-reservation-kept", "no-finetune"],
+)
+def test_finetune_engine_cpu_threading_defaults(tiny_model, monkeypatch, preset, finetune, numa_nodes, expected):
+    """A co-serving CPU engine gives training every core, unpinned on one NUMA node, and
+    never overrides what the user set."""
+    from vllm_slora import activation
+    from vllm_slora.config import SLoRAConfig
+
+    for key in expected:
+        monkeypatch.delenv(key, raising=False)
+    for key, value in preset.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(activation, "_numa_nodes", lambda: numa_nodes)
+    cfg = _engine_config(tiny_model, enable_lora=True)
+    activation._cpu_cores_for_training(SLoRAConfig(finetune=finetune), cfg)
+    assert {key: os.environ.get(key) for key in expected} == expected

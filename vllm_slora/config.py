@@ -49,9 +49,11 @@ class SLoRAConfig:
     # With no inference, one engine step runs training units for about this long, so a
     # request arriving meanwhile waits at most about one such step.
     finetune_idle_step_ms: int = 100
-    # Activation memory one job's micro-batch may keep between its units. Within it, every
-    # layer keeps its autograd graph from forward to backward (no recompute, ~25 % less
-    # work); above it, only layer boundaries are kept and backward recomputes each layer.
+    # Memory all jobs' passes together may use to keep layer graphs from forward to
+    # backward (no recompute: ~25 % less work); a layer beyond it keeps only its boundary
+    # and backward recomputes it. CPU: borrowed from the pool while the KV cache can spare
+    # it and called back under KV pressure (pool/training_loan.py); GPU: kept out of the
+    # KV cache at start (finetune/memory.py).
     finetune_activation_mb: int = 1024
 
     @classmethod

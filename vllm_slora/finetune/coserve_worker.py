@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from vllm_slora.libc import libc
 from vllm_slora.step_plan import TrainEvent, TrainJobSpec, TrainOrder
 
 from .arrivals import ArrivalCounter
@@ -367,13 +368,9 @@ def keep_freed_memory() -> None:
     inference around them slower too). Blocks up to 32 MiB now come from the heap, and the
     heap is not trimmed. No-op where mallopt is not available (not glibc).
     """
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    c = libc()
+    mallopt = getattr(c, "mallopt", None)
+    if mallopt is None:
         return
     m_trim_threshold, m_mmap_threshold = -1, -3
     mallopt(m_mmap_threshold, 32 << 20)
@@ -383,13 +380,9 @@ def keep_freed_memory() -> None:
 def return_freed_memory() -> None:
     """Give the heap's free memory back to the OS now (glibc `malloc_trim`): after graphs are
     dropped for the KV cache, whose recalled pages fault RAM back in (paged/lent_pages.py)."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    malloc_trim = getattr(libc(), "malloc_trim", None)
+    if malloc_trim is not None:
+        malloc_trim(0)
 
 
 def _save_atomic(obj, path: Path) -> None:

@@ -12,24 +12,15 @@ block (KV or adapter) is ever touched.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import mmap
 from collections.abc import Sequence
 
 import torch
 
+from vllm_slora.libc import libc
+
 MADV_DONTNEED = 4  # Linux <sys/mman.h>
 OS_PAGE = mmap.PAGESIZE
-
-
-def _libc():
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    except OSError:
-        return None
-
-
-_LIBC = _libc()
 
 
 def release_pages(
@@ -39,9 +30,10 @@ def release_pages(
 ) -> int:
     """Release the RAM of `block_ids`' pages in every layer; returns the bytes released
     (0 where madvise is unavailable or the pool is not in host memory)."""
-    if _LIBC is None or not block_ids or not pools or pools[0].device.type != "cpu":
+    c = libc()
+    if c is None or not block_ids or not pools or pools[0].device.type != "cpu":
         return 0
-    madvise = _LIBC.madvise
+    madvise = c.madvise
     madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     released = 0
     for pool in pools:
