@@ -15,6 +15,15 @@ from typing import Any
 SLORA_KEY = "slora"
 
 KERNEL_BACKENDS = ("auto", "native", "torch", "triton")
+MAX_FINETUNE_SLACK = 10.0  # training may add at most 10x the inference step time
+
+
+def slack_problem(value: object) -> str | None:
+    """Why `value` is not a valid co-serving slack (config key and runtime setting alike), or None."""
+    if type(value) not in (int, float) or not 0.0 <= value <= MAX_FINETUNE_SLACK:  # NaN fails the range too
+        return (f"must be a number in [0, {MAX_FINETUNE_SLACK:g}] (the share of the inference step time "
+                f"training may add), got {value!r}")
+    return None
 
 
 class SLoRAConfigError(ValueError):
@@ -106,11 +115,8 @@ class SLoRAConfig:
             raise SLoRAConfigError(
                 f"slora config key 'prefetch_depth' must be >= 0, got {self.prefetch_depth}"
             )
-        if not 0.0 <= self.finetune_slack <= 10.0:
-            raise SLoRAConfigError(
-                f"slora config key 'finetune_slack' must be in [0, 10] (a share of the inference step time), "
-                f"got {self.finetune_slack}"
-            )
+        if problem := slack_problem(self.finetune_slack):
+            raise SLoRAConfigError(f"slora config key 'finetune_slack' {problem}")
         if self.finetune_activation_mb < 0:
             raise SLoRAConfigError(
                 f"slora config key 'finetune_activation_mb' must be >= 0, got {self.finetune_activation_mb}"

@@ -137,3 +137,34 @@ def test_watched_arrivals_make_idle_steps_long_and_cut_short_steps_are_counted()
     planner.take(report(train_s=0.5, units=20))
     stats = planner.handle("stats", {})
     assert stats["cut_short"] == 1 and stats["arrivals_watched"] is True
+
+
+def test_slack_changes_while_serving_and_bad_values_are_refused():
+    """An operator raises the training share without a restart: the next loaded steps budget
+    the new share of the step period; a bad value is refused naming it and changes nothing."""
+    planner = TrainingPlanner(slack=0.1, idle_step_s=0.05)
+    planner.submit(spec())
+    planner.order(running=0, waiting=0, scheduled_tokens=0)
+    planner.take(report(events=[TrainEvent("job-1", "started")]))
+    period_s = 0.1
+
+    def budget_after_steps(n: int) -> float:
+        for _ in range(n):
+            order = planner.order(running=4, waiting=0, scheduled_tokens=4)
+            planner.take(report(inference_s=0.08, next_unit_s=0.5))  # units too long to run: credit builds
+            planner.observe_period(period_s)
+        return order.budget_s
+
+    assert budget_after_steps(1) == 0.0  # nothing measured yet
+    assert budget_after_steps(5) == pytest.approx(5 * 0.1 * period_s)
+    assert planner.handle("configure", {"slack": 0.5}) == {"slack": 0.5}
+    assert planner.handle("stats", {})["slack"] == 0.5
+    assert planner.credit == 0.0  # saved at the old share: not spent at the new one
+    assert budget_after_steps(2) == pytest.approx(2 * 0.5 * period_s)
+    for bad, needle in [(-0.1, "[0, 10]"), (11, "[0, 10]"), (float("nan"), "nan"), ("0.5", "'0.5'"), (True, "True")]:
+        with pytest.raises(TrainingRefused, match="'slack' must be a number") as e:
+            planner.handle("configure", {"slack": bad})
+        assert needle in str(e.value)
+    with pytest.raises(TrainingRefused, match="unknown co-serving setting"):
+        planner.handle("configure", {"slak": 0.2})
+    assert planner.slack == 0.5

@@ -423,3 +423,39 @@ def test_server_engine_without_finetune_key_refuses_jobs(tmp_path, tiny_model):
     error = api_error(jobs.create, {"model": "base", "training_file": stored.id})
     assert error.status == 400 and "slora.finetune=true" in error.message
     assert jobs.list() == ([], False) and jobs.host.loads == []
+
+
+@pytest.mark.engine
+def test_operator_changes_the_training_share_while_serving(server):
+    """GET/POST /v1/fine_tuning/coserve: the engine's slack changes without a restart, bad
+    settings are refused naming the problem, and requests keep being served."""
+    import httpx
+
+    url = server.openai_base_url + "/fine_tuning/coserve"
+    state = httpx.get(url, timeout=60).json()
+    assert state["object"] == "fine_tuning.coserve" and state["slack"] == pytest.approx(0.1)
+    assert {"steps", "units", "loan_blocks", "active"} <= set(state)
+    try:
+        changed = httpx.post(url, json={"slack": 0.35}, timeout=60)
+        assert changed.status_code == 200 and changed.json()["slack"] == pytest.approx(0.35)
+        assert httpx.get(url, timeout=60).json()["slack"] == pytest.approx(0.35)
+        for body, needle in [({"slack": -1}, "'slack' must be a number in [0, 10]"),
+                             ({"slack": "lots"}, "got 'lots'"),
+                             ({"slak": 0.2}, "unknown co-serving setting(s) 'slak'"),
+                             ([0.2], "must be a JSON object")]:
+            refused = httpx.post(url, json=body, timeout=60)
+            assert refused.status_code == 400 and needle in refused.json()["error"]["message"], refused.text
+        refused = httpx.post(url, content=b"slack=1", timeout=60)
+        assert refused.status_code == 400 and "must be JSON" in refused.json()["error"]["message"]
+        assert httpx.get(url, timeout=60).json()["slack"] == pytest.approx(0.35)
+        served = httpx.post(server.openai_base_url + "/completions", timeout=120,
+                            json={"model": "base", "prompt": [1, 2, 3], "max_tokens": 2, "temperature": 0.0})
+        assert served.status_code == 200 and served.json()["usage"]["completion_tokens"] == 2
+    finally:
+        httpx.post(url, json={"slack": 0.1}, timeout=60)
+
+
+def test_coserve_settings_need_a_co_serving_engine(tmp_path, tiny_model):
+    jobs = make_jobs(tmp_path, tiny_model)
+    error = api_error(jobs.coserve, {"slack": 0.5})
+    assert error.status == 400 and "slora.finetune=true" in error.message

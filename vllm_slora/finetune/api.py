@@ -14,6 +14,8 @@ Routes (shapes as the `openai` Python client parses them; errors are 4xx with
     POST   /v1/fine_tuning/jobs/{job_id}/cancel
     GET    /v1/fine_tuning/jobs/{job_id}/events        ?after &limit (newest first)
     GET    /v1/fine_tuning/jobs/{job_id}/checkpoints   ?after &limit (newest first)
+    GET    /v1/fine_tuning/coserve                     extension: the engine's co-serving state
+    POST   /v1/fine_tuning/coserve                     extension: {"slack": x} changes it while serving
 
 `FinetuneEndpointPlugin` follows vLLM's endpoint-plugin contract
 (vllm/plugins/endpoint_plugins/interface.py): `attach_router` adds the routes while
@@ -306,3 +308,20 @@ async def list_job_checkpoints(job_id: str, request: Request):
     checkpoints, more = _service(request).jobs.checkpoints(job_id, after=request.query_params.get("after"),
                                                            limit=_limit(request, 10))
     return _page(checkpoints, more)
+
+
+@router.get("/v1/fine_tuning/coserve")
+@_answers
+async def coserve_state(request: Request):
+    return JSONResponse(await _service(request).jobs.coserve())
+
+
+@router.post("/v1/fine_tuning/coserve")
+@_answers
+async def coserve_configure(request: Request):
+    service = _service(request)
+    try:
+        body = await request.json()
+    except ValueError:
+        raise ApiError(400, "the request body must be JSON") from None
+    return JSONResponse(await service.jobs.coserve(body))

@@ -35,6 +35,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from vllm_slora.config import slack_problem
 from vllm_slora.step_plan import SLoRAWorkerReport, TrainEvent, TrainJobSpec, TrainOrder
 
 EWMA_WEIGHT = 0.2
@@ -103,8 +104,10 @@ class TrainingPlanner:
             return self.cancel(payload["job_id"])
         if action == "poll":
             return self.poll(payload["job_id"], int(payload.get("after", 0)))
+        if action == "configure":
+            return self.configure(payload)
         if action == "stats":
-            return dict(vars(self.stats), credit=self.credit, inference_s=self.inference_s, period_s=self.period_s,
+            return dict(vars(self.stats), slack=self.slack, credit=self.credit, inference_s=self.inference_s, period_s=self.period_s,
                         unit_s=self.next_unit_s, active=sum(j.status in ACTIVE for j in self.jobs.values()),
                         arrivals_watched=self.arrivals is not None, **self._loan_stats())
         raise TrainingRefused(f"unknown finetune action {action!r}")
@@ -115,6 +118,18 @@ class TrainingPlanner:
             return {"loan_blocks": 0, "loan_bytes": 0, "loans": 0, "loan_recalls": 0}
         return {"loan_blocks": loan.num_blocks, "loan_bytes": loan.nbytes, "loans": loan.lends,
                 "loan_recalls": loan.recalls}
+
+    def configure(self, settings: dict) -> dict:
+        """Change the co-serving settings while serving (an operator's `POST /v1/fine_tuning/coserve`)."""
+        unknown = sorted(set(settings) - {"slack"})
+        if unknown:
+            raise TrainingRefused(f"unknown co-serving setting(s) {', '.join(map(repr, unknown))}; known: 'slack'")
+        if "slack" in settings:
+            if problem := slack_problem(settings["slack"]):
+                raise TrainingRefused(f"'slack' {problem}")
+            self.slack = float(settings["slack"])
+            self.credit = min(self.credit, 0.0)  # what the old share saved up is not spent at the new one
+        return {"slack": self.slack}
 
     def submit(self, spec: TrainJobSpec) -> dict:
         if self.tp_size > 1 or self.pp_size > 1:

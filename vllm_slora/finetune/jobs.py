@@ -512,6 +512,26 @@ class FineTuningJobs:
         return job
 
     # -- reading -----------------------------------------------------------------------------
+    # -- the engine's co-serving settings and state ------------------------------------------
+    async def coserve(self, settings: Any = None) -> dict:
+        """The engine's co-serving state (settings, training and loan counters); with
+        `settings` (e.g. ``{"slack": 0.5}``) it changes them first, while serving."""
+        if self.engine_call is None:
+            raise ApiError(400, "this server does not co-serve fine-tuning (started without slora.finetune=true)")
+        if settings is not None:
+            from vllm_slora.config import slack_problem
+
+            if not isinstance(settings, Mapping):
+                raise ApiError(400, "the request body must be a JSON object, e.g. {\"slack\": 0.5}")
+            unknown = sorted(set(settings) - {"slack"})
+            if unknown:
+                raise ApiError(400, f"unknown co-serving setting(s) {', '.join(map(repr, unknown))}; known: 'slack'",
+                               param=unknown[0])
+            if "slack" in settings and (problem := slack_problem(settings["slack"])):
+                raise ApiError(400, f"'slack' {problem}", param="slack")
+            await self.engine_call("configure", dict(settings))
+        return {"object": "fine_tuning.coserve", **await self.engine_call("stats", {})}
+
     def _job(self, job_id: str) -> Job:
         with self._lock:
             job = self._jobs.get(job_id)
