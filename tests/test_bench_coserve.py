@@ -137,3 +137,33 @@ def test_parse_args_quick_defaults():
     assert args.phase_seconds == 15.0 and args.num_adapters == 2 and args.disk_repeats == 3
     full = bench.parse_args([])
     assert full.phase_seconds == 60.0 and full.num_adapters == 8 and full.lora_rank == 16
+
+
+def test_speedup_goal_over_the_slacks_measured():
+    """The server's slack misses 1.5x; slack 0.5 meets it at p99 no worse than the side
+    process's; slack 1.0 trains more but at a worse p99, so it does not count."""
+    phases = {
+        "no_job": {"moderate": _phase(None, 1.0, 0.10), "heavy": _phase(None, 2.0, 0.20)},
+        "coserve": {"idle": _phase(400.0), "moderate": _phase(100.0, 1.0, 0.10), "heavy": _phase(10.0, 2.0, 0.2)},
+        "coserve@0.5": {"moderate": _phase(180.0, 1.4, 0.15), "heavy": _phase(25.0, 2.9, 0.29)},
+        "coserve@1": {"moderate": _phase(300.0, 1.6, 0.3), "heavy": _phase(40.0, 3.5, 0.4)},
+        "hf_side": {"idle": _phase(200.0), "moderate": _phase(100.0, 1.5, 0.2), "heavy": _phase(20.0, 3.0, 0.3)},
+    }
+    fig = bench.figures(phases)
+    assert fig["coserve_settings"] == ["coserve", "coserve@0.5", "coserve@1"]
+    assert fig["trained_tok_s"]["coserve@0.5"]["heavy"] == 25.0
+    goals = bench.evaluate_goals(fig)
+    moderate, heavy = [g for g in goals if "side process" in g["goal"]]
+    assert moderate["met"] is True and moderate["setting"] == "coserve@0.5" and moderate["value"] == 1.8
+    assert heavy["met"] is False and heavy["setting"] == "coserve"  # 0.5: 1.25x only; 1.0: p99 worse
+    assert [c["met"] for c in heavy["settings"]] == [False, False, False]
+    # The p99-within-10% goals judge the server's own slack only.
+    p99 = [g for g in goals if "within" in g["goal"]]
+    assert all(g["met"] is True for g in p99)
+
+
+def test_state_change_over_a_window():
+    before = {"slack": 0.1, "steps": 10, "seconds": 1.5, "loan_blocks": 4, "loans": 1, "arrivals_watched": True}
+    after = {"slack": 0.1, "steps": 14, "seconds": 2.0, "loan_blocks": 6, "loans": 2, "arrivals_watched": True}
+    assert bench.state_change(before, after) == {"slack": 0.1, "steps": 4, "seconds": 0.5, "loan_blocks": 6,
+                                                 "loans": 1, "arrivals_watched": True}
