@@ -12,8 +12,7 @@ from pathlib import Path
 
 # Small, fixed KV budget: deterministic across machines and leaves room for HF models.
 TEST_KV_BYTES = 512 * 1024 * 1024
-# Set by a finetune engine for the engine processes it starts (vllm_slora/activation.py).
-FINETUNE_CPU_ENV = ("VLLM_CPU_NUM_OF_RESERVED_CPU", "VLLM_CPU_OMP_THREADS_BIND")
+RESERVED_CPU = "VLLM_CPU_NUM_OF_RESERVED_CPU"
 
 
 def make_llm(model: Path, slora: dict | None, **overrides):
@@ -35,17 +34,16 @@ def make_llm(model: Path, slora: dict | None, **overrides):
     if slora is not None:
         kwargs["additional_config"] = {"slora": slora}
     kwargs.update(overrides)
-    # A finetune engine sets FINETUNE_CPU_ENV for the engine processes it starts; keep
-    # them from reaching later engines of the session.
-    saved = {key: os.environ.get(key) for key in FINETUNE_CPU_ENV}
+    # A finetune engine sets VLLM_CPU_NUM_OF_RESERVED_CPU=0 for the engine processes it
+    # starts (vllm_slora/activation.py); keep it from reaching later engines of the session.
+    reserved = os.environ.get(RESERVED_CPU)
     try:
         return LLM(**kwargs)
     finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        if reserved is None:
+            os.environ.pop(RESERVED_CPU, None)
+        else:
+            os.environ[RESERVED_CPU] = reserved
 
 
 def make_adapters_known(llm, loras) -> None:

@@ -133,30 +133,23 @@ def test_flag_absent_runs_stock_engine(tiny_model, tmp_path, monkeypatch):
     assert not [e for e in events if e["event"] != "plugin_loaded"]
 
 
+
 @pytest.mark.parametrize(
-    "preset, finetune, numa_nodes, expected",
-    [
-        ({}, True, 1, {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}),
-        ({}, True, 2, {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_CPU_OMP_THREADS_BIND": None}),
-        ({"VLLM_CPU_OMP_THREADS_BIND": "0-1"}, True, 1,
-         {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_CPU_OMP_THREADS_BIND": "0-1"}),
-        ({"VLLM_CPU_NUM_OF_RESERVED_CPU": "1"}, True, 1,
-         {"VLLM_CPU_NUM_OF_RESERVED_CPU": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}),
-        ({}, False, 1, {"VLLM_CPU_NUM_OF_RESERVED_CPU": None, "VLLM_CPU_OMP_THREADS_BIND": None}),
-    ],
-    ids=["one-node", "two-nodes-keep-pinning", "user-binding-kept", "user-reservation-kept", "no-finetune"],
+    "preset, finetune, expected",
+    [({}, True, "0"), ({"VLLM_CPU_NUM_OF_RESERVED_CPU": "1"}, True, "1"), ({}, False, None)],
+    ids=["finetune", "user-reservation-kept", "no-finetune"],
 )
-def test_finetune_engine_cpu_threading_defaults(tiny_model, monkeypatch, preset, finetune, numa_nodes, expected):
-    """A co-serving CPU engine gives training every core, unpinned on one NUMA node, and
-    never overrides what the user set."""
+def test_finetune_engine_gives_the_worker_every_core(tiny_model, monkeypatch, preset, finetune, expected):
+    """A co-serving CPU engine keeps no core out of the worker's OpenMP team, unless the user
+    said otherwise; it leaves vLLM's thread pinning alone (unpinned threads collapse when
+    another process computes beside the server: 8 concurrent decodes 15 vs 80 tok/s here)."""
     from vllm_slora import activation
     from vllm_slora.config import SLoRAConfig
 
-    for key in expected:
-        monkeypatch.delenv(key, raising=False)
+    monkeypatch.delenv("VLLM_CPU_NUM_OF_RESERVED_CPU", raising=False)
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
     for key, value in preset.items():
         monkeypatch.setenv(key, value)
-    monkeypatch.setattr(activation, "_numa_nodes", lambda: numa_nodes)
-    cfg = _engine_config(tiny_model, enable_lora=True)
-    activation._cpu_cores_for_training(SLoRAConfig(finetune=finetune), cfg)
-    assert {key: os.environ.get(key) for key in expected} == expected
+    activation._cpu_cores_for_training(SLoRAConfig(finetune=finetune), _engine_config(tiny_model, enable_lora=True))
+    assert os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU") == expected
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in os.environ

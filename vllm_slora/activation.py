@@ -80,35 +80,22 @@ def _cpu_cores_for_training(slora: SLoRAConfig, vllm_config) -> None:
     EngineCore process, which spins while it waits (vllm/utils/ompmultiprocessing.py
     "TODO: make scheduler proc sleep when idle"; on 2 cores the worker computes on one).
     With slora.finetune the EngineCore sleeps instead (patches/patch_shm_broadcast.py), so
-    the reservation only idles a core that training could use.
-
-    On a host with one NUMA node it also leaves the worker's OpenMP threads unpinned
-    (``VLLM_CPU_OMP_THREADS_BIND=nobind``): vLLM pins each thread to one core, which costs
-    this kind of small (virtual) host more than it saves. Measured on the 2-vCPU CI machine,
-    default model, same server otherwise: trained tokens/s at idle 196 pinned vs 213-230
-    unpinned; an 800-token prefill 705-735 ms vs 506-538 ms; 8 concurrent decodes 85 vs
-    92-109 tok/s. With several NUMA nodes the pinning keeps memory local, so it stays.
-
-    Set before the EngineCore process starts (it inherits the environment); an explicit
-    user setting is kept. It is process-wide: engines started later by the same process
-    inherit it too.
+    the reservation only idles a core that training could use. vLLM's pinning of the
+    OpenMP threads stays: unpinned (``VLLM_CPU_OMP_THREADS_BIND=nobind``) an idle engine
+    trained ~10 % faster on the 2-vCPU CI machine, but with any other process computing
+    beside the server inference collapsed (8 concurrent decodes 15 vs 80 tok/s, an HF
+    training loop beside it: no request finished in a minute). Set before the EngineCore
+    process starts (it inherits the environment); an explicit user setting is kept. It is
+    process-wide: engines started later by the same process inherit it too.
     """
     import os
 
     from vllm_slora.compat import current_platform
 
-    if not slora.finetune or not current_platform.is_cpu() or vllm_config.parallel_config.world_size != 1:
+    if not slora.finetune or not current_platform.is_cpu():
         return
-    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
-    if _numa_nodes() == 1:
-        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
-
-
-def _numa_nodes() -> int:
-    """NUMA nodes of this host (Linux sysfs; 1 where it cannot tell)."""
-    import glob
-
-    return len(glob.glob("/sys/devices/system/node/node[0-9]*")) or 1
+    if vllm_config.parallel_config.world_size == 1 and "VLLM_CPU_NUM_OF_RESERVED_CPU" not in os.environ:
+        os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
 
 
 def _check_adapter_dirs(slora: SLoRAConfig, parallel) -> None:
