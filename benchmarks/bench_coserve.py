@@ -32,7 +32,7 @@ A window's trained tokens/s = tokens of the optimizer steps finished inside it /
 (the job's trained_tokens is polled every 0.25 s; the HF process logs every step). A replay
 window runs from the first arrival to the last completion.
 
-    .venv/bin/python benchmarks/bench_coserve.py                        # ~15 min on 2 CPU cores
+    .venv/bin/python benchmarks/bench_coserve.py                        # ~17 min on 2 CPU cores
     .venv/bin/python benchmarks/bench_coserve.py --quick --out-dir /tmp/coserve   # smoke, ~5 min
 
 Writes <out-dir>/coserve-<YYYYMMDD>-<machine>.json and .png (default out-dir:

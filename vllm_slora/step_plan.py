@@ -66,6 +66,9 @@ class TrainOrder:
     budget_s: float = 0.0
     # No inference in this step: run at least one unit even if it is longer than the budget.
     idle: bool = False
+    # Inference ran moments ago, so a request may arrive any time: keep every unit short
+    # (an arrival waits for the unit in progress), even where a long one would be faster.
+    short_units: bool = False
     # Shared counter of requests waiting in the EngineCore's input queue (finetune/arrivals.py):
     # the step ends before the next unit once one is. None: not watched (in-process engines).
     arrivals: str | None = None

@@ -65,20 +65,28 @@ def test_loaded_steps_average_the_slack_share_of_the_real_step_time():
 
 
 def test_idle_steps_are_short_right_after_inference_and_full_later():
-    """Between requests (inference a moment ago) an idle step trains briefly, so an arrival
-    waits less; after a quiet spell it trains full steps."""
-    now = [100.0]
-    planner = TrainingPlanner(slack=0.1, idle_step_s=0.1, clock=lambda: now[0])
-    planner.submit(spec())
-    assert planner.order(running=0, waiting=0, scheduled_tokens=0).budget_s == pytest.approx(0.1)
-    planner.take(report(events=[TrainEvent("job-1", "started")]))
-    planner.order(running=1, waiting=0, scheduled_tokens=1)
-    planner.take(report(inference_s=0.05))
-    now[0] += 0.5
-    order = planner.order(running=0, waiting=0, scheduled_tokens=0)
-    assert order.idle and order.budget_s == pytest.approx(0.1 / 5)
-    now[0] += 3.0
-    assert planner.order(running=0, waiting=0, scheduled_tokens=0).budget_s == pytest.approx(0.1)
+    """Between requests (inference a moment ago) an idle step trains briefly in short units,
+    so an arrival waits less; after a quiet spell it trains full steps, units of any size.
+    With arrivals watched the step is long either way (an arrival ends it), but its units
+    stay short just the same."""
+    for watched in (False, True):
+        now = [100.0]
+        planner = TrainingPlanner(slack=0.1, idle_step_s=0.1, clock=lambda: now[0])
+        planner.arrivals = "/dev/shm/counter" if watched else None
+        full = 0.5 if watched else 0.1
+        planner.submit(spec())
+        first = planner.order(running=0, waiting=0, scheduled_tokens=0)
+        assert first.budget_s == pytest.approx(full) and not first.short_units
+        planner.take(report(events=[TrainEvent("job-1", "started")]))
+        planner.order(running=1, waiting=0, scheduled_tokens=1)
+        planner.take(report(inference_s=0.05))
+        now[0] += 0.5
+        order = planner.order(running=0, waiting=0, scheduled_tokens=0)
+        assert order.idle and order.short_units
+        assert order.budget_s == pytest.approx(0.5 if watched else 0.1 / 5)
+        now[0] += 3.0
+        later = planner.order(running=0, waiting=0, scheduled_tokens=0)
+        assert later.budget_s == pytest.approx(full) and not later.short_units
 
 
 def test_zero_slack_trains_only_when_idle():

@@ -81,6 +81,22 @@ def test_an_idle_step_runs_the_whole_loss_in_one_unit_and_a_short_step_small_one
     assert max(sizes) == 8 and sum(sizes) == rows
 
 
+def test_right_after_inference_an_idle_step_keeps_loss_units_short(worker_and_job):
+    """Requests may arrive any moment (the order says short_units): however long the step,
+    the loss runs in LOSS_CHUNK-row units, each a point where an arrival ends the step."""
+    worker, sizes = worker_and_job
+    run_pass(worker, budget_s=0.0)  # time the units
+    rows = sum(sizes)
+    ample = 4 * sum(worker.unit_seconds.values()) * len(worker.base.layers)
+    for short, expected in ((True, 8), (False, rows)):
+        run_pass(worker, budget_s=0.0)  # (finish the pass a long step may have begun)
+        sizes.clear()
+        steps = worker.jobs["job"].trainer.steps_done
+        while worker.jobs["job"].trainer.steps_done == steps:
+            worker.step(TrainOrder(budget_s=ample, idle=True, short_units=short))
+        assert max(sizes) == expected, (short, sizes)
+
+
 def test_a_loss_unit_never_outgrows_its_memory_share(worker_and_job, monkeypatch):
     worker, sizes = worker_and_job
     run_pass(worker, budget_s=0.0)  # time the units

@@ -11,7 +11,9 @@ simplified to what a CPU engine can measure):
                                   end before the next unit once a request arrives; otherwise
                                   ``idle_step_s``, and only ``idle_step_s / IDLE_SHORTEN``
                                   within ``RECENT_LOAD_S`` of the last inference (an arrival
-                                  waits about one such step);
+                                  waits about one such step). Within ``RECENT_LOAD_S`` units
+                                  are kept short too (no whole-loss unit: an arrival waits
+                                  for the unit in progress);
 * otherwise                    -> a credit that grows by ``slack`` x the step period
                                   without training (EWMA of the wall time between two
                                   schedule() calls, i.e. what a running request waits per
@@ -177,10 +179,11 @@ class TrainingPlanner:
             order.budget_s = 0.0  # admission first
             self._last_loaded = self.clock()
         elif not scheduled_tokens and not running:
+            recent = self.clock() - self._last_loaded < RECENT_LOAD_S
+            order.short_units = recent
             if self.arrivals is not None:  # an arrival ends the step after the unit it waits for
                 order.budget_s = max(self.idle_step_s, WATCHED_IDLE_STEP_S)
             else:
-                recent = self.clock() - self._last_loaded < RECENT_LOAD_S
                 order.budget_s = self.idle_step_s / IDLE_SHORTEN if recent else self.idle_step_s
             order.idle = True
             self._last_idle = True

@@ -156,7 +156,8 @@ class WorkerTraining:
             expected = self.unit_seconds.get(kind, 0.0)
             if spent + expected > order.budget_s and not (order.idle and units == 0):
                 break
-            loss_rows = self._loss_rows(job, order.budget_s - spent) if kind == LOSS else None
+            loss_rows = self._loss_rows(job, 0.0 if order.short_units else order.budget_s - spent) \
+                if kind == LOSS else None
             spent += self._timed_unit(job, kind, loss_rows)
             units += 1
             if kind == PUBLISH:
