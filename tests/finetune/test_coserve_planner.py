@@ -71,7 +71,7 @@ def test_idle_steps_are_short_right_after_inference_and_full_later():
     stay short just the same."""
     for watched in (False, True):
         now = [100.0]
-        planner = TrainingPlanner(slack=0.1, idle_step_s=0.1, clock=lambda: now[0])
+        planner = TrainingPlanner(slack=0.1, idle_step_s=0.1, clock=lambda now=now: now[0])
         planner.arrivals = "/dev/shm/counter" if watched else None
         full = 0.5 if watched else 0.1
         planner.submit(spec())
