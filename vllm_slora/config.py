@@ -26,6 +26,17 @@ def slack_problem(value: object) -> str | None:
     return None
 
 
+def coserve_settings_problem(settings: Mapping[str, Any]) -> tuple[str, str] | None:
+    """(the setting, why) when `settings` cannot be applied while serving (POST
+    /v1/fine_tuning/coserve; the planner's `configure`), or None."""
+    unknown = sorted(set(settings) - {"slack"})
+    if unknown:
+        return unknown[0], f"unknown co-serving setting(s) {', '.join(map(repr, unknown))}; known: 'slack'"
+    if "slack" in settings and (problem := slack_problem(settings["slack"])):
+        return "slack", f"'slack' {problem}"
+    return None
+
+
 class SLoRAConfigError(ValueError):
     """A bad `slora` section in additional_config."""
 

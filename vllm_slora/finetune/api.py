@@ -264,15 +264,18 @@ async def file_content(file_id: str, request: Request):
                         filename=files.get(file_id).filename)
 
 
+async def _json_body(request: Request) -> Any:
+    try:
+        return await request.json()
+    except ValueError:
+        raise ApiError(400, "the request body must be JSON") from None
+
+
 @router.post("/v1/fine_tuning/jobs")
 @_answers
 async def create_job(request: Request):
     service = _service(request)
-    try:
-        body = await request.json()
-    except ValueError:
-        raise ApiError(400, "the request body must be JSON") from None
-    return JSONResponse(await service.jobs.create(body))
+    return JSONResponse(await service.jobs.create(await _json_body(request)))
 
 
 @router.get("/v1/fine_tuning/jobs")
@@ -320,8 +323,4 @@ async def coserve_state(request: Request):
 @_answers
 async def coserve_configure(request: Request):
     service = _service(request)
-    try:
-        body = await request.json()
-    except ValueError:
-        raise ApiError(400, "the request body must be JSON") from None
-    return JSONResponse(await service.jobs.coserve(body))
+    return JSONResponse(await service.jobs.coserve(await _json_body(request)))

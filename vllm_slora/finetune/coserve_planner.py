@@ -37,7 +37,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from vllm_slora.config import slack_problem
+from vllm_slora.config import coserve_settings_problem
 from vllm_slora.step_plan import SLoRAWorkerReport, TrainEvent, TrainJobSpec, TrainOrder
 
 EWMA_WEIGHT = 0.2
@@ -123,12 +123,9 @@ class TrainingPlanner:
 
     def configure(self, settings: dict) -> dict:
         """Change the co-serving settings while serving (an operator's `POST /v1/fine_tuning/coserve`)."""
-        unknown = sorted(set(settings) - {"slack"})
-        if unknown:
-            raise TrainingRefused(f"unknown co-serving setting(s) {', '.join(map(repr, unknown))}; known: 'slack'")
+        if problem := coserve_settings_problem(settings):
+            raise TrainingRefused(problem[1])
         if "slack" in settings:
-            if problem := slack_problem(settings["slack"]):
-                raise TrainingRefused(f"'slack' {problem}")
             self.slack = float(settings["slack"])
             self.credit = min(self.credit, 0.0)  # what the old share saved up is not spent at the new one
         return {"slack": self.slack}

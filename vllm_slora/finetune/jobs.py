@@ -519,16 +519,12 @@ class FineTuningJobs:
         if self.engine_call is None:
             raise ApiError(400, "this server does not co-serve fine-tuning (started without slora.finetune=true)")
         if settings is not None:
-            from vllm_slora.config import slack_problem
+            from vllm_slora.config import coserve_settings_problem
 
             if not isinstance(settings, Mapping):
                 raise ApiError(400, "the request body must be a JSON object, e.g. {\"slack\": 0.5}")
-            unknown = sorted(set(settings) - {"slack"})
-            if unknown:
-                raise ApiError(400, f"unknown co-serving setting(s) {', '.join(map(repr, unknown))}; known: 'slack'",
-                               param=unknown[0])
-            if "slack" in settings and (problem := slack_problem(settings["slack"])):
-                raise ApiError(400, f"'slack' {problem}", param="slack")
+            if problem := coserve_settings_problem(settings):
+                raise ApiError(400, problem[1], param=problem[0])
             await self.engine_call("configure", dict(settings))
         return {"object": "fine_tuning.coserve", **await self.engine_call("stats", {})}
 
