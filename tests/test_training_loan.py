@@ -38,10 +38,25 @@ def test_lent_while_the_kv_cache_can_spare_it_recalled_under_pressure(pool):
     assert loan.under_pressure()
     loan.recall()
     assert loan.num_blocks == 0 and pool.get_num_free_blocks() == 19 and loan.recalls == 1
-    assert loan.try_lend(10 * BLOCK_BYTES) is None  # 19 - 10 < 12: no flapping right after a recall
+    # Right after a recall only what keeps 37.5 % free may be lent again (19 - 12 = 7 blocks):
+    # not when 7 blocks hold less than two layers' graphs, ...
+    assert loan.try_lend(10 * BLOCK_BYTES, layer_bytes=4 * BLOCK_BYTES) is None
+    # ... else part of the loan (the pass keeps that many layers' graphs), never below the floor.
+    assert len(loan.try_lend(10 * BLOCK_BYTES, layer_bytes=3 * BLOCK_BYTES)) == 7
+    assert pool.get_num_free_blocks() == 12 and not loan.under_pressure()
+    assert loan.try_lend(10 * BLOCK_BYTES, layer_bytes=BLOCK_BYTES) is None  # no room left
 
-    pool.free_blocks(kv)  # the KV cache shrinks again: the loan comes back
-    assert loan.try_lend(10 * BLOCK_BYTES) is not None and pool.get_num_free_blocks() == 22
+    pool.free_blocks(kv)  # the KV cache shrinks again: the loan is topped up to what is wanted
+    assert len(loan.try_lend(10 * BLOCK_BYTES, layer_bytes=3 * BLOCK_BYTES)) == 3
+    assert loan.num_blocks == 10 and pool.get_num_free_blocks() == 22
+
+
+def test_a_small_pool_lends_part_of_what_is_wanted(pool):
+    """Graphs wanted beyond what the pool can spare: it lends what keeps 37.5 % free (a pass
+    keeps that many layers' graphs) rather than nothing."""
+    loan = TrainingLoan(pool, BLOCK_BYTES)
+    lent = loan.try_lend(30 * BLOCK_BYTES, layer_bytes=2 * BLOCK_BYTES)
+    assert len(lent) == 33 - 12 - 1 == 20 and pool.get_num_free_blocks() == loan.lend_floor() == 12
 
 
 def test_a_loan_takes_warm_adapter_blocks_only_as_any_allocation_would(pool, monkeypatch):

@@ -138,3 +138,5 @@ class SLoRAWorkerReport:
     train_cut_short: bool = False
     # Bytes of layer graphs the jobs' next (or current) micro-batches would keep (pool/training_loan.py).
     train_graph_bytes_wanted: int = 0
+    # ... and one layer's graph of the largest of them: the smallest loan increment worth making.
+    train_graph_layer_bytes: int = 0

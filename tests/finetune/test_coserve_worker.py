@@ -12,7 +12,7 @@ from tests.finetune.training_cases import packed_examples
 from vllm_slora.finetune import coserve_worker, memory
 from vllm_slora.finetune.base_weights import base_weights_from_checkpoint
 from vllm_slora.finetune.coserve_worker import BATCHES_FILE, WorkerTraining
-from vllm_slora.finetune.layer_units import LOSS, LayerSlicedPass, activation_bytes
+from vllm_slora.finetune.layer_units import LOSS, LayerSlicedPass, activation_bytes, layer_graph_bytes, pass_bytes
 from vllm_slora.finetune.lora_params import LoraParams, LoraSettings
 from vllm_slora.finetune.model_config import DecoderConfig
 from vllm_slora.finetune.packing import pack_examples, save_batches
@@ -132,6 +132,33 @@ def test_the_activation_budget_is_shared_by_the_jobs_micro_batches(tiny_model, t
         worker.step(TrainOrder(budget_s=0.0, idle=True))
     worker.step(TrainOrder(budget_s=0.0, idle=True))
     assert worker.jobs["b"].unit_pass.keep_graph
+
+
+def test_a_budget_short_of_the_whole_pass_keeps_as_many_layer_graphs_as_it_holds(tiny_model, tmp_path):
+    """A loan that covers part of the graphs (a small pool lends part: pool/training_loan.py)
+    buys part of the speed: the pass keeps the top layers' graphs that fit, and a shrinking
+    budget drops only as many as it must; the pass still ends with a finite loss."""
+    config = DecoderConfig.from_hf(tiny_model)
+    (batch, *_) = pack_examples(packed_examples(config.vocab_size), batch_tokens=64)
+    layers, layer = config.num_layers, layer_graph_bytes(batch.num_tokens, config)
+    assert layers >= 2
+    boundaries = pass_bytes(batch.num_tokens, config, 0)
+    worker = WorkerTraining(None, base_model=str(tiny_model), base=base_weights_from_checkpoint(tiny_model))
+    worker.set_graph_budget(boundaries + (layers - 1) * layer + layer // 2)  # all layers but one, and a half
+    worker.step(TrainOrder(start=[job_spec(tiny_model, tmp_path)], budget_s=0.0, idle=True))
+    job = worker.jobs["job"]
+    assert job.unit_pass.graph_layers == layers - 1
+    assert worker.graph_layer_bytes() == layer
+    while job.unit_pass.next_kind != LOSS:
+        worker.step(TrainOrder(budget_s=0.0, idle=True))
+    assert [o is not None for o in job.unit_pass._outputs] == [False] + [True] * (layers - 1)
+
+    worker.set_graph_budget(boundaries + (layers - 2) * layer + 1)  # one layer's graph less
+    assert job.unit_pass.graph_layers == layers - 2
+    assert [o is not None for o in job.unit_pass._outputs] == [False, False] + [True] * (layers - 2)
+    steps = job.trainer.steps_done
+    run_pass(worker, budget_s=0.0)
+    assert job.trainer.steps_done == steps + 1 and math.isfinite(job.last_loss)
 
 
 def test_a_recalled_loan_drops_the_graphs_in_flight_and_the_pass_goes_on(tiny_model, tmp_path):

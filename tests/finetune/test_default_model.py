@@ -83,7 +83,9 @@ def test_default_model_chat_training_steps_match_hf_peft(default_model, smol, tm
             assert abs(record.loss - ref_loss.item()) <= 1e-4 * abs(ref_loss.item())
             if step == 0:  # from identical parameters (afterwards they differ by rounding)
                 for key, param in lora.named_parameters():
-                    assert relative_error(param.grad, ref_params[key].grad) < 1e-4, key
+                    # 30 fp32 layers summed in another order than HF's: 1.3e-4 measured on an
+                    # AVX-512 EPYC (under 1e-4 on AVX2); a wrong gradient is off by > 1e-2.
+                    assert relative_error(param.grad, ref_params[key].grad) < 3e-4, key
             optimizer.step()
         # Adam moves each element by about lr * sign(g) whatever |g| is, so elements whose
         # gradient is tiny amplify rounding differences: compare each matrix's update by norm.

@@ -24,9 +24,13 @@ from vllm_slora.finetune.model_config import DecoderConfig
 from vllm_slora.finetune.packing import pack_examples
 from vllm_slora.finetune.trainer import LoraTrainer, TrainingSettings
 
+# Layers that keep their graphs from FWD to BWD: none (recompute), the top one only (a graph
+# budget short of the whole pass), every one.
+GRAPHS = {"recompute": lambda layers: 0, "top-layer-kept": lambda layers: 1, "keep-graph": lambda layers: layers}
 
-def run_pass(base, lora, batch, rng_state=None, keep_graph=False) -> LayerSlicedPass:
-    unit_pass = LayerSlicedPass(base, lora, batch, rng_state, keep_graph=keep_graph)
+
+def run_pass(base, lora, batch, rng_state=None, keep_graph=False, graph_layers=None) -> LayerSlicedPass:
+    unit_pass = LayerSlicedPass(base, lora, batch, rng_state, keep_graph=keep_graph, graph_layers=graph_layers)
     kinds = []
     while not unit_pass.done:
         kinds.append(unit_pass.run_unit())
@@ -36,9 +40,9 @@ def run_pass(base, lora, batch, rng_state=None, keep_graph=False) -> LayerSliced
 
 
 @pytest.mark.parametrize("loss_chunk", [64, 5], ids=["one-loss-unit", "loss-in-chunks"])
-@pytest.mark.parametrize("keep_graph", [False, True], ids=["recompute", "keep-graph"])
+@pytest.mark.parametrize("graphs", sorted(GRAPHS))
 @pytest.mark.parametrize("targets", sorted(TARGET_SETS))
-def test_unit_gradients_equal_hf_peft(tiny_model, targets, keep_graph, loss_chunk, monkeypatch):
+def test_unit_gradients_equal_hf_peft(tiny_model, targets, graphs, loss_chunk, monkeypatch):
     hf = load_hf(tiny_model)
     config = DecoderConfig.from_hf(hf.config)
     lora = random_lora(config, **TARGET_SETS[targets])
@@ -48,7 +52,9 @@ def test_unit_gradients_equal_hf_peft(tiny_model, targets, keep_graph, loss_chun
     assert len(batch.seq_lens) == 3
     monkeypatch.setattr(layer_units, "LOSS_CHUNK", loss_chunk)
 
-    unit_pass = run_pass(base_weights_from_hf(peft), lora, batch, keep_graph=keep_graph)
+    base = base_weights_from_hf(peft)
+    assert len(base.layers) >= 2  # "top-layer-kept" keeps some layers' graphs, not all
+    unit_pass = run_pass(base, lora, batch, graph_layers=GRAPHS[graphs](len(base.layers)))
 
     reference = hf_micro_batch_loss(peft, examples)
     reference.backward()
@@ -90,10 +96,12 @@ def test_loss_units_of_any_sizes_give_hf_peft_gradients(tiny_model):
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3], ids=["no-dropout", "dropout"])
+@pytest.mark.parametrize("keep_layers", [0, 1], ids=["all-dropped", "top-layer-left"])
 @pytest.mark.parametrize("when", ["mid-forward", "after-the-loss", "mid-backward"])
-def test_graphs_dropped_mid_pass_leave_the_gradients_unchanged(tiny_model, when, dropout):
-    """The KV cache can call back the memory of kept graphs at any unit boundary: the pass
-    goes on recomputing and ends with the gradients of a pass that kept every graph."""
+def test_graphs_dropped_mid_pass_leave_the_gradients_unchanged(tiny_model, when, dropout, keep_layers):
+    """The KV cache can call back the memory of kept graphs (all, or the lower layers') at any
+    unit boundary: the pass goes on recomputing those layers and ends with the gradients of
+    a pass that kept every graph."""
     hf = load_hf(tiny_model)
     config = DecoderConfig.from_hf(hf.config)
     (batch,) = pack_examples(packed_examples(config.vocab_size), batch_tokens=64)
@@ -111,8 +119,9 @@ def test_graphs_dropped_mid_pass_leave_the_gradients_unchanged(tiny_model, when,
         units = 0
         while not unit_pass.done:
             if units == drop:
-                unit_pass.drop_graphs()
-                assert not unit_pass.keep_graph
+                unit_pass.drop_graphs(keep_layers)
+                assert unit_pass.graph_layers == keep_layers
+                assert all(out is None for out in unit_pass._outputs[:layers - keep_layers])
             unit_pass.run_unit()
             units += 1
         grads.append({k: p.grad.clone() for k, p in lora.named_parameters()})
@@ -121,8 +130,34 @@ def test_graphs_dropped_mid_pass_leave_the_gradients_unchanged(tiny_model, when,
         assert relative_error(dropped[key], kept[key]) < 1e-5, key
 
 
-@pytest.mark.parametrize("keep_graph", [False, True], ids=["recompute", "keep-graph"])
-def test_dropout_backward_replays_forward_masks(tiny_model, keep_graph):
+def test_a_partial_graph_budget_keeps_the_top_layers_graphs(tiny_model):
+    """graph_layers=k: after the forward units exactly the top k layers hold a graph (what the
+    worker's budget counts); the backward frees each as it passes."""
+    hf = load_hf(tiny_model)
+    config = DecoderConfig.from_hf(hf.config)
+    (batch,) = pack_examples(packed_examples(config.vocab_size), batch_tokens=64)
+    base = base_weights_from_hf(hf)
+    layers = len(base.layers)
+    with pytest.raises(ValueError, match="graph_layers"):
+        LayerSlicedPass(base, random_lora(config), batch, graph_layers=layers + 1)
+    unit_pass = LayerSlicedPass(base, random_lora(config), batch, graph_layers=1)
+    assert unit_pass.keep_graph
+    while unit_pass.next_kind == FWD:
+        unit_pass.run_unit()
+    assert [out is not None for out in unit_pass._outputs] == [False] * (layers - 1) + [True]
+    while not unit_pass.done:
+        unit_pass.run_unit()
+    assert all(out is None for out in unit_pass._outputs)
+    assert layer_units.pass_bytes(64, config, 1) == (layer_units.activation_bytes(64, config, False)
+                                                     + layer_units.layer_graph_bytes(64, config))
+    full = layer_units.activation_bytes(64, config, True)
+    assert layer_units.graph_layers_within(64, config, full) == layers
+    assert layer_units.graph_layers_within(64, config, full - 1) == layers - 1
+    assert layer_units.graph_layers_within(64, config, 0) == 0
+
+
+@pytest.mark.parametrize("graphs", sorted(GRAPHS))
+def test_dropout_backward_replays_forward_masks(tiny_model, graphs):
     """With LoRA dropout the recomputing BWD units must see the FWD units' masks: the gradients
     equal one whole-graph backward drawing from the same random stream; the global stream is
     left untouched (inference sampling in the same process must not be shifted)."""
@@ -134,7 +169,7 @@ def test_dropout_backward_replays_forward_masks(tiny_model, keep_graph):
     start = torch.Generator().manual_seed(1234).get_state()
 
     global_before = torch.get_rng_state()
-    unit_pass = run_pass(base, lora, batch, rng_state=start, keep_graph=keep_graph)
+    unit_pass = run_pass(base, lora, batch, rng_state=start, graph_layers=GRAPHS[graphs](len(base.layers)))
     assert torch.equal(torch.get_rng_state(), global_before)
     ours = {k: p.grad.clone() for k, p in lora.named_parameters()}
 

@@ -97,6 +97,7 @@ class TrainingPlanner:
         self.arrivals: str | None = None
         self.loan = None  # pool/training_loan.py TrainingLoan, set by the scheduler of CPU engines
         self.graph_bytes_wanted = 0  # what the jobs' next micro-batches would keep as graphs (workers)
+        self.graph_layer_bytes = 0  # ... one layer's graph of the largest of them
 
     # -- control (EngineCore utility calls) ------------------------------------------------
     def handle(self, action: str, payload: dict) -> dict:
@@ -233,6 +234,7 @@ class TrainingPlanner:
         if report.training is not None:
             self.next_unit_s = report.next_unit_seconds
             self.graph_bytes_wanted = report.train_graph_bytes_wanted
+            self.graph_layer_bytes = report.train_graph_layer_bytes
             for event in report.training:
                 self.record(event)
 

@@ -8,10 +8,10 @@ has spent the least time so far.
 
 A job's life, unit by unit (every unit is a preemption point):
 
-    fwd x L, loss, bwd x L      one packed micro-batch (layer_units.LayerSlicedPass; each
-                                layer keeps its graph when the activations fit what is left
-                                of slora.finetune_activation_mb beside the other jobs'
-                                micro-batches, else backward recomputes it; finetune/memory.py)
+    fwd x L, loss, bwd x L      one packed micro-batch (layer_units.LayerSlicedPass; as many
+                                of its layers keep their graphs as fit what is left of the
+                                graph budget beside the other jobs' micro-batches, the
+                                others are recomputed in backward; finetune/memory.py)
     update                      clip + AdamW + schedule (LoraTrainer.update), a "step" event
     publish (every N steps)     PEFT files to <job dir>/step-N (durable; what the server
                                 registers) + the packed weights into this worker's host
@@ -39,7 +39,15 @@ from vllm_slora.step_plan import TrainEvent, TrainJobSpec, TrainOrder
 
 from .arrivals import ArrivalCounter
 from .base_weights import BaseWeights, base_weights_from_vllm
-from .layer_units import LOSS, LOSS_CHUNK, LayerSlicedPass, activation_bytes
+from .layer_units import (
+    LOSS,
+    LOSS_CHUNK,
+    LayerSlicedPass,
+    activation_bytes,
+    graph_layers_within,
+    layer_graph_bytes,
+    pass_bytes,
+)
 from .lora_params import LoraParams
 from .memory import max_loss_rows
 from .packing import PackedBatch, load_batches
@@ -173,8 +181,9 @@ class WorkerTraining:
 
     def set_graph_budget(self, graph_bytes: int | None) -> None:
         """Apply the order's graph budget (None: loans are not used, keep our own). A smaller
-        one than the passes in flight keep drops their graphs now, before the step's forward
-        may write the recalled pages, and returns the freed heap to the OS."""
+        one than the passes in flight keep drops as many of their layer graphs as it takes,
+        now, before the step's forward may write the recalled pages, and returns the freed
+        heap to the OS."""
         budget = self.activation_budget_bytes if graph_bytes is None else graph_bytes
         shrinking = budget < self.graph_budget_bytes
         self.graph_budget_bytes = budget
@@ -182,10 +191,13 @@ class WorkerTraining:
             return
         dropped = False
         for job in self.jobs.values():
-            if self._held_bytes() <= budget:
+            excess = self._held_bytes() - budget
+            if excess <= 0:
                 break
-            if job.unit_pass is not None and job.unit_pass.keep_graph:
-                job.unit_pass.drop_graphs()
+            unit_pass = job.unit_pass
+            if unit_pass is not None and unit_pass.keep_graph:
+                layer = layer_graph_bytes(unit_pass.batch.num_tokens, self.base.config)
+                unit_pass.drop_graphs(keep_layers=unit_pass.graph_layers - -(-excess // layer))
                 dropped = True
         if dropped or graph_bytes == 0:
             return_freed_memory()
@@ -193,15 +205,22 @@ class WorkerTraining:
     def graph_bytes_wanted(self) -> int:
         """Activation bytes the jobs' micro-batches would keep with every layer's graph: the
         pass in flight's, or the next batch's (what a loan of pool blocks should cover)."""
-        total = 0
-        for job in self.jobs.values():
-            batch = job.unit_pass.batch if job.unit_pass is not None else job.next_batch()
-            total += activation_bytes(batch.num_tokens, self.base.config, True)
-        return total
+        return sum(activation_bytes(self._pass_batch(job).num_tokens, self.base.config, True)
+                   for job in self.jobs.values())
+
+    def graph_layer_bytes(self) -> int:
+        """One layer's graph of the largest of those micro-batches: a loan smaller than this
+        buys no layer its graph."""
+        return max((layer_graph_bytes(self._pass_batch(job).num_tokens, self.base.config)
+                    for job in self.jobs.values()), default=0)
+
+    @staticmethod
+    def _pass_batch(job: _Job) -> PackedBatch:
+        return job.unit_pass.batch if job.unit_pass is not None else job.next_batch()
 
     def _held_bytes(self, but: _Job | None = None) -> int:
         """Activation bytes the passes in flight keep (all jobs', or all but `but`'s)."""
-        return sum(activation_bytes(j.unit_pass.batch.num_tokens, self.base.config, j.unit_pass.keep_graph)
+        return sum(pass_bytes(j.unit_pass.batch.num_tokens, self.base.config, j.unit_pass.graph_layers)
                    for j in self.jobs.values() if j is not but and j.unit_pass is not None)
 
     def _loss_rows(self, job: _Job, budget_left_s: float) -> int:
@@ -298,9 +317,9 @@ class WorkerTraining:
             batch = job.next_batch()
             job.trainer.zero_grad()
             # The budget is the worker's, shared by every job's micro-batch in flight.
-            needed = self._held_bytes(but=job) + activation_bytes(batch.num_tokens, self.base.config, True)
-            keep_graph = needed <= self.graph_budget_bytes
-            job.unit_pass = LayerSlicedPass(self.base, job.lora, batch, job.rng, keep_graph=keep_graph)
+            graph_layers = graph_layers_within(batch.num_tokens, self.base.config,
+                                               self.graph_budget_bytes - self._held_bytes(but=job))
+            job.unit_pass = LayerSlicedPass(self.base, job.lora, batch, job.rng, graph_layers=graph_layers)
             job.pass_lr, job.pass_seconds = job.trainer.lr, 0.0
         if kind != UPDATE:
             job.unit_pass.run_unit(loss_rows)

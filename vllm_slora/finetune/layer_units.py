@@ -18,7 +18,11 @@ micro-batch, so training needs no KV cache and its GEMMs keep T rows.
 With ``keep_graph=True`` (when the micro-batch's activations fit the memory the engine
 grants training) FWD(l) keeps layer l's autograd graph instead, cut off from the layers
 around it, and BWD(l) only backpropagates through it: no recompute, about a quarter less
-work per step, and the units stay just as preemptible.
+work per step, and the units stay just as preemptible. When the memory granted holds only
+some layers' graphs, ``graph_layers=k`` keeps those of the top k layers and recomputes
+the others: each kept layer saves its recompute, so a budget short of the whole pass
+still buys its share of the speed (rather than none). The top layers are the ones kept
+because their graphs are freed first in backward.
 
 The gradients equal those of `packed_loss(...).backward()` (the same ops in the same
 order, only split at layer boundaries). LoRA dropout: each FWD(l) runs on the unit's own
@@ -56,6 +60,7 @@ class LayerSlicedPass:
         batch: PackedBatch,
         rng_state: torch.Tensor | None = None,  # CPU generator state for LoRA dropout
         keep_graph: bool = False,  # keep each layer's graph from FWD to BWD (no recompute)
+        graph_layers: int | None = None,  # keep only the top this many layers' graphs (overrides keep_graph)
     ) -> None:
         self.base, self.lora, self.batch = base, lora, batch
         self.num_layers = len(base.layers)
@@ -74,8 +79,12 @@ class LayerSlicedPass:
         self._layer_rng: list[torch.Tensor | None] = [None] * self.num_layers
         self._layout: PackedLayout | None = None
         self._boundaries: list[torch.Tensor | None] = []  # h_0 .. h_L, detached
-        self.keep_graph = keep_graph
-        self._outputs: list[torch.Tensor | None] = []  # keep_graph: layer outputs with their graphs
+        if graph_layers is None:
+            graph_layers = self.num_layers if keep_graph else 0
+        if not 0 <= graph_layers <= self.num_layers:
+            raise ValueError(f"graph_layers must be in [0, {self.num_layers}], got {graph_layers}")
+        self.graph_layers = graph_layers
+        self._outputs: list[torch.Tensor | None] = [None] * self.num_layers  # kept layers' outputs with their graphs
         self._grad: torch.Tensor | None = None  # dL/dh of the boundary above the next BWD
         self._next = (FWD, 0)
         self.loss: float | None = None
@@ -97,6 +106,14 @@ class LayerSlicedPass:
     @property
     def done(self) -> bool:
         return self._next is None
+
+    @property
+    def keep_graph(self) -> bool:
+        """Whether any layer keeps its graph from FWD to BWD."""
+        return self.graph_layers > 0
+
+    def _keeps(self, index: int) -> bool:
+        return index >= self.num_layers - self.graph_layers
 
     def run_unit(self, loss_rows: int | None = None) -> str:
         """Run the next unit; returns its kind. A LOSS unit covers the next `loss_rows` loss
@@ -132,9 +149,10 @@ class LayerSlicedPass:
                                               self.input_ids.device)
             self._boundaries = [F.embedding(self.input_ids, self.base.embed_tokens).detach()]
         hidden = self._boundaries[index]
-        if self.keep_graph and index > 0:
+        keep = self._keeps(index)
+        if keep and index > 0:
             hidden.requires_grad_(True)  # the cut between this layer's graph and the one below
-        with torch.set_grad_enabled(self.keep_graph):
+        with torch.set_grad_enabled(keep):
             if self.dropout:
                 self._layer_rng[index] = self._rng if self._rng is not None else torch.get_rng_state()
                 with torch.random.fork_rng(devices=[]):
@@ -143,8 +161,8 @@ class LayerSlicedPass:
                     self._rng = torch.get_rng_state()
             else:
                 out = self._layer(index, hidden)
-        if self.keep_graph:
-            self._outputs.append(out)
+        if keep:
+            self._outputs[index] = out
             out = out.detach()
         self._boundaries.append(out)
 
@@ -165,7 +183,7 @@ class LayerSlicedPass:
 
     def _backward(self, index: int) -> None:
         hidden = self._boundaries[index]
-        if self.keep_graph:
+        if self._outputs[index] is not None:
             out, self._outputs[index] = self._outputs[index], None
             out.backward(self._grad)
             self._grad = hidden.grad if index > 0 else None
@@ -183,13 +201,15 @@ class LayerSlicedPass:
         self._grad = hidden.grad if index > 0 else None
         self._boundaries[index] = None
 
-    def drop_graphs(self) -> None:
-        """Stop keeping layer graphs, from any unit boundary on (their memory is wanted back):
-        the graphs kept so far are freed, the rest of the pass runs as if it had never kept
-        any (the remaining BWD units recompute their layer from its boundary, replaying the
-        same dropout masks), and the gradients stay the same."""
-        self.keep_graph = False
-        self._outputs = [None] * len(self._outputs)
+    def drop_graphs(self, keep_layers: int = 0) -> None:
+        """Keep at most the top `keep_layers` layers' graphs, from any unit boundary on (the
+        memory of the others is wanted back): the graphs of the layers below are freed, the
+        rest of the pass runs as if it had never kept them (their BWD units recompute the
+        layer from its boundary, replaying the same dropout masks), and the gradients stay
+        the same."""
+        self.graph_layers = max(0, min(self.graph_layers, keep_layers))
+        for index in range(self.num_layers - self.graph_layers):
+            self._outputs[index] = None
 
     @property
     def rng_state(self) -> torch.Tensor | None:
@@ -197,12 +217,27 @@ class LayerSlicedPass:
         return self._rng
 
 
+def layer_graph_bytes(num_tokens: int, config) -> int:
+    """Rough bytes one layer's kept graph holds (fp32): its saved tensors (normed inputs,
+    q/k/v, attention output and weights, gate/up/activation products)."""
+    per_token = (6 * config.hidden_size + 2 * config.kv_size + 4 * config.intermediate_size
+                 + 2 * config.num_heads * num_tokens)
+    return 4 * num_tokens * per_token
+
+
+def pass_bytes(num_tokens: int, config, graph_layers: int) -> int:
+    """Rough bytes a pass holds between units (fp32): the layer boundaries, plus the graphs
+    of the `graph_layers` layers that keep theirs."""
+    return 4 * num_tokens * config.num_layers * config.hidden_size + graph_layers * layer_graph_bytes(num_tokens, config)
+
+
 def activation_bytes(num_tokens: int, config, keep_graph: bool) -> int:
-    """Rough bytes a pass holds between units (fp32): the boundaries, plus each layer's
-    saved tensors when it keeps its graph (normed inputs, q/k/v, attention output and
-    weights, gate/up/activation products)."""
-    per_token = config.hidden_size
-    if keep_graph:
-        per_token += (6 * config.hidden_size + 2 * config.kv_size + 4 * config.intermediate_size
-                      + 2 * config.num_heads * num_tokens)
-    return 4 * num_tokens * config.num_layers * per_token
+    """`pass_bytes` of a pass that keeps every layer's graph, or none."""
+    return pass_bytes(num_tokens, config, config.num_layers if keep_graph else 0)
+
+
+def graph_layers_within(num_tokens: int, config, budget_bytes: int) -> int:
+    """How many layers' graphs a pass of `num_tokens` may keep within `budget_bytes` (its
+    boundaries included)."""
+    room = budget_bytes - pass_bytes(num_tokens, config, 0)
+    return max(0, min(config.num_layers, room // layer_graph_bytes(num_tokens, config)))

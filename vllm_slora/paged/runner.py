@@ -127,6 +127,7 @@ class SLoRARunnerMixin:
                 report.train_cut_short = training.cut_short
                 report.next_unit_seconds = training.next_unit_seconds()
                 report.train_graph_bytes_wanted = training.graph_bytes_wanted()
+                report.train_graph_layer_bytes = training.graph_layer_bytes()
             return report
 
         return attach_report(output, take_report)

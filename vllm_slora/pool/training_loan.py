@@ -7,11 +7,12 @@ having only while the KV cache does not need the memory. So, like adapters (S-Lo
 graphs borrow ordinary KV blocks of vLLM's `BlockPool`:
 
 * the workers report the graph bytes their jobs' next micro-batches would keep (capped by
-  ``slora.finetune_activation_mb``); while the pool keeps ``LEND_SHARE`` of its blocks
-  free beside them, the scheduler takes that many blocks (`get_new_blocks`: KV and warm
-  adapters give them up as for any allocation; a larger need is topped up) and tells the
-  workers; a worker hands the lent pages' RAM back to the OS (paged/lent_pages.py), so
-  its graphs live in that memory;
+  ``slora.finetune_activation_mb``); the scheduler takes as many blocks of that as the pool
+  can give while it keeps ``LEND_SHARE`` of its blocks free beside them (`get_new_blocks`:
+  KV and warm adapters give them up as for any allocation; the loan is topped up as room
+  appears) and tells the workers; a worker hands the lent pages' RAM back to the OS
+  (paged/lent_pages.py), so its graphs live in that memory, and a pass keeps as many of
+  its layers' graphs as the loan holds (a small pool lends part, not nothing);
 * as soon as fewer than ``SPARE_SHARE`` of the blocks are free, the loan is called in: the
   blocks are freed for the KV cache in that very step and the workers drop the graphs
   before the step's forward writes the pages (backward then recomputes each layer from
@@ -64,14 +65,23 @@ class TrainingLoan:
         """The KV cache wants the lent blocks back: fewer than `spare` free beside them."""
         return bool(self.blocks) and self.block_pool.get_num_free_blocks() < self.spare()
 
-    def try_lend(self, num_bytes: int) -> list[int] | None:
-        """Make the loan worth `num_bytes` (never smaller: only a recall shrinks it) if the pool
-        keeps `lend_floor` blocks free beside the new blocks; returns the ids of the blocks
-        lent now, or None (nothing more wanted, or no room)."""
+    def try_lend(self, num_bytes: int, layer_bytes: int = 0) -> list[int] | None:
+        """Bring the loan towards `num_bytes` (never smaller: only a recall shrinks it) while the
+        pool keeps `lend_floor` blocks free beside it; returns the ids of the blocks lent now,
+        or None (nothing more wanted, or no room).
+
+        Where the room is short of what is wanted, the blocks there are lent if they hold at
+        least two of `layer_bytes` (one layer's graph): a pass keeps as many layers' graphs
+        as its budget holds (layer_units.py), so a partial loan buys its share of the speed,
+        and two layers' worth also covers the layer boundaries of the first loan. Smaller
+        top-ups would buy nothing and cost a release of pages each.
+        """
         missing = self.blocks_for(num_bytes) - len(self.blocks)
-        if missing <= 0 or self.block_pool.get_num_free_blocks() - missing < self.lend_floor():
+        room = self.block_pool.get_num_free_blocks() - self.lend_floor()
+        count = min(missing, room)
+        if count <= 0 or (count < missing and count * self.block_bytes < 2 * layer_bytes):
             return None
-        new = self.block_pool.get_new_blocks(missing)
+        new = self.block_pool.get_new_blocks(count)
         self.blocks += new
         self.lends += 1
         return [b.block_id for b in new]
