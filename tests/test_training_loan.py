@@ -41,6 +41,8 @@ def test_lent_while_the_kv_cache_can_spare_it_recalled_under_pressure(pool):
     # Right after a recall only what keeps 37.5 % free may be lent again (19 - 12 = 7 blocks):
     # not when 7 blocks hold less than two layers' graphs, ...
     assert loan.try_lend(10 * BLOCK_BYTES, layer_bytes=4 * BLOCK_BYTES) is None
+    # ... nor while requests run (partial=False: only a loan lent in full) ...
+    assert loan.try_lend(10 * BLOCK_BYTES, layer_bytes=BLOCK_BYTES, partial=False) is None
     # ... else part of the loan (the pass keeps that many layers' graphs), never below the floor.
     assert len(loan.try_lend(10 * BLOCK_BYTES, layer_bytes=3 * BLOCK_BYTES)) == 7
     assert pool.get_num_free_blocks() == 12 and not loan.under_pressure()

@@ -447,7 +447,7 @@ class SLoRASchedulerMixin:
                 order = TrainOrder()
         elif order is not None and not self.waiting:
             wanted = min(self.slora_training.graph_bytes_wanted, self.slora_config.finetune_activation_mb << 20)
-            lent = loan.try_lend(wanted, self.slora_training.graph_layer_bytes)
+            lent = loan.try_lend(wanted, self.slora_training.graph_layer_bytes, partial=not self.running)
             if lent:
                 order.lent_blocks = lent
         if order is not None:

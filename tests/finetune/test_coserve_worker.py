@@ -146,6 +146,7 @@ def test_a_budget_short_of_the_whole_pass_keeps_as_many_layer_graphs_as_it_holds
     worker = WorkerTraining(None, base_model=str(tiny_model), base=base_weights_from_checkpoint(tiny_model))
     worker.set_graph_budget(boundaries + (layers - 1) * layer + layer // 2)  # all layers but one, and a half
     worker.step(TrainOrder(start=[job_spec(tiny_model, tmp_path)], budget_s=0.0, idle=True))
+    worker.step(TrainOrder(budget_s=0.0, idle=True))
     job = worker.jobs["job"]
     assert job.unit_pass.graph_layers == layers - 1
     assert worker.graph_layer_bytes() == layer
@@ -167,11 +168,14 @@ def test_a_recalled_loan_drops_the_graphs_in_flight_and_the_pass_goes_on(tiny_mo
     worker = WorkerTraining(None, base_model=str(tiny_model), base=base_weights_from_checkpoint(tiny_model),
                             activation_budget_bytes=1 << 40)
     worker.set_graph_budget(0)  # a CPU engine before any loan
-    worker.step(TrainOrder(start=[job_spec(tiny_model, tmp_path)], budget_s=0.0, idle=True))
+    # The step a job starts in runs none of its units: its report asks for the loan first.
+    assert worker.step(TrainOrder(start=[job_spec(tiny_model, tmp_path)], budget_s=0.0, idle=True)) == (0.0, 0)
     job = worker.jobs["job"]
-    assert job.unit_pass is not None and not job.unit_pass.keep_graph
+    assert job.unit_pass is None
     wanted = worker.graph_bytes_wanted()
-    assert wanted == activation_bytes(job.unit_pass.batch.num_tokens, worker.base.config, True)
+    assert wanted == activation_bytes(job.next_batch().num_tokens, worker.base.config, True)
+    worker.step(TrainOrder(budget_s=0.0, idle=True))  # no loan came (the pool had no room): recompute
+    assert job.unit_pass is not None and not job.unit_pass.keep_graph
 
     run_pass(worker, budget_s=0.0)
     worker.set_graph_budget(wanted)  # lent

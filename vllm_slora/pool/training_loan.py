@@ -65,7 +65,7 @@ class TrainingLoan:
         """The KV cache wants the lent blocks back: fewer than `spare` free beside them."""
         return bool(self.blocks) and self.block_pool.get_num_free_blocks() < self.spare()
 
-    def try_lend(self, num_bytes: int, layer_bytes: int = 0) -> list[int] | None:
+    def try_lend(self, num_bytes: int, layer_bytes: int = 0, partial: bool = True) -> list[int] | None:
         """Bring the loan towards `num_bytes` (never smaller: only a recall shrinks it) while the
         pool keeps `lend_floor` blocks free beside it; returns the ids of the blocks lent now,
         or None (nothing more wanted, or no room).
@@ -74,12 +74,15 @@ class TrainingLoan:
         least two of `layer_bytes` (one layer's graph): a pass keeps as many layers' graphs
         as its budget holds (layer_units.py), so a partial loan buys its share of the speed,
         and two layers' worth also covers the layer boundaries of the first loan. Smaller
-        top-ups would buy nothing and cost a release of pages each.
+        top-ups would buy nothing and cost a release of pages each. ``partial=False`` lends
+        only what is missing in full (the scheduler's choice while requests run: a loan
+        topped up as the KV cache ebbs and recalled as it flows would make the KV cache
+        fault its pages back in again and again, in inference steps).
         """
         missing = self.blocks_for(num_bytes) - len(self.blocks)
         room = self.block_pool.get_num_free_blocks() - self.lend_floor()
         count = min(missing, room)
-        if count <= 0 or (count < missing and count * self.block_bytes < 2 * layer_bytes):
+        if count <= 0 or (count < missing and (not partial or count * self.block_bytes < 2 * layer_bytes)):
             return None
         new = self.block_pool.get_new_blocks(count)
         self.blocks += new
