@@ -60,7 +60,7 @@ def test_graphs_borrow_pool_blocks_and_give_them_back_under_kv_pressure(llm, tin
 
     before = run()
     config = DecoderConfig.from_hf(tiny_model)
-    wanted_blocks = -(-activation_bytes(BATCH_TOKENS, config, True) // block_bytes())
+    wanted_blocks = -(-activation_bytes(BATCH_TOKENS, config, True, lora_rank=8) // block_bytes())  # engine_job: rank 8
     assert wanted_blocks < POOL_BLOCKS * (1 - LEND_SHARE)  # room to lend at rest
     per_request = -(-(200 + 24) // BLOCK_SIZE)
     assert 18 * per_request > POOL_BLOCKS * (1 - SPARE_SHARE) - wanted_blocks  # the burst is pressure

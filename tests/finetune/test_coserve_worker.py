@@ -19,6 +19,8 @@ from vllm_slora.finetune.packing import pack_examples, save_batches
 from vllm_slora.finetune.trainer import TrainingSettings
 from vllm_slora.step_plan import TrainJobSpec, TrainOrder
 
+JOB_RANK = 4  # the rank of job_spec's adapter (sizes its layer graphs)
+
 
 def job_spec(tiny_model, job_dir, job_id: str = "job") -> TrainJobSpec:
     """A job of the tiny model's packed examples (64-token micro-batches) that never ends."""
@@ -27,7 +29,7 @@ def job_spec(tiny_model, job_dir, job_id: str = "job") -> TrainJobSpec:
     assert batches[0].num_tokens > 2 * 8
     job_dir.mkdir(parents=True, exist_ok=True)
     save_batches(batches, job_dir / BATCHES_FILE)
-    LoraParams.init(config, LoraSettings(r=4, alpha=8.0), seed=0).save_peft(job_dir / "step-0")
+    LoraParams.init(config, LoraSettings(r=JOB_RANK, alpha=8.0), seed=0).save_peft(job_dir / "step-0")
     return TrainJobSpec(job_id=job_id, adapter_name=f"ft-{job_id}", job_dir=str(job_dir),
                         init_adapter_dir=str(job_dir / "step-0"),
                         settings=dataclasses.asdict(TrainingSettings(max_steps=10**6, lr=1e-3)), total_steps=10**6,
@@ -116,9 +118,9 @@ def test_the_activation_budget_is_shared_by_the_jobs_micro_batches(tiny_model, t
     fits its layer boundaries beside it and recomputes in backward; alone, it keeps them."""
     config = DecoderConfig.from_hf(tiny_model)
     (batch, *_) = pack_examples(packed_examples(config.vocab_size), batch_tokens=64)
-    keep = activation_bytes(batch.num_tokens, config, True)
+    keep = activation_bytes(batch.seq_lens, config, True, lora_rank=JOB_RANK)
     worker = WorkerTraining(None, base_model=str(tiny_model), base=base_weights_from_checkpoint(tiny_model),
-                            activation_budget_bytes=keep + activation_bytes(batch.num_tokens, config, False))
+                            activation_budget_bytes=keep + activation_bytes(batch.seq_lens, config, False, lora_rank=JOB_RANK))
     specs = [job_spec(tiny_model, tmp_path / name, name) for name in ("a", "b")]
     worker.step(TrainOrder(start=specs, budget_s=0.0, idle=True))
     while not all(j.unit_pass is not None for j in worker.jobs.values()):
@@ -140,9 +142,9 @@ def test_a_budget_short_of_the_whole_pass_keeps_as_many_layer_graphs_as_it_holds
     budget drops only as many as it must; the pass still ends with a finite loss."""
     config = DecoderConfig.from_hf(tiny_model)
     (batch, *_) = pack_examples(packed_examples(config.vocab_size), batch_tokens=64)
-    layers, layer = config.num_layers, layer_graph_bytes(batch.num_tokens, config)
+    layers, layer = config.num_layers, layer_graph_bytes(batch.seq_lens, config, lora_rank=JOB_RANK)
     assert layers >= 2
-    boundaries = pass_bytes(batch.num_tokens, config, 0)
+    boundaries = pass_bytes(batch.seq_lens, config, 0, lora_rank=JOB_RANK)
     worker = WorkerTraining(None, base_model=str(tiny_model), base=base_weights_from_checkpoint(tiny_model))
     worker.set_graph_budget(boundaries + (layers - 1) * layer + layer // 2)  # all layers but one, and a half
     worker.step(TrainOrder(start=[job_spec(tiny_model, tmp_path)], budget_s=0.0, idle=True))
@@ -173,7 +175,7 @@ def test_a_recalled_loan_drops_the_graphs_in_flight_and_the_pass_goes_on(tiny_mo
     job = worker.jobs["job"]
     assert job.unit_pass is None
     wanted = worker.graph_bytes_wanted()
-    assert wanted == activation_bytes(job.next_batch().num_tokens, worker.base.config, True)
+    assert wanted == activation_bytes(job.next_batch().seq_lens, worker.base.config, True, lora_rank=JOB_RANK)
     worker.step(TrainOrder(budget_s=0.0, idle=True))  # no loan came (the pool had no room): recompute
     assert job.unit_pass is not None and not job.unit_pass.keep_graph
 

@@ -19,17 +19,22 @@ from vllm_slora.finetune.loss import packed_loss
 from vllm_slora.finetune.model_config import DecoderConfig
 from vllm_slora.finetune.packing import pack_examples
 
+# Packed sequence lengths: different (attention per sequence) and equal (one batched call).
+LENGTHS = {"mixed-lengths": (9, 17, 5), "equal-lengths": (12, 12, 12)}
 
+
+@pytest.mark.parametrize("lengths", list(LENGTHS))
 @pytest.mark.parametrize("case", list(TARGET_SETS))
-def test_logits_match_hf_peft(tiny_model, case):
+def test_logits_match_hf_peft(tiny_model, case, lengths):
     """Packed forward logits (3 sequences in one row) == HF+PEFT on each sequence alone."""
     hf = load_hf(tiny_model)
     config = DecoderConfig.from_hf(hf.config)
     lora = random_lora(config, **TARGET_SETS[case])
     peft = peft_model_like(hf, lora)
     base = base_weights_from_hf(peft)
-    examples = packed_examples(config.vocab_size)
+    examples = packed_examples(config.vocab_size, lengths=LENGTHS[lengths])
     batch = pack_examples(examples, batch_tokens=64)[0]
+    assert batch.seq_lens == LENGTHS[lengths]
     with torch.no_grad():
         ours = forward_logits(base, lora, batch.input_ids, batch.seq_lens)
         start = 0
@@ -39,17 +44,18 @@ def test_logits_match_hf_peft(tiny_model, case):
             start += len(example)
 
 
+@pytest.mark.parametrize("lengths", list(LENGTHS))
 @pytest.mark.parametrize("case", list(TARGET_SETS))
-def test_lora_gradients_match_hf_peft(tiny_model, case):
+def test_lora_gradients_match_hf_peft(tiny_model, case, lengths):
     """Every LoRA A/B gradient of one packed micro-batch == PEFT's for the same token-mean loss."""
     hf = load_hf(tiny_model)
     config = DecoderConfig.from_hf(hf.config)
     lora = random_lora(config, seed=7, **TARGET_SETS[case])
     peft = peft_model_like(hf, lora)
     base = base_weights_from_hf(peft)
-    examples = packed_examples(config.vocab_size)
+    examples = packed_examples(config.vocab_size, lengths=LENGTHS[lengths])
     batch = pack_examples(examples, batch_tokens=64)[0]
-    assert len(batch.seq_lens) == 3
+    assert batch.seq_lens == LENGTHS[lengths]
 
     ours = packed_loss(base, lora, batch.input_ids, batch.seq_lens, batch.targets)
     ours.backward()

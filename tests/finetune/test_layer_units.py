@@ -17,6 +17,7 @@ from tests.finetune.peft_reference import (
 from tests.finetune.training_cases import TARGET_SETS, packed_examples, random_lora
 from vllm_slora.finetune import layer_units
 from vllm_slora.finetune.base_weights import base_weights_from_hf
+from vllm_slora.finetune.forward import PackedLayout, decoder_layer
 from vllm_slora.finetune.layer_units import BWD, FWD, LOSS, LayerSlicedPass
 from vllm_slora.finetune.lora_params import LoraParams, LoraSettings
 from vllm_slora.finetune.loss import packed_loss
@@ -214,3 +215,33 @@ def test_twenty_unit_steps_match_hf_peft_loop(tiny_model):
     for ours, ref in zip(losses, ref_losses):
         assert abs(ours - ref) <= 1e-4 * abs(ref), (losses, ref_losses)
     assert losses[-1] < 0.8 * losses[0]
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3], ids=["no-dropout", "dropout"])
+@pytest.mark.parametrize("lens", [(64,), (16, 16, 16, 16), (10, 30, 24)], ids=["one", "equal", "mixed"])
+def test_layer_graph_estimate_covers_what_autograd_saves(tiny_model, lens, dropout):
+    """The graph budget (worker, loans) counts layer_graph_bytes per kept layer: it must not be
+    below what autograd really keeps for a layer (else graphs overrun the loan), nor far above
+    (else fewer layers keep graphs than fit)."""
+    hf = load_hf(tiny_model)
+    config = DecoderConfig.from_hf(hf.config)
+    base = base_weights_from_hf(hf)
+    lora = random_lora(config, dropout=dropout, **TARGET_SETS["all7"])
+    layout = PackedLayout.build(lens, config, base.dtype, "cpu")
+    hidden = torch.randn(sum(lens), config.hidden_size, requires_grad=True)
+    weights = {t.untyped_storage().data_ptr() for _, t in base.named_tensors()}
+    weights |= {p.untyped_storage().data_ptr() for p in lora.parameters()} | {hidden.untyped_storage().data_ptr()}
+    saved = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        decoder_layer(hidden, base.layers[0], lora.layer(0), layout, config, dropout, training=True)
+    real = sum(saved.values())
+    rank = max(m.rank for m in lora.modules.values())
+    estimate = layer_units.layer_graph_bytes(lens, config, lora_rank=rank, dropout=dropout > 0)
+    assert real <= estimate <= 1.25 * real, (real, estimate)

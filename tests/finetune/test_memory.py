@@ -8,7 +8,7 @@ import pytest
 
 from vllm_slora.config import SLoRAConfig
 from vllm_slora.finetune import memory
-from vllm_slora.finetune.layer_units import activation_bytes
+from vllm_slora.finetune.layer_units import activation_bytes, layer_graph_bytes
 from vllm_slora.finetune.lora_params import LoraParams, LoraSettings
 from vllm_slora.finetune.model_config import DecoderConfig
 from vllm_slora.worker import SLoRAWorkerMixin
@@ -57,10 +57,11 @@ def test_a_finetune_engine_keeps_training_memory_out_of_the_kv_cache(tiny_model,
 
     monkeypatch.setattr(training_loan, "graphs_borrow_pool_blocks", lambda: lent)
     config = DecoderConfig.from_hf(tiny_model)
-    # A 512-token micro-batch (max_model_len) keeping no graph: boundaries + one layer recomputed.
-    recompute = activation_bytes(512, config, False) + activation_bytes(512, config, True) // config.num_layers
+    # A 512-token micro-batch (max_model_len) keeping no graph: boundaries + one layer recomputed
+    # (at --max-lora-rank 16, with LoRA dropout: the most a job may ask).
+    recompute = activation_bytes(512, config, False) + layer_graph_bytes(512, config, lora_rank=16, dropout=True)
     reserve = (0 if lent else 256 * MIB) + recompute + memory.LOSS_UNIT_BYTES + memory.job_state_bytes(config, 16)
-    assert memory.recompute_bytes(config, 512) == recompute
+    assert memory.recompute_bytes(config, 512, lora_rank=16) == recompute
     assert _Worker(tiny_model, finetune=True, explicit_kv=None).determine_available_memory() == 4096 * MIB - reserve
     # No training: vLLM's figure. An explicit --kv-cache-memory-bytes is the operator's.
     assert _Worker(tiny_model, finetune=False, explicit_kv=None).determine_available_memory() == 4096 * MIB

@@ -87,6 +87,11 @@ class _Job:
     updated_step: int | None = None  # ... and the engine step it ended in
     published: list[int] = field(default_factory=list)
 
+    @property
+    def graph_kind(self) -> dict:
+        """What sizes this job's layer graphs beside the micro-batch (layer_units.layer_graph_bytes)."""
+        return {"lora_rank": max(m.rank for m in self.lora.modules.values()), "dropout": self.lora.settings.dropout > 0}
+
     def next_batch(self) -> PackedBatch:
         """The micro-batch of the job's next pass (the batches cycle, one per optimizer step)."""
         return self.batches[self.trainer.steps_done % len(self.batches)]
@@ -203,7 +208,7 @@ class WorkerTraining:
                 break
             unit_pass = job.unit_pass
             if unit_pass is not None and unit_pass.keep_graph:
-                layer = layer_graph_bytes(unit_pass.batch.num_tokens, self.base.config)
+                layer = layer_graph_bytes(unit_pass.batch.seq_lens, self.base.config, **job.graph_kind)
                 unit_pass.drop_graphs(keep_layers=unit_pass.graph_layers - -(-excess // layer))
                 dropped = True
         if dropped or graph_bytes == 0:
@@ -212,13 +217,13 @@ class WorkerTraining:
     def graph_bytes_wanted(self) -> int:
         """Activation bytes the jobs' micro-batches would keep with every layer's graph: the
         pass in flight's, or the next batch's (what a loan of pool blocks should cover)."""
-        return sum(activation_bytes(self._pass_batch(job).num_tokens, self.base.config, True)
+        return sum(activation_bytes(self._pass_batch(job).seq_lens, self.base.config, True, **job.graph_kind)
                    for job in self.jobs.values())
 
     def graph_layer_bytes(self) -> int:
         """One layer's graph of the largest of those micro-batches: a loan smaller than this
         buys no layer its graph."""
-        return max((layer_graph_bytes(self._pass_batch(job).num_tokens, self.base.config)
+        return max((layer_graph_bytes(self._pass_batch(job).seq_lens, self.base.config, **job.graph_kind)
                     for job in self.jobs.values()), default=0)
 
     @staticmethod
@@ -227,7 +232,7 @@ class WorkerTraining:
 
     def _held_bytes(self, but: _Job | None = None) -> int:
         """Activation bytes the passes in flight keep (all jobs', or all but `but`'s)."""
-        return sum(pass_bytes(j.unit_pass.batch.num_tokens, self.base.config, j.unit_pass.graph_layers)
+        return sum(pass_bytes(j.unit_pass.batch.seq_lens, self.base.config, j.unit_pass.graph_layers, **j.graph_kind)
                    for j in self.jobs.values() if j is not but and j.unit_pass is not None)
 
     def _loss_rows(self, job: _Job, budget_left_s: float) -> int:
@@ -324,8 +329,8 @@ class WorkerTraining:
             batch = job.next_batch()
             job.trainer.zero_grad()
             # The budget is the worker's, shared by every job's micro-batch in flight.
-            graph_layers = graph_layers_within(batch.num_tokens, self.base.config,
-                                               self.graph_budget_bytes - self._held_bytes(but=job))
+            room = self.graph_budget_bytes - self._held_bytes(but=job)
+            graph_layers = graph_layers_within(batch.seq_lens, self.base.config, room, **job.graph_kind)
             job.unit_pass = LayerSlicedPass(self.base, job.lora, batch, job.rng, graph_layers=graph_layers)
             job.pass_lr, job.pass_seconds = job.trainer.lr, 0.0
         if kind != UPDATE:

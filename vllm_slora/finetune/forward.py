@@ -6,9 +6,11 @@ plain-torch forward instead, over the same base tensors (`base_weights.py`) and 
 parameters (`lora_params.py`). Only the LoRA A/B get gradients. Every op is out of place.
 
 Packing: a micro-batch is one row of T tokens holding several sequences back to back.
-Positions restart at 0 per sequence and attention is causal *within* each sequence
-(a block-diagonal causal mask), so every sequence computes exactly what it would alone
-and no padding is spent.
+Positions restart at 0 per sequence and attention is causal *within* each sequence, so
+every sequence computes exactly what it would alone and no padding is spent. Attention
+runs per sequence (equal lengths batched), not as one [T, T] block-diagonal mask: a
+dense mask over 8 packed 256-token sequences costs 8x the attention work, and on 2 CPU
+cores made a 2048-token micro-batch train at 110 tokens/s against 171 for one sequence.
 
 Each decoder layer is a separate function of (hidden [T, hidden], weights) so that later
 work can run layers as separately scheduled units (research/flexllm.md §4.2); here
@@ -43,7 +45,6 @@ class PackedLayout:
 
     seq_lens: tuple[int, ...]
     position_ids: torch.Tensor  # [T] int64, restarting at 0 for every sequence
-    attn_mask: torch.Tensor | None  # [T, T] bool, True = may attend; None for a single sequence (plain causal)
     cos: torch.Tensor  # [T, head_dim]
     sin: torch.Tensor  # [T, head_dim]
 
@@ -56,12 +57,8 @@ class PackedLayout:
         seq_id = torch.repeat_interleave(torch.arange(len(seq_lens), device=device), lens)
         starts = torch.cumsum(lens, 0) - lens
         position_ids = torch.arange(total, device=device) - starts[seq_id]
-        mask = None
-        if len(seq_lens) > 1:
-            index = torch.arange(total, device=device)
-            mask = (seq_id[:, None] == seq_id[None, :]) & (index[None, :] <= index[:, None])
         cos, sin = rope_cos_sin(inverse_frequencies(config.rope, config.head_dim), position_ids, dtype)
-        return cls(tuple(int(n) for n in seq_lens), position_ids, mask, cos, sin)
+        return cls(tuple(int(n) for n in seq_lens), position_ids, cos, sin)
 
 
 def rms_norm(
@@ -139,10 +136,17 @@ def attention(
     if group > 1:  # GQA: query head h reads kv head h // group
         k = k.repeat_interleave(group, dim=0)
         v = v.repeat_interleave(group, dim=0)
-    out = F.scaled_dot_product_attention(
-        q[None], k[None], v[None], attn_mask=layout.attn_mask, is_causal=layout.attn_mask is None
-    )  # [1, heads, T, head_dim]; default scale 1/sqrt(head_dim)
-    return out[0].transpose(0, 1).reshape(tokens, config.q_size)
+    lens = layout.seq_lens
+    if len(set(lens)) == 1:  # one sequence, or equal lengths: one causal call over [sequences, heads, len, d]
+        n, length = len(lens), lens[0]
+        q, k, v = (t.reshape(t.shape[0], n, length, d).transpose(0, 1) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # default scale 1/sqrt(head_dim)
+        return out.transpose(1, 2).reshape(tokens, config.q_size)
+    outs = [
+        F.scaled_dot_product_attention(qs[None], ks[None], vs[None], is_causal=True)[0]
+        for qs, ks, vs in zip(q.split(lens, dim=1), k.split(lens, dim=1), v.split(lens, dim=1))
+    ]  # [heads, len, head_dim] each
+    return torch.cat(outs, dim=1).transpose(0, 1).reshape(tokens, config.q_size)
 
 
 def decoder_layer(

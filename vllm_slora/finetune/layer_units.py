@@ -32,6 +32,8 @@ random state (inference sampling) is never advanced by training.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -217,27 +219,61 @@ class LayerSlicedPass:
         return self._rng
 
 
-def layer_graph_bytes(num_tokens: int, config) -> int:
-    """Rough bytes one layer's kept graph holds (fp32): its saved tensors (normed inputs,
-    q/k/v, attention output and weights, gate/up/activation products)."""
-    per_token = (6 * config.hidden_size + 2 * config.kv_size + 4 * config.intermediate_size
-                 + 2 * config.num_heads * num_tokens)
-    return 4 * num_tokens * per_token
+def _lengths(tokens: int | Sequence[int]) -> tuple[int, ...]:
+    return (tokens,) if isinstance(tokens, int) else tuple(tokens)
 
 
-def pass_bytes(num_tokens: int, config, graph_layers: int) -> int:
-    """Rough bytes a pass holds between units (fp32): the layer boundaries, plus the graphs
-    of the `graph_layers` layers that keep theirs."""
-    return 4 * num_tokens * config.num_layers * config.hidden_size + graph_layers * layer_graph_bytes(num_tokens, config)
+# The base weights a layer's LoRA deltas are fused over (forward.fused_projection).
+FUSED_PROJECTIONS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
 
 
-def activation_bytes(num_tokens: int, config, keep_graph: bool) -> int:
+def layer_graph_bytes(tokens: int | Sequence[int], config, lora_rank: int = 0, dropout: bool = False) -> int:
+    """Bytes one layer's kept graph holds (fp32) for a micro-batch of the sequence lengths
+    `tokens` (an int: one sequence), what autograd saves for backward, from the forward's ops:
+
+    * per token: the two norms' outputs and scales, the residual, q and the GQA-expanded k/v
+      with the attention output (twice) and log-sum-exp (the attention runs per sequence on the
+      flash path: no [len, len] weights are saved), rope's cos/sin, gate/up with the SiLU
+      and product outputs, the LoRA inputs' rank rows; with dropout, each targeted part's
+      dropped input and its mask;
+    * per layer: the fused LoRA A and block-diagonal B of each base weight at `lora_rank`
+      (all seven projections: an upper bound for fewer).
+
+    tests/finetune/test_layer_units.py checks it against the bytes autograd really saves.
+    """
+    num_tokens = sum(_lengths(tokens))
+    h, q, i = config.hidden_size, config.q_size, config.intermediate_size
+    # q, k, v, the attention output and its [T, q] copy for o_proj: 5 q (GQA: k/v expanded to q's size)
+    per_token = 3 * h + 2 + 5 * q + config.num_heads + 2 * config.head_dim + 4 * i
+    per_layer = 0
+    for parts in FUSED_PROJECTIONS if lora_rank else ():
+        rank = lora_rank * len(parts)
+        in_features = config.features(parts[0])[0]
+        out_features = sum(config.features(part)[1] for part in parts)
+        per_token += rank
+        per_layer += rank * (in_features + out_features)
+        if dropout:
+            per_token += 2 * in_features * len(parts)
+    return 4 * (num_tokens * per_token + per_layer)
+
+
+def pass_bytes(tokens: int | Sequence[int], config, graph_layers: int, lora_rank: int = 0,
+               dropout: bool = False) -> int:
+    """Bytes a pass holds between units (fp32): the layer boundaries, plus the graphs of the
+    `graph_layers` layers that keep theirs."""
+    boundaries = 4 * sum(_lengths(tokens)) * config.num_layers * config.hidden_size
+    return boundaries + graph_layers * layer_graph_bytes(tokens, config, lora_rank, dropout)
+
+
+def activation_bytes(tokens: int | Sequence[int], config, keep_graph: bool, lora_rank: int = 0,
+                     dropout: bool = False) -> int:
     """`pass_bytes` of a pass that keeps every layer's graph, or none."""
-    return pass_bytes(num_tokens, config, config.num_layers if keep_graph else 0)
+    return pass_bytes(tokens, config, config.num_layers if keep_graph else 0, lora_rank, dropout)
 
 
-def graph_layers_within(num_tokens: int, config, budget_bytes: int) -> int:
-    """How many layers' graphs a pass of `num_tokens` may keep within `budget_bytes` (its
+def graph_layers_within(tokens: int | Sequence[int], config, budget_bytes: int, lora_rank: int = 0,
+                        dropout: bool = False) -> int:
+    """How many layers' graphs a pass of `tokens` may keep within `budget_bytes` (its
     boundaries included)."""
-    room = budget_bytes - pass_bytes(num_tokens, config, 0)
-    return max(0, min(config.num_layers, room // layer_graph_bytes(num_tokens, config)))
+    room = budget_bytes - pass_bytes(tokens, config, 0)
+    return max(0, min(config.num_layers, room // layer_graph_bytes(tokens, config, lora_rank, dropout)))

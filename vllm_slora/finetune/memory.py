@@ -25,7 +25,7 @@ that size is theirs), and training stays inside it:
 from __future__ import annotations
 
 from ..adapters.modules import SLICE_ORDER
-from .layer_units import activation_bytes
+from .layer_units import layer_graph_bytes, pass_bytes
 from .model_config import DecoderConfig
 
 FP32_BYTES = 4
@@ -49,11 +49,10 @@ def max_loss_rows(config: DecoderConfig) -> int:
     return max(1, LOSS_UNIT_BYTES // (LOSS_TENSORS * FP32_BYTES * config.vocab_size))
 
 
-def recompute_bytes(config: DecoderConfig, num_tokens: int) -> int:
+def recompute_bytes(config: DecoderConfig, num_tokens: int, lora_rank: int = 0) -> int:
     """A pass of `num_tokens` that keeps no graph: its layer boundaries, plus one layer's graph
-    while a BWD unit recomputes it."""
-    return (activation_bytes(num_tokens, config, keep_graph=False)
-            + activation_bytes(num_tokens, config, keep_graph=True) // config.num_layers)
+    while a BWD unit recomputes it (at `lora_rank`, with LoRA dropout: the most a job may ask)."""
+    return pass_bytes(num_tokens, config, 0) + layer_graph_bytes(num_tokens, config, lora_rank, dropout=True)
 
 
 def default_micro_batch_tokens(max_model_len: int) -> int:
@@ -64,5 +63,5 @@ def training_reserve_bytes(config: DecoderConfig, max_lora_rank: int, activation
                            max_model_len: int, graphs_lent: bool) -> int:
     """What the worker keeps out of the KV cache for co-served training (see the module doc)."""
     graphs = 0 if graphs_lent else activation_budget_bytes
-    return (graphs + recompute_bytes(config, default_micro_batch_tokens(max_model_len)) + LOSS_UNIT_BYTES
+    return (graphs + recompute_bytes(config, default_micro_batch_tokens(max_model_len), max_lora_rank) + LOSS_UNIT_BYTES
             + job_state_bytes(config, max_lora_rank))
