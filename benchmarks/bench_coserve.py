@@ -599,11 +599,15 @@ def warm_up(base_url: str, names: Sequence[str]) -> None:
 
 
 def log_problems(log_path: Path) -> list[str]:
+    """Errors the server logged while it served (not those of its shutdown: the bench stops it
+    with SIGINT, and vLLM's abort-mode teardown kills the engine core and logs an
+    EngineDeadError from the API server's output handler)."""
     try:
         lines = log_path.read_text(errors="replace").splitlines()
     except OSError:
         return []
-    return [line[:300] for line in lines if "Traceback" in line or " ERROR " in line][:20]
+    stop = next((i for i, line in enumerate(lines) if "[shutdown]" in line), len(lines))
+    return [line[:300] for line in lines[:stop] if "Traceback" in line or " ERROR " in line][:20]
 
 
 def coserve_conditions(phases: dict) -> list[str]:
@@ -980,7 +984,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--publish-every", type=int, default=5)
     g.add_argument("--train-lines", type=int, help="training examples (default 256; quick 64)")
     g.add_argument("--words-per-line", type=int, default=320, help="> --seq-len, so every example is cut to it")
-    g.add_argument("--slack", type=float, help="slora finetune_slack (default: the server's, 0.1)")
+    g.add_argument("--slack", type=float, help="slora finetune_slack (default: the server's, 0.05)")
     g.add_argument("--more-slacks", type=lambda text: [float(x) for x in text.split(",") if x], default=[0.25, 0.5],
                    help="comma-separated: the co-served job's loaded phases again at each of these slacks, "
                         "set while serving (default 0.25,0.5; '' for none)")

@@ -167,3 +167,16 @@ def test_state_change_over_a_window():
     after = {"slack": 0.1, "steps": 14, "seconds": 2.0, "loan_blocks": 6, "loans": 2, "arrivals_watched": True}
     assert bench.state_change(before, after) == {"slack": 0.1, "steps": 4, "seconds": 0.5, "loan_blocks": 6,
                                                  "loans": 1, "arrivals_watched": True}
+
+
+def test_log_problems_are_those_before_the_shutdown(tmp_path):
+    log = tmp_path / "server.log"
+    log.write_text("\n".join([
+        "(EngineCore pid=1) INFO 12-01 09:40:00 [core.py:1] serving",
+        "(EngineCore pid=1) ERROR 12-01 09:41:00 [core.py:2] a unit failed",
+        "(EngineCore pid=1) INFO 12-01 09:50:19 [core.py:1454] [shutdown] EngineCore: trigger received signal=SIGINT",
+        "(APIServer pid=2) ERROR 12-01 09:50:19 [async_llm.py:906] AsyncLLM output_handler failed.",
+        "(APIServer pid=2) ERROR 12-01 09:50:19 [async_llm.py:906] Traceback (most recent call last):",
+    ]))
+    assert bench.log_problems(log) == ["(EngineCore pid=1) ERROR 12-01 09:41:00 [core.py:2] a unit failed"]
+    assert bench.log_problems(tmp_path / "missing.log") == []

@@ -433,7 +433,7 @@ def test_operator_changes_the_training_share_while_serving(server):
 
     url = server.openai_base_url + "/fine_tuning/coserve"
     state = httpx.get(url, timeout=60).json()
-    assert state["object"] == "fine_tuning.coserve" and state["slack"] == pytest.approx(0.1)
+    assert state["object"] == "fine_tuning.coserve" and state["slack"] == pytest.approx(0.05)  # the default
     assert {"steps", "units", "loan_blocks", "active"} <= set(state)
     try:
         changed = httpx.post(url, json={"slack": 0.35}, timeout=60)
@@ -452,7 +452,7 @@ def test_operator_changes_the_training_share_while_serving(server):
                             json={"model": "base", "prompt": [1, 2, 3], "max_tokens": 2, "temperature": 0.0})
         assert served.status_code == 200 and served.json()["usage"]["completion_tokens"] == 2
     finally:
-        httpx.post(url, json={"slack": 0.1}, timeout=60)
+        httpx.post(url, json={"slack": 0.05}, timeout=60)
 
 
 def test_coserve_settings_need_a_co_serving_engine(tmp_path, tiny_model):
