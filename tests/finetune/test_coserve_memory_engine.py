@@ -84,4 +84,6 @@ def test_graphs_borrow_pool_blocks_and_give_them_back_under_kv_pressure(llm, tin
     utility(llm, "cancel", {"job_id": job_id})
     status, events = follow(llm, job_id)
     assert status == "cancelled" and not any(e["kind"] == "failed" for e in events)
+    kept = [(e["data"]["graph_layers"], e["data"]["layers"]) for e in events if e["kind"] == "step"]
+    assert (config.num_layers, config.num_layers) in kept  # passes on the loan kept every layer's graph
     assert wait_for(llm, lambda s: s["loan_blocks"] == 0)["active"] == 0  # no job: nothing lent

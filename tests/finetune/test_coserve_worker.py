@@ -56,11 +56,13 @@ def worker_and_job(tiny_model, tmp_path, monkeypatch):
     return worker, sizes
 
 
-def run_pass(worker: WorkerTraining, budget_s: float) -> None:
+def run_pass(worker: WorkerTraining, budget_s: float) -> list:
     steps = worker.jobs["job"].trainer.steps_done
     while worker.jobs["job"].trainer.steps_done == steps:
         worker.step(TrainOrder(budget_s=budget_s, idle=True))
-    assert not any(e.kind == "failed" for e in worker.take_events())
+    events = worker.take_events()
+    assert not any(e.kind == "failed" for e in events)
+    return events
 
 
 def test_an_idle_step_runs_the_whole_loss_in_one_unit_and_a_short_step_small_ones(worker_and_job):
@@ -160,8 +162,11 @@ def test_a_budget_short_of_the_whole_pass_keeps_as_many_layer_graphs_as_it_holds
     assert job.unit_pass.graph_layers == layers - 2
     assert [o is not None for o in job.unit_pass._outputs] == [False, False] + [True] * (layers - 2)
     steps = job.trainer.steps_done
-    run_pass(worker, budget_s=0.0)
+    (step,) = [e for e in run_pass(worker, budget_s=0.0) if e.kind == "step"]
     assert job.trainer.steps_done == steps + 1 and math.isfinite(job.last_loss)
+    # The job's step event tells how many layers kept their graphs (list_events shows it).
+    assert (step.data["graph_layers"], step.data["graph_layers_at_end"], step.data["layers"]) == (
+        layers - 1, layers - 2, layers)
 
 
 def test_a_recalled_loan_drops_the_graphs_in_flight_and_the_pass_goes_on(tiny_model, tmp_path):

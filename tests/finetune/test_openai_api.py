@@ -338,6 +338,8 @@ def test_openai_client_uploads_finetunes_and_serves_every_version(server, tiny_m
     metrics = [e.data for e in reversed(events) if e.type == "metrics" and "train_loss" in e.data]
     assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5, 6]
     assert all({"train_loss", "learning_rate", "trained_tokens", "step_seconds"} <= m.keys() for m in metrics)
+    # In-engine steps also tell how many of the model's layers kept their graphs (no recompute).
+    assert all(m["layers"] == 2 and 0 <= m["graph_layers_at_end"] <= m["graph_layers"] <= 2 for m in metrics)
     assert metrics[-1]["train_loss"] < metrics[0]["train_loss"]
 
     checkpoints = list(client.fine_tuning.jobs.checkpoints.list(job.id))

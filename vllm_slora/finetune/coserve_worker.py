@@ -348,7 +348,11 @@ class WorkerTraining:
         job.last_loss = record.loss
         self._event(job, "step", step=record.step, loss=record.loss, lr=record.lr, tokens=record.tokens,
                     loss_tokens=record.loss_tokens, seconds=record.seconds,
-                    unit_ms={kind: round(s * 1000, 2) for kind, s in self.unit_seconds.items()})
+                    unit_ms={kind: round(s * 1000, 2) for kind, s in self.unit_seconds.items()},
+                    # Layers whose graphs the pass kept from the start (the rest recomputed in
+                    # backward), and at its end (fewer when a loan recall dropped some), of `layers`.
+                    graph_layers=unit_pass.planned_graph_layers, graph_layers_at_end=unit_pass.graph_layers,
+                    layers=unit_pass.num_layers)
         last = record.step >= job.spec.total_steps
         if last or record.step % job.spec.publish_every == 0:
             job.publish_due = True  # the next unit; the job finishes with its last publish

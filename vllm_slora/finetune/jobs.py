@@ -90,6 +90,8 @@ PUBLISH_TIMEOUT_S = 600.0
 ORGANIZATION = "vllm-slora"
 STATUSES = ("validating_files", "queued", "running", "succeeded", "failed", "cancelled")
 TERMINAL = ("succeeded", "failed", "cancelled")
+# Figures of an in-engine step event that the job's step events carry on (coserve_worker.py).
+ENGINE_STEP_FIGURES = ("unit_ms", "graph_layers", "graph_layers_at_end", "layers")
 OPENAI_HYPERPARAMETERS = ("n_epochs", "batch_size", "learning_rate_multiplier")
 EXTENSIONS = {
     "lora_rank": "LoRA rank r (default min(8, --max-lora-rank))",
@@ -679,7 +681,7 @@ class FineTuningJobs:
                 job.status = "succeeded"
                 self._finish(job, f"Fine-tuning job succeeded: {job.fine_tuned_model} serves step {job.published_step}")
 
-    def _record_step(self, job: Job, record, unit_ms: dict | None = None) -> None:
+    def _record_step(self, job: Job, record, engine: dict | None = None) -> None:
         with self._lock:
             job.records.append(record)
             job.trained_tokens += record.tokens
@@ -690,7 +692,8 @@ class FineTuningJobs:
                 "step": record.step, "total_steps": job.total_steps, "train_loss": record.loss,
                 "learning_rate": record.lr, "trained_tokens": job.trained_tokens, "step_tokens": record.tokens,
                 "loss_tokens": record.loss_tokens, "step_seconds": record.seconds,
-                **({"unit_ms": unit_ms} if unit_ms else {}),  # in-engine jobs: expected ms per unit kind
+                # In-engine jobs: expected ms per unit kind, layers that kept their graphs.
+                **(engine or {}),
             })
 
     def _publish(self, job: Job, record) -> None:
@@ -768,7 +771,8 @@ class FineTuningJobs:
                 elif kind == "step":
                     self._record_step(job, StepRecord(step=step, loss=data["loss"], lr=data["lr"],
                                                       loss_tokens=data["loss_tokens"], tokens=data["tokens"],
-                                                      seconds=data["seconds"]), unit_ms=data.get("unit_ms"))
+                                                      seconds=data["seconds"]),
+                                      engine={key: data[key] for key in ENGINE_STEP_FIGURES if key in data})
                 elif kind == "published":
                     # The engine already gives the new version to every request that starts
                     # from the end of the step that published it (data["servable_at"],

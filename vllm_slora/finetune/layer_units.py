@@ -86,6 +86,7 @@ class LayerSlicedPass:
         if not 0 <= graph_layers <= self.num_layers:
             raise ValueError(f"graph_layers must be in [0, {self.num_layers}], got {graph_layers}")
         self.graph_layers = graph_layers
+        self.planned_graph_layers = graph_layers  # at the start (graph_layers shrinks if graphs are dropped)
         self._outputs: list[torch.Tensor | None] = [None] * self.num_layers  # kept layers' outputs with their graphs
         self._grad: torch.Tensor | None = None  # dL/dh of the boundary above the next BWD
         self._next = (FWD, 0)
