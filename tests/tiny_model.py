@@ -27,8 +27,9 @@ _CORPUS = (
 ) * 20
 
 
-def build_tiny_llama(target: Path, vocab_size: int = 512, seed: int = 0) -> Path:
-    """Write config, safetensors weights and tokenizer to `target` (idempotent)."""
+def build_tiny_llama(target: Path, vocab_size: int = 512, seed: int = 0, num_layers: int | None = None) -> Path:
+    """Write config, safetensors weights and tokenizer to `target` (idempotent); `num_layers`
+    overrides TINY_LLAMA's 2 (tests of what is counted per layer)."""
     target = Path(target)
     if (target / "config.json").exists() and (target / "tokenizer.json").exists():
         return target
@@ -51,8 +52,9 @@ def build_tiny_llama(target: Path, vocab_size: int = 512, seed: int = 0) -> Path
     fast.save_pretrained(target)
 
     torch.manual_seed(seed)
+    shape = dict(TINY_LLAMA, num_hidden_layers=num_layers or TINY_LLAMA["num_hidden_layers"])
     config = LlamaConfig(
-        vocab_size=len(fast), bos_token_id=1, eos_token_id=2, pad_token_id=2, **TINY_LLAMA
+        vocab_size=len(fast), bos_token_id=1, eos_token_id=2, pad_token_id=2, **shape
     )
     model = LlamaForCausalLM(config).to(torch.float32)
     model.save_pretrained(target, safe_serialization=True)
