@@ -52,12 +52,13 @@ def sequences(lens: Sequence[int], vocab: int, seed: int) -> list[list[int]]:
 
 
 def packed_batch(seqs: list[list[int]]):
-    from vllm_slora.finetune.data import IGNORE_INDEX
-    from vllm_slora.finetune.packing import PackedBatch
+    """The sequences as the job packs them (finetune/packing.py), loss on every next token."""
+    from vllm_slora.finetune.data import TrainingExample
+    from vllm_slora.finetune.packing import pack_examples
 
-    ids = [t for s in seqs for t in s]
-    targets = [t for s in seqs for t in s[1:] + [IGNORE_INDEX]]
-    return PackedBatch(torch.tensor(ids), torch.tensor(targets), tuple(len(s) for s in seqs), tuple(range(len(seqs))))
+    examples = [TrainingExample(line, s, list(s)) for line, s in enumerate(seqs)]
+    (batch,) = pack_examples(examples, sum(len(s) for s in seqs))
+    return batch
 
 
 def hf_step_fn(model_dir: Path, adapter_dir: Path, seqs: list[list[int]], lr: float) -> Callable[[], float]:

@@ -46,6 +46,12 @@ def make_llm(model: Path, slora: dict | None, **overrides):
             os.environ[RESERVED_CPU] = reserved
 
 
+def make_finetune_llm_in_pool(model: Path, pool_blocks: int, block_bytes: int, block_size: int):
+    """A co-serving engine (max_model_len 256) whose KV pool holds exactly `pool_blocks` blocks."""
+    return make_llm(model, slora={"finetune": True}, max_model_len=256, block_size=block_size,
+                    kv_cache_memory_bytes=pool_blocks * block_bytes)
+
+
 def make_adapters_known(llm, loras) -> None:
     """One token per adapter, so a later batch of them arrives in one engine step.
 

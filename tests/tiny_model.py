@@ -20,6 +20,13 @@ TINY_LLAMA = dict(
     tie_word_embeddings=False,
 )
 
+def tiny_kv_block_bytes(block_size: int, num_layers: int | None = None) -> int:
+    """Bytes of one KV-cache block id across every layer of the tiny model (fp32 K and V)."""
+    head_dim = TINY_LLAMA["hidden_size"] // TINY_LLAMA["num_attention_heads"]
+    layers = num_layers or TINY_LLAMA["num_hidden_layers"]
+    return 2 * block_size * TINY_LLAMA["num_key_value_heads"] * head_dim * 4 * layers
+
+
 _CORPUS = (
     "the quick brown fox jumps over the lazy dog . a stitch in time saves nine . "
     "paris is the capital of france . many adapters share one base model . "

@@ -9,10 +9,10 @@ import time
 
 import pytest
 
-from tests.engines import close_llm, make_llm
+from tests.engines import close_llm, make_finetune_llm_in_pool
 from tests.finetune.test_coserve_engine import engine_job, follow, utility
 from tests.finetune.training_cases import write_training_file
-from tests.tiny_model import TINY_LLAMA
+from tests.tiny_model import tiny_kv_block_bytes
 from vllm_slora.finetune.layer_units import activation_bytes
 from vllm_slora.finetune.model_config import DecoderConfig
 from vllm_slora.pool.training_loan import LEND_SHARE, SPARE_SHARE
@@ -25,14 +25,12 @@ BATCH_TOKENS = 40  # engine_job's micro-batches
 
 
 def block_bytes() -> int:
-    head_dim = TINY_LLAMA["hidden_size"] // TINY_LLAMA["num_attention_heads"]
-    return 2 * BLOCK_SIZE * TINY_LLAMA["num_key_value_heads"] * head_dim * 4 * TINY_LLAMA["num_hidden_layers"]
+    return tiny_kv_block_bytes(BLOCK_SIZE)
 
 
 @pytest.fixture(scope="module")
 def llm(tiny_model):
-    engine = make_llm(tiny_model, slora={"finetune": True}, max_model_len=256, block_size=BLOCK_SIZE,
-                      kv_cache_memory_bytes=POOL_BLOCKS * block_bytes())
+    engine = make_finetune_llm_in_pool(tiny_model, POOL_BLOCKS, block_bytes(), BLOCK_SIZE)
     yield engine
     close_llm(engine)
 

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import pytest
 
-from tests.engines import close_llm, make_llm
+from tests.engines import close_llm, make_finetune_llm_in_pool
 from tests.finetune.test_coserve_engine import engine_job, follow, utility
 from tests.finetune.training_cases import write_training_file
-from tests.tiny_model import TINY_LLAMA, build_tiny_llama
+from tests.tiny_model import build_tiny_llama, tiny_kv_block_bytes
 from vllm_slora.finetune.coserve_worker import BATCHES_FILE
 from vllm_slora.finetune.layer_units import activation_bytes, layer_graph_bytes
 from vllm_slora.finetune.model_config import DecoderConfig
@@ -27,8 +27,7 @@ JOB_RANK = 8  # engine_job's adapters
 
 
 def block_bytes() -> int:
-    head_dim = TINY_LLAMA["hidden_size"] // TINY_LLAMA["num_attention_heads"]
-    return 2 * BLOCK_SIZE * TINY_LLAMA["num_key_value_heads"] * head_dim * 4 * LAYERS
+    return tiny_kv_block_bytes(BLOCK_SIZE, LAYERS)
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +37,7 @@ def deep_tiny_model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def llm(deep_tiny_model):
-    engine = make_llm(deep_tiny_model, slora={"finetune": True}, max_model_len=256, block_size=BLOCK_SIZE,
-                      kv_cache_memory_bytes=POOL_BLOCKS * block_bytes())
+    engine = make_finetune_llm_in_pool(deep_tiny_model, POOL_BLOCKS, block_bytes(), BLOCK_SIZE)
     yield engine
     close_llm(engine)
 

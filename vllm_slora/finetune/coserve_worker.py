@@ -30,6 +30,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -87,9 +88,10 @@ class _Job:
     updated_step: int | None = None  # ... and the engine step it ended in
     published: list[int] = field(default_factory=list)
 
-    @property
+    @cached_property
     def graph_kind(self) -> dict:
-        """What sizes this job's layer graphs beside the micro-batch (layer_units.layer_graph_bytes)."""
+        """What sizes this job's layer graphs beside the micro-batch (layer_units.layer_graph_bytes);
+        fixed for the job, and read on every step's report."""
         return {"lora_rank": max(m.rank for m in self.lora.modules.values()), "dropout": self.lora.settings.dropout > 0}
 
     def next_batch(self) -> PackedBatch:
