@@ -17,9 +17,13 @@ class EngineGone(RuntimeError):
 
 
 class InProcessEngine:
-    def __init__(self, model_dir, crash_after_publish: int | None = None, on_crash=None) -> None:
-        # crash_after_publish: the engine dies right after a job checkpoints that step (restart tests).
-        self.crash_after_publish, self.on_crash = crash_after_publish, on_crash
+    def __init__(self, model_dir, crash_after_publish: int | None = None, on_crash=None,
+                 crash_on: str = "checkpointed", freeze: bool = False) -> None:
+        # crash_after_publish: the engine dies right after a job's `crash_on` event ("checkpointed":
+        # its optimizer state is on disk; "published": its version only) of that step (restart tests).
+        # freeze: it only stops stepping there and still answers calls until stop().
+        self.crash_after_publish, self.on_crash, self.crash_on = crash_after_publish, on_crash, crash_on
+        self.freeze = freeze
         self.planner = TrainingPlanner(slack=0.1, idle_step_s=0.02)
         self.worker = WorkerTraining(None, base_model=str(model_dir), base=base_weights_from_checkpoint(model_dir))
         self._lock = threading.Lock()
@@ -44,10 +48,12 @@ class InProcessEngine:
                         training=events, train_seconds=spent, train_units=units,
                         next_unit_seconds=self.worker.next_unit_seconds()))
                     if self.crash_after_publish is not None and any(
-                            e.kind == "checkpointed" and e.step >= self.crash_after_publish for e in events):
-                        self._stop.set()
+                            e.kind == self.crash_on and e.step >= self.crash_after_publish for e in events):
+                        if not self.freeze:
+                            self._stop.set()
                         if self.on_crash is not None:
                             self.on_crash()
+                        return
             if order is None:
                 time.sleep(0.005)
 

@@ -12,7 +12,15 @@ from tests.finetune.training_cases import packed_examples
 from vllm_slora.finetune import coserve_worker, memory
 from vllm_slora.finetune.base_weights import base_weights_from_checkpoint
 from vllm_slora.finetune.coserve_worker import BATCHES_FILE, WorkerTraining
-from vllm_slora.finetune.layer_units import LOSS, LayerSlicedPass, activation_bytes, layer_graph_bytes, pass_bytes
+from vllm_slora.finetune.layer_units import (
+    FWD_MLP,
+    LOSS,
+    LOSS_SLICE,
+    LayerSlicedPass,
+    activation_bytes,
+    layer_graph_bytes,
+    pass_bytes,
+)
 from vllm_slora.finetune.lora_params import LoraParams, LoraSettings
 from vllm_slora.finetune.model_config import DecoderConfig
 from vllm_slora.finetune.packing import pack_examples, save_batches
@@ -41,14 +49,22 @@ def worker_and_job(tiny_model, tmp_path, monkeypatch):
     spec = job_spec(tiny_model, tmp_path)
     worker = WorkerTraining(None, base_model=str(tiny_model), base=base_weights_from_checkpoint(tiny_model))
     monkeypatch.setattr(coserve_worker, "LOSS_CHUNK", 8)  # the tiny batch has a few chunks of 8 rows
-    sizes: list[int] = []
+    monkeypatch.setattr(coserve_worker, "MLP_CHUNK", 16)  # ... and of 16 rows
+    monkeypatch.setattr(coserve_worker, "VOCAB_CHUNK", 100)  # ... and of 100 of the 512 LM head columns
+    sizes: list[int] = []  # rows of each LOSS unit
+    worker.mlp_sizes = []  # rows of each FWD_MLP unit
     run_unit = LayerSlicedPass.run_unit
 
-    def recording(self, loss_rows=None):
-        before = self.loss_rows_left
-        kind = run_unit(self, loss_rows)
+    worker.slice_columns = []  # LM head columns of each LOSS_SLICE unit
+
+    def recording(self, rows=None, vocab=None):
+        kind = run_unit(self, rows, vocab)
         if kind == LOSS:
-            sizes.append(before - self.loss_rows_left)
+            sizes.append(self.last_unit_rows)
+        elif kind == FWD_MLP:
+            worker.mlp_sizes.append(self.last_unit_rows)
+        elif kind == LOSS_SLICE:
+            worker.slice_columns.append(self.last_unit_columns)
         return kind
 
     monkeypatch.setattr(LayerSlicedPass, "run_unit", recording)
@@ -75,7 +91,7 @@ def test_an_idle_step_runs_the_whole_loss_in_one_unit_and_a_short_step_small_one
 
     sizes.clear()
     layers = len(worker.base.layers)
-    pass_s = sum(worker.unit_seconds[k] for k in ("fwd", "bwd")) * layers + per_chunk * len(sizes)
+    pass_s = 4 * sum(worker.unit_seconds.values()) * layers
     run_pass(worker, budget_s=4 * pass_s)  # ample time: every loss row in one GEMM (the step may
     assert sizes[0] == rows                # go on into the next pass while its time lasts)
 
@@ -85,20 +101,47 @@ def test_an_idle_step_runs_the_whole_loss_in_one_unit_and_a_short_step_small_one
     assert max(sizes) == 8 and sum(sizes) == rows
 
 
-def test_right_after_inference_an_idle_step_keeps_loss_units_short(worker_and_job):
+def test_mlp_units_take_all_rows_when_idle_and_a_chunk_under_load(worker_and_job):
+    """A layer's MLP block runs as one unit of every row when the step has time, as 16-row
+    units (MLP_CHUNK here) when it has none: each a point where the step may end."""
+    worker, _ = worker_and_job
+    run_pass(worker, budget_s=0.0)  # time the units
+    tokens = worker.jobs["job"].batches[0].num_tokens
+    assert tokens > 16
+    run_pass(worker, budget_s=0.0)  # (finish the pass a step may have begun)
+    worker.mlp_sizes.clear()
+    run_pass(worker, budget_s=0.0)
+    layers = len(worker.base.layers)
+    per_block = [16] * (tokens // 16) + ([tokens % 16] if tokens % 16 else [])
+    assert worker.mlp_sizes[-len(per_block) * layers:] == per_block * layers
+    worker.mlp_sizes.clear()
+    run_pass(worker, budget_s=4 * 4 * sum(worker.unit_seconds.values()) * layers)
+    assert tokens in worker.mlp_sizes  # whole blocks
+
+
+def test_right_after_inference_an_idle_step_keeps_its_units_short(worker_and_job):
     """Requests may arrive any moment (the order says short_units): however long the step,
-    the loss runs in LOSS_CHUNK-row units, each a point where an arrival ends the step."""
+    the loss runs in VOCAB_CHUNK-column slices and the MLP blocks in MLP_CHUNK-row units,
+    each a point where an arrival ends the step; later idle steps run whole blocks."""
     worker, sizes = worker_and_job
     run_pass(worker, budget_s=0.0)  # time the units
     rows = sum(sizes)
-    ample = 4 * sum(worker.unit_seconds.values()) * len(worker.base.layers)
-    for short, expected in ((True, 8), (False, rows)):
+    tokens = worker.jobs["job"].batches[0].num_tokens
+    ample = 4 * 4 * sum(worker.unit_seconds.values()) * len(worker.base.layers)
+    for short in (True, False):
         run_pass(worker, budget_s=0.0)  # (finish the pass a long step may have begun)
         sizes.clear()
+        worker.slice_columns.clear()
+        worker.mlp_sizes.clear()
         steps = worker.jobs["job"].trainer.steps_done
         while worker.jobs["job"].trainer.steps_done == steps:
             worker.step(TrainOrder(budget_s=ample, idle=True, short_units=short))
-        assert max(sizes) == expected, (short, sizes)
+        if short:
+            assert not sizes and max(worker.slice_columns) == 100, worker.slice_columns
+            assert max(worker.mlp_sizes) == 16
+        else:
+            assert set(sizes) == {rows} and not worker.slice_columns  # (the step may begin the next pass)
+            assert set(worker.mlp_sizes) == {tokens}
 
 
 def test_a_loss_unit_never_outgrows_its_memory_share(worker_and_job, monkeypatch):
@@ -156,11 +199,11 @@ def test_a_budget_short_of_the_whole_pass_keeps_as_many_layer_graphs_as_it_holds
     assert worker.graph_layer_bytes() == layer
     while job.unit_pass.next_kind != LOSS:
         worker.step(TrainOrder(budget_s=0.0, idle=True))
-    assert [o is not None for o in job.unit_pass._outputs] == [False] + [True] * (layers - 1)
+    assert [job.unit_pass.holds_graph(layer) for layer in range(layers)] == [False] + [True] * (layers - 1)
 
     worker.set_graph_budget(boundaries + (layers - 2) * layer + 1)  # one layer's graph less
     assert job.unit_pass.graph_layers == layers - 2
-    assert [o is not None for o in job.unit_pass._outputs] == [False, False] + [True] * (layers - 2)
+    assert [job.unit_pass.holds_graph(layer) for layer in range(layers)] == [False, False] + [True] * (layers - 2)
     steps = job.trainer.steps_done
     (step,) = [e for e in run_pass(worker, budget_s=0.0) if e.kind == "step"]
     assert job.trainer.steps_done == steps + 1 and math.isfinite(job.last_loss)
@@ -187,10 +230,11 @@ def test_a_recalled_loan_drops_the_graphs_in_flight_and_the_pass_goes_on(tiny_mo
     run_pass(worker, budget_s=0.0)
     worker.set_graph_budget(wanted)  # lent
     worker.step(TrainOrder(budget_s=0.0, idle=True))
-    assert job.unit_pass.keep_graph and job.unit_pass._outputs  # a layer graph is kept
+    layers = job.unit_pass.num_layers
+    assert job.unit_pass.keep_graph and any(job.unit_pass.holds_graph(layer) for layer in range(layers))  # kept
 
     worker.set_graph_budget(0)  # recalled mid-pass
-    assert not job.unit_pass.keep_graph and not any(o is not None for o in job.unit_pass._outputs)
+    assert not job.unit_pass.keep_graph and not any(job.unit_pass.holds_graph(layer) for layer in range(layers))
     steps = job.trainer.steps_done
     run_pass(worker, budget_s=0.0)
     assert job.trainer.steps_done == steps + 1 and math.isfinite(job.last_loss)
@@ -199,3 +243,27 @@ def test_a_recalled_loan_drops_the_graphs_in_flight_and_the_pass_goes_on(tiny_mo
 
     worker.set_graph_budget(None)  # engines without loans: the configured budget
     assert worker.graph_budget_bytes == 1 << 40
+
+
+def test_under_load_the_loss_runs_in_vocabulary_slices(worker_and_job):
+    """Steps with inference run the loss as slices of the LM head (VOCAB_CHUNK columns, here
+    100 of 512, each twice: logits, then gradient) when their units must be short, wider ones
+    when they have time to spare; never by rows. The passes end with finite losses."""
+    worker, sizes = worker_and_job
+    run_pass(worker, budget_s=0.0)  # time the units (idle)
+    job = worker.jobs["job"]
+    vocab = worker.base.lm_head.shape[0]
+    worker.slice_columns.clear()
+    sizes.clear()
+    ample = 4 * 4 * sum(worker.unit_seconds.values()) * len(worker.base.layers)
+    steps = job.trainer.steps_done
+    while job.trainer.steps_done < steps + 2:
+        worker.step(TrainOrder(budget_s=ample, short_units=True))  # loaded: the shortest units
+    slices = -(-vocab // 100)
+    assert worker.slice_columns[:2 * slices] == ([100] * (slices - 1) + [vocab % 100]) * 2
+    assert not sizes and math.isfinite(job.last_loss)
+    worker.slice_columns.clear()
+    steps = job.trainer.steps_done  # (a step with this much time runs several passes)
+    while job.trainer.steps_done < steps + 2:
+        worker.step(TrainOrder(budget_s=ample))
+    assert max(worker.slice_columns) > 100  # time to spare: wider slices

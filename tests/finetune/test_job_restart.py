@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from tests.finetune.api_fakes import jsonl, make_jobs, training_lines, upload, wait_until
 from tests.finetune.inprocess_engine import InProcessEngine
+from vllm_slora.finetune import coserve_worker
 
 BODY = {"model": "base", "seed": 3,
         "slora": {"max_steps": 24, "publish_every": 4, "batch_tokens": 64, "learning_rate": 1e-2}}
@@ -22,7 +23,10 @@ def weights(job_dir, step: int) -> dict:
     return load_file(str(job_dir / f"step-{step}" / "adapter_model.safetensors"))
 
 
-def test_unfinished_job_resumes_after_a_restart_and_ends_where_an_uninterrupted_one_does(tmp_path, tiny_model):
+def test_unfinished_job_resumes_after_a_restart_and_ends_where_an_uninterrupted_one_does(tmp_path, tiny_model,
+                                                                                          monkeypatch):
+    monkeypatch.setattr(coserve_worker, "CHECKPOINT_EVERY_S", 0.0)  # optimizer state at every publish
+
     async def scenario():
         engine = InProcessEngine(tiny_model)
         jobs = make_jobs(tmp_path, tiny_model, engine_call=engine.call)
@@ -101,5 +105,59 @@ def test_engine_jobs_report_steps_publish_and_cancel(tmp_path, tiny_model):
         assert engine.planner.handle("stats", {})["active"] == 0 and not engine.worker.jobs
         jobs.close()
         engine.stop()
+
+    asyncio.run(scenario())
+
+
+def test_a_job_resumed_from_before_its_last_version_trains_those_steps_again_and_counts_them_once(
+        tmp_path, tiny_model, monkeypatch):
+    """Optimizer state is written at most every CHECKPOINT_EVERY_S: a server that dies after
+    publishing step 8 with no optimizer state on disk yet resumes from step 0. The steps it
+    trains again give the same versions (same data, seed, order), replace their checkpoint
+    entries instead of adding to them, and count once in trained_tokens; the job ends where
+    an uninterrupted one does."""
+    monkeypatch.setattr(coserve_worker, "CHECKPOINT_EVERY_S", float("inf"))  # only after the last step
+
+    async def scenario():
+        engine = InProcessEngine(tiny_model)
+        jobs = make_jobs(tmp_path, tiny_model, engine_call=engine.call)
+        stored = upload(jobs, jsonl(training_lines()))
+        whole = await jobs.create({**BODY, "training_file": stored.id})
+        await wait_until(lambda: jobs.retrieve(whole["id"])["status"] == "succeeded")
+        engine.stop()
+
+        # The engine stops stepping right after publishing step 8; once the server has recorded
+        # that version, it dies and the dead server writes nothing more.
+        crashing = InProcessEngine(tiny_model, crash_after_publish=8, crash_on="published", freeze=True)
+        jobs.engine_call = crashing.call
+        cut = await jobs.create({**BODY, "training_file": stored.id})
+        await asyncio.to_thread(crashing.wait_stopped)
+        await wait_until(lambda: any(c["step_number"] == 8 for c in jobs.checkpoints(cut["id"])[0]))
+        jobs._persist = lambda job: None
+        crashing.stop()
+        cut_dir = jobs.root / cut["id"]
+        assert (cut_dir / "step-8").exists() and not (cut_dir / coserve_worker.TRAINER_STATE).exists()
+
+        engine = InProcessEngine(tiny_model)
+        restarted = make_jobs(tmp_path, tiny_model, engine_call=engine.call)
+        await restarted.restore()
+        before = restarted.retrieve(cut["id"])
+        assert [c["step_number"] for c in restarted.checkpoints(cut["id"], limit=20)[0]] == [8, 4]
+        await wait_until(lambda: restarted.retrieve(cut["id"])["status"] not in ("queued", "running"))
+        job = restarted.retrieve(cut["id"])
+        assert job["status"] == "succeeded", job["error"]
+        events = list(reversed(restarted.events(cut["id"], limit=500)[0]))
+        restart = [e["message"] for e in events].index("Server restarted: resuming from step 0")
+        steps = [e["data"]["step"] for e in events[restart:] if e["data"] and "train_loss" in e["data"]]
+        assert steps == list(range(1, 25))  # steps 1..8 trained again
+        assert [c["step_number"] for c in restarted.checkpoints(cut["id"], limit=20)[0]] == [24, 20, 16, 12, 8, 4]
+        reference = restarted.retrieve(whole["id"])
+        assert before["trained_tokens"] > 0
+        assert job["trained_tokens"] == reference["trained_tokens"]  # steps 1..8 counted once
+        restarted.close()
+        engine.stop()
+        ours, theirs = weights(cut_dir, 24), weights(jobs.root / whole["id"], 24)
+        for key in theirs:
+            assert (ours[key] - theirs[key]).abs().max() <= 1e-6 * theirs[key].abs().max().clamp_min(1e-12), key
 
     asyncio.run(scenario())

@@ -18,7 +18,15 @@ from tests.finetune.training_cases import TARGET_SETS, packed_examples, random_l
 from vllm_slora.finetune import layer_units
 from vllm_slora.finetune.base_weights import base_weights_from_hf
 from vllm_slora.finetune.forward import PackedLayout, decoder_layer
-from vllm_slora.finetune.layer_units import BWD, FWD, LOSS, LayerSlicedPass
+from vllm_slora.finetune.layer_units import (
+    BWD_ATTN,
+    BWD_MLP,
+    FWD_ATTN,
+    FWD_MLP,
+    LOSS,
+    LOSS_SLICE,
+    LayerSlicedPass,
+)
 from vllm_slora.finetune.lora_params import LoraParams, LoraSettings
 from vllm_slora.finetune.loss import packed_loss
 from vllm_slora.finetune.model_config import DecoderConfig
@@ -30,20 +38,39 @@ from vllm_slora.finetune.trainer import LoraTrainer, TrainingSettings
 GRAPHS = {"recompute": lambda layers: 0, "top-layer-kept": lambda layers: 1, "keep-graph": lambda layers: layers}
 
 
-def run_pass(base, lora, batch, rng_state=None, keep_graph=False, graph_layers=None) -> LayerSlicedPass:
+def run_pass(base, lora, batch, rng_state=None, keep_graph=False, graph_layers=None,
+             mlp_rows=None, loss_slices=None) -> LayerSlicedPass:
+    """Every unit of a pass, MLP units of `mlp_rows` rows (None: whole blocks), the loss in
+    groups of (rows, LM head columns) `loss_slices` (None: LOSS_CHUNK-row units); checks the order."""
     unit_pass = LayerSlicedPass(base, lora, batch, rng_state, keep_graph=keep_graph, graph_layers=graph_layers)
     kinds = []
     while not unit_pass.done:
-        kinds.append(unit_pass.run_unit())
-    layers, chunks = len(base.layers), unit_pass.num_units - 2 * len(base.layers)
-    assert kinds == [FWD] * layers + [LOSS] * chunks + [BWD] * layers and len(kinds) == unit_pass.num_units
+        kind = unit_pass.next_kind
+        if kind in (FWD_MLP, BWD_MLP):
+            kinds.append(unit_pass.run_unit(mlp_rows))
+        elif kind in (LOSS, LOSS_SLICE) and loss_slices is not None:
+            kinds.append(unit_pass.run_unit(*loss_slices))
+        else:
+            kinds.append(unit_pass.run_unit())
+    layers = len(base.layers)
+    mlp_units = 1 if mlp_rows is None or lora.settings.dropout else -(-batch.num_tokens // mlp_rows)
+    if loss_slices is None:
+        loss = [LOSS] * (unit_pass.num_units - 4 * layers)
+    else:  # per group of rows: every slice twice (logits, then their gradient)
+        rows, columns = loss_slices
+        groups = -(-unit_pass.num_loss_tokens // rows)
+        loss = [LOSS_SLICE] * (groups * 2 * -(-base.lm_head.shape[0] // columns))
+    expected = ([FWD_ATTN] + [FWD_MLP] * mlp_units) * layers + loss + ([BWD_MLP] * mlp_units + [BWD_ATTN]) * layers
+    assert kinds == expected
     return unit_pass
 
 
-@pytest.mark.parametrize("loss_chunk", [64, 5], ids=["one-loss-unit", "loss-in-chunks"])
+@pytest.mark.parametrize("rows", [(64, None, None), (5, 17, None), (64, 17, (64, 100)), (7, None, (9, 37))],
+                         ids=["whole-blocks", "loss-and-mlp-in-chunks", "loss-in-vocab-slices",
+                              "loss-in-row-groups-and-vocab-slices"])
 @pytest.mark.parametrize("graphs", sorted(GRAPHS))
 @pytest.mark.parametrize("targets", sorted(TARGET_SETS))
-def test_unit_gradients_equal_hf_peft(tiny_model, targets, graphs, loss_chunk, monkeypatch):
+def test_unit_gradients_equal_hf_peft(tiny_model, targets, graphs, rows, monkeypatch):
     hf = load_hf(tiny_model)
     config = DecoderConfig.from_hf(hf.config)
     lora = random_lora(config, **TARGET_SETS[targets])
@@ -51,11 +78,13 @@ def test_unit_gradients_equal_hf_peft(tiny_model, targets, graphs, loss_chunk, m
     examples = packed_examples(config.vocab_size)
     (batch,) = pack_examples(examples, batch_tokens=64)
     assert len(batch.seq_lens) == 3
+    loss_chunk, mlp_rows, loss_slices = rows
     monkeypatch.setattr(layer_units, "LOSS_CHUNK", loss_chunk)
 
     base = base_weights_from_hf(peft)
     assert len(base.layers) >= 2  # "top-layer-kept" keeps some layers' graphs, not all
-    unit_pass = run_pass(base, lora, batch, graph_layers=GRAPHS[graphs](len(base.layers)))
+    unit_pass = run_pass(base, lora, batch, graph_layers=GRAPHS[graphs](len(base.layers)), mlp_rows=mlp_rows,
+                         loss_slices=loss_slices)
 
     reference = hf_micro_batch_loss(peft, examples)
     reference.backward()
@@ -67,9 +96,9 @@ def test_unit_gradients_equal_hf_peft(tiny_model, targets, graphs, loss_chunk, m
 
 
 def test_loss_units_of_any_sizes_give_hf_peft_gradients(tiny_model):
-    """The worker sizes each LOSS unit to its step (all rows at once when idle, a few under
-    load): any sequence of sizes covers every loss row once, and the loss and gradients
-    still equal HF + PEFT's."""
+    """The worker sizes each LOSS unit to its step (all rows at once when idle, vocabulary
+    slices of a group of rows under load): any sequence of sizes covers every loss row once,
+    and the loss and gradients still equal HF + PEFT's."""
     hf = load_hf(tiny_model)
     config = DecoderConfig.from_hf(hf.config)
     lora = random_lora(config, **TARGET_SETS["all7"])
@@ -77,16 +106,22 @@ def test_loss_units_of_any_sizes_give_hf_peft_gradients(tiny_model):
     examples = packed_examples(config.vocab_size)
     (batch,) = pack_examples(examples, batch_tokens=64)
     unit_pass = LayerSlicedPass(base_weights_from_hf(peft), lora, batch, keep_graph=True)
-    sizes = iter([3, 1, 17, 0, 1000])  # 0 still makes progress (one row)
+    # (rows, LM head columns): 0 rows still make progress (one row); a group in vocabulary
+    # slices between row-chunked units (a loaded step between idle ones).
+    sizes = iter([(3, None), (1, None), (6, 200), (0, None), (4, 64), (1000, None)])
     loss_units = []
     while not unit_pass.done:
         if unit_pass.next_kind == LOSS:
             before = unit_pass.loss_rows_left
-            unit_pass.run_unit(next(sizes))
+            rows, columns = next(sizes)
+            unit_pass.run_unit(rows, columns)
+            while unit_pass.next_kind == LOSS_SLICE:
+                unit_pass.run_unit(None, columns)
             loss_units.append(before - unit_pass.loss_rows_left)
         else:
             unit_pass.run_unit()
-    assert loss_units == [3, 1, 17, 1, unit_pass.num_loss_tokens - 22] and unit_pass.loss_rows_left == 0
+    assert unit_pass.num_loss_tokens > 15
+    assert loss_units == [3, 1, 6, 1, 4, unit_pass.num_loss_tokens - 15] and unit_pass.loss_rows_left == 0
 
     reference = hf_micro_batch_loss(peft, examples)
     reference.backward()
@@ -98,7 +133,8 @@ def test_loss_units_of_any_sizes_give_hf_peft_gradients(tiny_model):
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3], ids=["no-dropout", "dropout"])
 @pytest.mark.parametrize("keep_layers", [0, 1], ids=["all-dropped", "top-layer-left"])
-@pytest.mark.parametrize("when", ["mid-forward", "after-the-loss", "mid-backward"])
+@pytest.mark.parametrize("when", ["mid-forward", "mid-mlp-forward", "after-the-loss", "mid-mlp-backward",
+                                  "mid-backward"])
 def test_graphs_dropped_mid_pass_leave_the_gradients_unchanged(tiny_model, when, dropout, keep_layers):
     """The KV cache can call back the memory of kept graphs (all, or the lower layers') at any
     unit boundary: the pass goes on recomputing those layers and ends with the gradients of
@@ -110,9 +146,13 @@ def test_graphs_dropped_mid_pass_leave_the_gradients_unchanged(tiny_model, when,
     start = torch.Generator().manual_seed(99).get_state()
     layers = len(base.layers)
     assert layers >= 2
-    loss_units = LayerSlicedPass(base, random_lora(config), batch).num_units - 2 * layers
-    drop_before = {"mid-forward": 1, "after-the-loss": layers + loss_units,
-                   "mid-backward": layers + loss_units + 1}[when]  # the unit index the drop precedes
+    mlp_rows = 24  # 3 MLP units per block without dropout (the drop can fall between two of them)
+    mlp_units = 1 if dropout else -(-batch.num_tokens // mlp_rows)
+    loss_units = LayerSlicedPass(base, random_lora(config), batch).num_units - 4 * layers
+    forward_units = layers * (1 + mlp_units)
+    drop_before = {"mid-forward": 2, "mid-mlp-forward": forward_units - 1,
+                   "after-the-loss": forward_units + loss_units, "mid-mlp-backward": forward_units + loss_units + 1,
+                   "mid-backward": forward_units + loss_units + mlp_units + 1}[when]  # the unit index the drop precedes
     grads = []
     for drop in (None, drop_before):
         lora = random_lora(config, dropout=dropout, **TARGET_SETS["all7"])
@@ -122,8 +162,8 @@ def test_graphs_dropped_mid_pass_leave_the_gradients_unchanged(tiny_model, when,
             if units == drop:
                 unit_pass.drop_graphs(keep_layers)
                 assert unit_pass.graph_layers == keep_layers
-                assert all(out is None for out in unit_pass._outputs[:layers - keep_layers])
-            unit_pass.run_unit()
+                assert not any(unit_pass.holds_graph(layer) for layer in range(layers - keep_layers))
+            unit_pass.run_unit(mlp_rows if unit_pass.next_kind in (FWD_MLP, BWD_MLP) else None)
             units += 1
         grads.append({k: p.grad.clone() for k, p in lora.named_parameters()})
     kept, dropped = grads
@@ -143,12 +183,12 @@ def test_a_partial_graph_budget_keeps_the_top_layers_graphs(tiny_model):
         LayerSlicedPass(base, random_lora(config), batch, graph_layers=layers + 1)
     unit_pass = LayerSlicedPass(base, random_lora(config), batch, graph_layers=1)
     assert unit_pass.keep_graph
-    while unit_pass.next_kind == FWD:
+    while unit_pass.next_kind in (FWD_ATTN, FWD_MLP):
         unit_pass.run_unit()
-    assert [out is not None for out in unit_pass._outputs] == [False] * (layers - 1) + [True]
+    assert [unit_pass.holds_graph(layer) for layer in range(layers)] == [False] * (layers - 1) + [True]
     while not unit_pass.done:
         unit_pass.run_unit()
-    assert all(out is None for out in unit_pass._outputs)
+    assert not any(unit_pass.holds_graph(layer) for layer in range(layers))
     assert layer_units.pass_bytes(64, config, 1) == (layer_units.activation_bytes(64, config, False)
                                                      + layer_units.layer_graph_bytes(64, config))
     full = layer_units.activation_bytes(64, config, True)
@@ -170,7 +210,9 @@ def test_dropout_backward_replays_forward_masks(tiny_model, graphs):
     start = torch.Generator().manual_seed(1234).get_state()
 
     global_before = torch.get_rng_state()
-    unit_pass = run_pass(base, lora, batch, rng_state=start, graph_layers=GRAPHS[graphs](len(base.layers)))
+    # (MLP units asked for 17 rows take the whole block: its masks are one draw.)
+    unit_pass = run_pass(base, lora, batch, rng_state=start, graph_layers=GRAPHS[graphs](len(base.layers)),
+                         mlp_rows=17)
     assert torch.equal(torch.get_rng_state(), global_before)
     ours = {k: p.grad.clone() for k, p in lora.named_parameters()}
 
@@ -221,7 +263,7 @@ def test_twenty_unit_steps_match_hf_peft_loop(tiny_model):
 @pytest.mark.parametrize("lens", [(64,), (16, 16, 16, 16), (10, 30, 24)], ids=["one", "equal", "mixed"])
 def test_layer_graph_estimate_covers_what_autograd_saves(tiny_model, lens, dropout):
     """The graph budget (worker, loans) counts layer_graph_bytes per kept layer: it must not be
-    below what autograd really keeps for a layer (else graphs overrun the loan), nor far above
+    below what a kept layer really holds (what autograd saves, and its MLP chunks' outputs) (else graphs overrun the loan), nor far above
     (else fewer layers keep graphs than fit)."""
     hf = load_hf(tiny_model)
     config = DecoderConfig.from_hf(hf.config)
@@ -242,6 +284,8 @@ def test_layer_graph_estimate_covers_what_autograd_saves(tiny_model, lens, dropo
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         decoder_layer(hidden, base.layers[0], lora.layer(0), layout, config, dropout, training=True)
     real = sum(saved.values())
+    if not dropout:  # MLP units may split the rows then: the pass holds each chunk's output to backpropagate from
+        real += 4 * sum(lens) * config.hidden_size
     rank = max(m.rank for m in lora.modules.values())
     estimate = layer_units.layer_graph_bytes(lens, config, lora_rank=rank, dropout=dropout > 0)
     assert real <= estimate <= 1.25 * real, (real, estimate)

@@ -8,15 +8,19 @@ has spent the least time so far.
 
 A job's life, unit by unit (every unit is a preemption point):
 
-    fwd x L, loss, bwd x L      one packed micro-batch (layer_units.LayerSlicedPass; as many
-                                of its layers keep their graphs as fit what is left of the
+    fwd, loss, bwd              one packed micro-batch (layer_units.LayerSlicedPass: each
+                                layer's attention block, then its MLP block in as many rows
+                                as the step's time allows, down and back up; as many of
+                                its layers keep their graphs as fit what is left of the
                                 graph budget beside the other jobs' micro-batches, the
                                 others are recomputed in backward; finetune/memory.py)
     update                      clip + AdamW + schedule (LoraTrainer.update), a "step" event
     publish (every N steps)     PEFT files to <job dir>/step-N (durable; what the server
                                 registers) + the packed weights into this worker's host
                                 cache from memory, so serving that version reads no disk;
-                                optimizer state to trainer_state.pt (resume); "published"
+                                "published"
+    checkpoint                  optimizer state to trainer_state.pt (resume): after a publish
+                                at most every CHECKPOINT_EVERY_S, and after the last step
 
 Training reads the base weights as views of the engine's own parameters (never copied:
 checked by data_ptr) and gives autograd only to the job's LoRA A/B. A unit that raises, a
@@ -41,8 +45,13 @@ from vllm_slora.step_plan import TrainEvent, TrainJobSpec, TrainOrder
 from .arrivals import ArrivalCounter
 from .base_weights import BaseWeights, base_weights_from_vllm
 from .layer_units import (
+    FWD_ATTN,
     LOSS,
     LOSS_CHUNK,
+    LOSS_SLICE,
+    MLP_CHUNK,
+    ROW_KINDS,
+    VOCAB_CHUNK,
     LayerSlicedPass,
     activation_bytes,
     graph_layers_within,
@@ -58,6 +67,12 @@ UPDATE, PUBLISH, CHECKPOINT = "update", "publish", "checkpoint"
 TRAINER_STATE = "trainer_state.pt"
 BATCHES_FILE = "batches.pt"
 EWMA_WEIGHT = 0.3  # weight of the newest observation in a unit kind's expected time
+SLICE_CELLS = 256 * VOCAB_CHUNK  # LOSS_SLICE times are kept per this many (row, LM head column) cells
+# The optimizer state (2x the adapter) takes as long to write as the version itself (~65 ms
+# each for rank 16 on all 7 projections of the default model): at every 5-step publish that
+# was 3 % of an idle job's time. A resume replays at most this much training (the same
+# data, seed and order give the same weights again).
+CHECKPOINT_EVERY_S = 30.0
 
 
 def engine_base_weights(model) -> BaseWeights:
@@ -82,6 +97,7 @@ class _Job:
     pass_seconds: float = 0.0
     publish_due: bool = False
     checkpoint_due: bool = False  # trainer_state.pt of the last published step not written yet
+    checkpointed_at: float = field(default_factory=time.monotonic)  # the last trainer_state.pt (or the start)
     spent_s: float = 0.0  # all unit time so far: the fairness key
     last_loss: float = float("nan")
     updated_at: float | None = None  # wall time the last optimizer update ended
@@ -104,7 +120,7 @@ class _Job:
         if self.checkpoint_due:
             return CHECKPOINT
         if self.unit_pass is None:
-            return "fwd"
+            return FWD_ATTN
         return self.unit_pass.next_kind or UPDATE
 
 
@@ -174,12 +190,19 @@ class WorkerTraining:
                 break
             job = min(self.jobs.values(), key=lambda j: j.spent_s)
             kind = job.next_kind()
-            expected = self.unit_seconds.get(kind, 0.0)
+            # Steps with inference, or right after it, run the loss in vocabulary slices (short units).
+            sliced = kind == LOSS_SLICE or (kind == LOSS and not (order.idle and not order.short_units))
+            expected = self._expected_seconds(job, kind, sliced)
             if spent + expected > order.budget_s and not (order.idle and units == 0):
                 break
-            loss_rows = self._loss_rows(job, 0.0 if order.short_units else order.budget_s - spent) \
-                if kind == LOSS else None
-            spent += self._timed_unit(job, kind, loss_rows)
+            budget_left = 0.0 if order.short_units else order.budget_s - spent
+            rows = vocab = None
+            if sliced:
+                rows = self._loss_group_rows(job)
+                vocab = self._slice_columns(rows, budget_left)
+            elif kind in ROW_KINDS:
+                rows = self._unit_rows(kind, budget_left)
+            spent += self._timed_unit(job, kind, rows, vocab)
             units += 1
             if kind == PUBLISH:
                 break  # its report makes the version servable at once
@@ -237,20 +260,47 @@ class WorkerTraining:
         return sum(pass_bytes(j.unit_pass.batch.seq_lens, self.base.config, j.unit_pass.graph_layers, **j.graph_kind)
                    for j in self.jobs.values() if j is not but and j.unit_pass is not None)
 
-    def _loss_rows(self, job: _Job, budget_left_s: float) -> int:
-        """Loss rows for `job`'s next LOSS unit: as many as the rest of the step's budget
-        is expected to take, at least LOSS_CHUNK. The LM head's GEMM is faster per row with
-        more rows, so an idle step runs the whole loss at once and a loaded one short units."""
-        per_chunk = self.unit_seconds.get(LOSS)
-        rows = LOSS_CHUNK if not per_chunk else max(LOSS_CHUNK, int(budget_left_s / per_chunk * LOSS_CHUNK))
-        return min(rows, max_loss_rows(self.base.config))  # its logits stay within finetune/memory.py's share
+    def _unit_rows(self, kind: str, budget_left_s: float) -> int:
+        """Rows for the next row-wise unit (LOSS, or an MLP block's): as many as the rest of
+        the step's budget is expected to take, at least one chunk. GEMMs are faster per row
+        with more rows, so an idle step runs a whole block at once and a loaded one short units."""
+        chunk = _chunk_rows(kind)
+        per_chunk = self.unit_seconds.get(kind)
+        rows = chunk if not per_chunk else max(chunk, int(budget_left_s / per_chunk * chunk))
+        if kind == LOSS:  # its logits stay within finetune/memory.py's share
+            rows = min(rows, max_loss_rows(self.base.config))
+        return rows
 
-    def _timed_unit(self, job: _Job, kind: str, loss_rows: int | None = None) -> float:
+    def _loss_group_rows(self, job: _Job) -> int:
+        """Rows of the LOSS_SLICE group in progress or the next one (its logits stay within
+        finetune/memory.py's share)."""
+        unit_pass = job.unit_pass
+        group = unit_pass.loss_slice_rows if unit_pass is not None else 0
+        if group:
+            return group
+        left = unit_pass.loss_rows_left if unit_pass is not None else max_loss_rows(self.base.config)
+        return max(1, min(left, max_loss_rows(self.base.config)))
+
+    def _slice_columns(self, group_rows: int, budget_left_s: float) -> int:
+        """LM head columns for the next LOSS_SLICE unit: as many as the rest of the step's
+        budget is expected to take, at least VOCAB_CHUNK."""
+        per_cells = self.unit_seconds.get(LOSS_SLICE)
+        if not per_cells:
+            return VOCAB_CHUNK
+        return max(VOCAB_CHUNK, int(budget_left_s / per_cells * SLICE_CELLS / group_rows))
+
+    def _expected_seconds(self, job: _Job, kind: str, sliced: bool) -> float:
+        """Expected time of `job`'s shortest next unit of `kind` (a LOSS one in slices if `sliced`)."""
+        if sliced:
+            per_cells = self.unit_seconds.get(LOSS_SLICE, 0.0)
+            return per_cells * self._loss_group_rows(job) * VOCAB_CHUNK / SLICE_CELLS
+        return self.unit_seconds.get(kind, 0.0)
+
+    def _timed_unit(self, job: _Job, kind: str, rows: int | None = None, vocab: int | None = None) -> float:
         """Run one unit of `job` (a failure fails the job only); returns its seconds."""
         started = time.perf_counter()
-        rows_before = job.unit_pass.loss_rows_left if kind == LOSS and job.unit_pass is not None else 0
         try:
-            self._run_unit(job, kind, loss_rows)
+            kind = self._run_unit(job, kind, rows, vocab) or kind
         except Exception as exc:  # the job fails, the engine serves on
             self.jobs.pop(job.spec.job_id, None)
             message = str(exc) if isinstance(exc, JobFailed) else f"{type(exc).__name__}: {exc}"
@@ -260,9 +310,10 @@ class WorkerTraining:
         if kind not in (PUBLISH, CHECKPOINT):
             job.pass_seconds += seconds
         observed = seconds
-        if kind == LOSS and job.unit_pass is not None:  # per LOSS_CHUNK rows, whatever the unit's size
-            rows = rows_before - job.unit_pass.loss_rows_left
-            observed = seconds * LOSS_CHUNK / max(1, rows)
+        if kind == LOSS_SLICE and job.unit_pass is not None:  # per SLICE_CELLS, whatever the slice's size
+            observed = seconds * SLICE_CELLS / max(1, job.unit_pass.last_unit_cells)
+        elif kind in ROW_KINDS and job.unit_pass is not None:  # per chunk of rows, whatever the unit's size
+            observed = seconds * _chunk_rows(kind) / max(1, job.unit_pass.last_unit_rows)
         previous = self.unit_seconds.get(kind)
         self.unit_seconds[kind] = observed if previous is None else (
             EWMA_WEIGHT * observed + (1 - EWMA_WEIGHT) * previous)
@@ -279,8 +330,10 @@ class WorkerTraining:
         return self._arrival_counter
 
     def next_unit_seconds(self) -> float:
-        """Expected time of the longest next unit among the jobs (0 when none is known)."""
-        return max((self.unit_seconds.get(j.next_kind(), 0.0) for j in self.jobs.values()), default=0.0)
+        """Expected time of the longest next unit a loaded step would run among the jobs (0 when
+        none is known)."""
+        return max((self._expected_seconds(j, kind, kind in (LOSS, LOSS_SLICE))
+                    for j in self.jobs.values() for kind in [j.next_kind()]), default=0.0)
 
     def take_events(self) -> list[TrainEvent]:
         events, self.events = self.events, []
@@ -320,13 +373,14 @@ class WorkerTraining:
         self._event(job, "started", step=trainer.steps_done, parameters=lora.num_parameters(),
                     threads=torch.get_num_threads())
 
-    def _run_unit(self, job: _Job, kind: str, loss_rows: int | None = None) -> None:
+    def _run_unit(self, job: _Job, kind: str, rows: int | None = None, vocab: int | None = None) -> str | None:
+        """Run `job`'s next unit; returns the kind of pass unit it was (None for the others)."""
         if kind == PUBLISH:
             self._publish(job)
-            return
+            return None
         if kind == CHECKPOINT:
             self._checkpoint(job)
-            return
+            return None
         if job.unit_pass is None:
             batch = job.next_batch()
             job.trainer.zero_grad()
@@ -336,12 +390,12 @@ class WorkerTraining:
             job.unit_pass = LayerSlicedPass(self.base, job.lora, batch, job.rng, graph_layers=graph_layers)
             job.pass_lr, job.pass_seconds = job.trainer.lr, 0.0
         if kind != UPDATE:
-            job.unit_pass.run_unit(loss_rows)
+            ran = job.unit_pass.run_unit(rows, vocab)
             loss = job.unit_pass.loss
-            if loss is not None and kind == LOSS and not math.isfinite(loss):
+            if loss is not None and ran in (LOSS, LOSS_SLICE) and not math.isfinite(loss):
                 raise JobFailed(f"training loss is {loss} at step {job.trainer.steps_done + 1} "
                                 f"(learning rate {job.pass_lr:g}); the job stopped")
-            return
+            return ran
         unit_pass, job.unit_pass = job.unit_pass, None
         if unit_pass.rng_state is not None:
             job.rng = unit_pass.rng_state
@@ -366,11 +420,14 @@ class WorkerTraining:
                             f"(loss {job.last_loss:g} before the update); the job stopped")
         started = time.perf_counter()
         path = Path(job.spec.job_dir) / f"step-{step}"
-        job.lora.save_peft(path, base_model_name_or_path=job.spec.base_model or self.base_model)
+        tensors = job.lora.peft_state_dict()  # one copy for the files and the host cache
+        job.lora.save_peft(path, base_model_name_or_path=job.spec.base_model or self.base_model, tensors=tensors)
         files = None
         if self.host_cache is not None:
-            files = self.host_cache.put_trained(job.spec.adapter_name, str(path), job.lora.peft_state_dict())
-        job.publish_due, job.checkpoint_due = False, True
+            files = self.host_cache.put_trained(job.spec.adapter_name, str(path), tensors)
+        job.publish_due = False
+        job.checkpoint_due = (step >= job.spec.total_steps
+                              or time.monotonic() - job.checkpointed_at >= CHECKPOINT_EVERY_S)
         job.published.append(step)
         # `files` (the identity the host-cache entry is keyed by) lets the scheduler serve
         # this version from the host cache at once (finetune/published_versions.py).
@@ -384,7 +441,7 @@ class WorkerTraining:
         step = job.trainer.steps_done
         _save_atomic({"trainer": job.trainer.state_dict(), "rng": job.rng, "step": step},
                      Path(job.spec.job_dir) / TRAINER_STATE)
-        job.checkpoint_due = False
+        job.checkpoint_due, job.checkpointed_at = False, time.monotonic()
         self._event(job, "checkpointed", step=step)
         if step >= job.spec.total_steps:
             self._finish(job)
@@ -395,6 +452,11 @@ class WorkerTraining:
 
     def _event(self, job: _Job, kind: str, step: int, **data) -> None:
         self.events.append(TrainEvent(job.spec.job_id, kind, step, data))
+
+
+def _chunk_rows(kind: str) -> int:
+    """Rows of the shortest unit of a row-wise kind (its expected time is kept per chunk)."""
+    return LOSS_CHUNK if kind == LOSS else MLP_CHUNK
 
 
 def keep_freed_memory() -> None:

@@ -149,6 +149,37 @@ def attention(
     return torch.cat(outs, dim=1).transpose(0, 1).reshape(tokens, config.q_size)
 
 
+def attention_block(
+    hidden: torch.Tensor,  # [T, hidden]
+    weights: LayerWeights,
+    lora: dict[str, LoraModule],
+    layout: PackedLayout,
+    config: DecoderConfig,
+    dropout: float = 0.0,
+    training: bool = False,
+) -> torch.Tensor:  # [T, hidden]: hidden + self-attention(norm(hidden))
+    x = rms_norm(hidden, weights.input_norm, config.rms_norm_eps)
+    qkv_parts = (("q_proj", config.q_size), ("k_proj", config.kv_size), ("v_proj", config.kv_size))
+    q, k, v = fused_projection(x, weights.qkv, qkv_parts, lora, dropout, training)
+    (o,) = fused_projection(attention(q, k, v, layout, config), weights.o, (("o_proj", config.hidden_size),), lora, dropout, training)
+    return hidden + o
+
+
+def mlp_block(
+    hidden: torch.Tensor,  # [rows, hidden]: any rows of a micro-batch (the block works row by row)
+    weights: LayerWeights,
+    lora: dict[str, LoraModule],
+    config: DecoderConfig,
+    dropout: float = 0.0,
+    training: bool = False,
+) -> torch.Tensor:  # [rows, hidden]: hidden + MLP(norm(hidden))
+    x = rms_norm(hidden, weights.post_attention_norm, config.rms_norm_eps)
+    size = config.intermediate_size
+    gate, up = fused_projection(x, weights.gate_up, (("gate_proj", size), ("up_proj", size)), lora, dropout, training)
+    (down,) = fused_projection(F.silu(gate) * up, weights.down, (("down_proj", config.hidden_size),), lora, dropout, training)
+    return hidden + down
+
+
 def decoder_layer(
     hidden: torch.Tensor,  # [T, hidden]
     weights: LayerWeights,
@@ -158,17 +189,8 @@ def decoder_layer(
     dropout: float = 0.0,
     training: bool = False,
 ) -> torch.Tensor:  # [T, hidden]
-    x = rms_norm(hidden, weights.input_norm, config.rms_norm_eps)
-    qkv_parts = (("q_proj", config.q_size), ("k_proj", config.kv_size), ("v_proj", config.kv_size))
-    q, k, v = fused_projection(x, weights.qkv, qkv_parts, lora, dropout, training)
-    (o,) = fused_projection(attention(q, k, v, layout, config), weights.o, (("o_proj", config.hidden_size),), lora, dropout, training)
-    hidden = hidden + o
-
-    x = rms_norm(hidden, weights.post_attention_norm, config.rms_norm_eps)
-    size = config.intermediate_size
-    gate, up = fused_projection(x, weights.gate_up, (("gate_proj", size), ("up_proj", size)), lora, dropout, training)
-    (down,) = fused_projection(F.silu(gate) * up, weights.down, (("down_proj", config.hidden_size),), lora, dropout, training)
-    return hidden + down
+    hidden = attention_block(hidden, weights, lora, layout, config, dropout, training)
+    return mlp_block(hidden, weights, lora, config, dropout, training)
 
 
 def final_hidden(

@@ -181,6 +181,9 @@ class Job:
     checkpoints: list[dict] = field(default_factory=list)
     records: list = field(default_factory=list)  # StepRecord per step
     published_step: int = 0
+    # The last step counted in trained_tokens: a job resumed from an older optimizer
+    # checkpoint (coserve_worker.CHECKPOINT_EVERY_S) trains some steps again; they count once.
+    recorded_step: int = 0
     cancel_requested: threading.Event = field(default_factory=threading.Event)
     # Training inputs, dropped when the job ends.
     lora: Any = None
@@ -684,7 +687,9 @@ class FineTuningJobs:
     def _record_step(self, job: Job, record, engine: dict | None = None) -> None:
         with self._lock:
             job.records.append(record)
-            job.trained_tokens += record.tokens
+            if record.step > job.recorded_step:
+                job.trained_tokens += record.tokens
+                job.recorded_step = record.step
             mean = sum(r.seconds for r in job.records) / len(job.records)
             if job.status == "running":
                 job.estimated_finish = int(time.time() + mean * (job.total_steps - record.step))
@@ -713,9 +718,12 @@ class FineTuningJobs:
         self._on_loop(self.host.load(job.fine_tuned_model, str(path), replace=True))
         if servable_at is None:
             servable_at = time.time()  # fine_tuned_model answers with this version from here on
-        self._on_loop(self.host.load(checkpoint_name, str(path), replace=False))
+        # A step trained again after a resume (same weights) replaces its earlier version.
+        again = any(c["step_number"] == step for c in job.checkpoints)
+        self._on_loop(self.host.load(checkpoint_name, str(path), replace=again))
         with self._lock:
             job.published_step = step
+            job.checkpoints = [c for c in job.checkpoints if c["step_number"] != step]
             job.checkpoints.append({
                 "id": f"ftckpt-{secrets.token_hex(12)}",
                 "object": "fine_tuning.job.checkpoint",
@@ -851,6 +859,7 @@ class FineTuningJobs:
             record = {
                 "job": job.to_openai(), "total_steps": job.total_steps, "publish_every": job.publish_every,
                 "published_step": job.published_step, "checkpoints": list(job.checkpoints),
+                "recorded_step": job.recorded_step,
                 "events": job.events[-MAX_PERSISTED_EVENTS:],
                 "settings": dataclasses.asdict(job.settings) if job.settings is not None else None,
             }
@@ -892,6 +901,7 @@ class FineTuningJobs:
                     error=o["error"], finished_at=o["finished_at"], trained_tokens=o["trained_tokens"],
                     result_files=o["result_files"], events=record["events"], checkpoints=record["checkpoints"],
                     published_step=record["published_step"],
+                    recorded_step=record.get("recorded_step", record["published_step"]),
                     settings=TrainingSettings(**{**record["settings"], "betas": tuple(record["settings"]["betas"])})
                     if record["settings"] else None,
                 )

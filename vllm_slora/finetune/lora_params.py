@@ -196,18 +196,20 @@ class LoraParams:
         return {k: p.detach().to(dtype or p.dtype).contiguous().clone() for k, p in self.named_parameters()}
 
     def save_peft(
-        self, out_dir: str | os.PathLike, base_model_name_or_path: str | None = None, dtype: torch.dtype | None = None
+        self, out_dir: str | os.PathLike, base_model_name_or_path: str | None = None, dtype: torch.dtype | None = None,
+        tensors: dict[str, torch.Tensor] | None = None,
     ) -> Path:
         """Write adapter_config.json + adapter_model.safetensors (PeftModel.from_pretrained loads them).
 
         Files are written under temporary names and renamed, so a reader never sees half an adapter.
+        `tensors`: this adapter's `peft_state_dict(dtype)` when the caller already made it.
         """
         from safetensors.torch import save_file
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         tmp_weights = out / f".{ADAPTER_WEIGHTS_NAME}.tmp"
-        save_file(self.peft_state_dict(dtype), str(tmp_weights), metadata={"format": "pt"})
+        save_file(self.peft_state_dict(dtype) if tensors is None else tensors, str(tmp_weights), metadata={"format": "pt"})
         tmp_config = out / f".{ADAPTER_CONFIG_NAME}.tmp"
         tmp_config.write_text(json.dumps(self.peft_config(base_model_name_or_path), indent=2))
         os.replace(tmp_weights, out / ADAPTER_WEIGHTS_NAME)
