@@ -81,6 +81,13 @@ def run_pass(worker: WorkerTraining, budget_s: float) -> list:
     return events
 
 
+def ample_seconds(worker: WorkerTraining) -> float:
+    """A step budget well above one pass of the timed units (LOSS_SLICE times are per 256 x 1024
+    LM head cells, far more than the tiny model's slices: left out)."""
+    per_layer = sum(s for kind, s in worker.unit_seconds.items() if kind != LOSS_SLICE)
+    return 4 * per_layer * len(worker.base.layers)
+
+
 def test_an_idle_step_runs_the_whole_loss_in_one_unit_and_a_short_step_small_ones(worker_and_job):
     worker, sizes = worker_and_job
     run_pass(worker, budget_s=0.0)  # nothing timed yet, then one unit per step: LOSS_CHUNK rows each
@@ -90,8 +97,7 @@ def test_an_idle_step_runs_the_whole_loss_in_one_unit_and_a_short_step_small_one
     assert per_chunk > 0
 
     sizes.clear()
-    layers = len(worker.base.layers)
-    pass_s = 4 * sum(worker.unit_seconds.values()) * layers
+    pass_s = ample_seconds(worker)
     run_pass(worker, budget_s=4 * pass_s)  # ample time: every loss row in one GEMM (the step may
     assert sizes[0] == rows                # go on into the next pass while its time lasts)
 
@@ -115,7 +121,7 @@ def test_mlp_units_take_all_rows_when_idle_and_a_chunk_under_load(worker_and_job
     per_block = [16] * (tokens // 16) + ([tokens % 16] if tokens % 16 else [])
     assert worker.mlp_sizes[-len(per_block) * layers:] == per_block * layers
     worker.mlp_sizes.clear()
-    run_pass(worker, budget_s=4 * 4 * sum(worker.unit_seconds.values()) * layers)
+    run_pass(worker, budget_s=ample_seconds(worker))
     assert tokens in worker.mlp_sizes  # whole blocks
 
 
@@ -127,7 +133,7 @@ def test_right_after_inference_an_idle_step_keeps_its_units_short(worker_and_job
     run_pass(worker, budget_s=0.0)  # time the units
     rows = sum(sizes)
     tokens = worker.jobs["job"].batches[0].num_tokens
-    ample = 4 * 4 * sum(worker.unit_seconds.values()) * len(worker.base.layers)
+    ample = ample_seconds(worker)
     for short in (True, False):
         run_pass(worker, budget_s=0.0)  # (finish the pass a long step may have begun)
         sizes.clear()
@@ -154,7 +160,7 @@ def test_a_loss_unit_never_outgrows_its_memory_share(worker_and_job, monkeypatch
     assert memory.max_loss_rows(config) == 5 < rows
     run_pass(worker, budget_s=0.0)
     sizes.clear()
-    run_pass(worker, budget_s=4 * sum(worker.unit_seconds.values()) * len(worker.base.layers))  # time to spare
+    run_pass(worker, budget_s=ample_seconds(worker))  # time to spare
     assert sizes and max(sizes) == 5
 
 
@@ -255,7 +261,7 @@ def test_under_load_the_loss_runs_in_vocabulary_slices(worker_and_job):
     vocab = worker.base.lm_head.shape[0]
     worker.slice_columns.clear()
     sizes.clear()
-    ample = 4 * 4 * sum(worker.unit_seconds.values()) * len(worker.base.layers)
+    ample = ample_seconds(worker)
     steps = job.trainer.steps_done
     while job.trainer.steps_done < steps + 2:
         worker.step(TrainOrder(budget_s=ample, short_units=True))  # loaded: the shortest units
@@ -267,3 +273,34 @@ def test_under_load_the_loss_runs_in_vocabulary_slices(worker_and_job):
     while job.trainer.steps_done < steps + 2:
         worker.step(TrainOrder(budget_s=ample))
     assert max(worker.slice_columns) > 100  # time to spare: wider slices
+
+
+def test_a_kept_layer_runs_its_mlp_in_chunks_only_if_their_outputs_fit_the_budget(tiny_model, tmp_path,
+                                                                                    monkeypatch):
+    """Row chunks of a kept layer's MLP hold their outputs (and LoRA copies) beyond the pass's
+    graphs: with a budget of exactly every graph, loaded steps run those blocks whole; with
+    room to spare, in MLP_CHUNK rows."""
+    monkeypatch.setattr(coserve_worker, "MLP_CHUNK", 16)
+    config = DecoderConfig.from_hf(tiny_model)
+    (batch, *_) = pack_examples(packed_examples(config.vocab_size), batch_tokens=64)
+    exact = activation_bytes(batch.seq_lens, config, True, lora_rank=JOB_RANK)
+    for budget, expected in ((exact, {batch.num_tokens}), (4 * exact, {16, batch.num_tokens % 16 or 16})):
+        worker = WorkerTraining(None, base_model=str(tiny_model), base=base_weights_from_checkpoint(tiny_model),
+                                activation_budget_bytes=budget)
+        worker.step(TrainOrder(start=[job_spec(tiny_model, tmp_path / str(budget))], budget_s=0.0, idle=True))
+        job = worker.jobs["job"]
+        sizes = []
+        run_unit = LayerSlicedPass.run_unit
+
+        def recording(self, rows=None, vocab=None, sizes=sizes, run_unit=run_unit):
+            kind = run_unit(self, rows, vocab)
+            if kind == FWD_MLP:
+                sizes.append(self.last_unit_rows)
+            return kind
+
+        monkeypatch.setattr(LayerSlicedPass, "run_unit", recording)
+        while job.trainer.steps_done < 2:
+            worker.step(TrainOrder(budget_s=1.0, short_units=True))  # loaded: the shortest units
+        assert job.unit_pass is None or job.unit_pass.keep_graph
+        assert set(sizes) == expected, (budget, sizes)
+        assert not any(e.kind == "failed" for e in worker.take_events())

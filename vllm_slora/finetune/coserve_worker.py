@@ -46,6 +46,7 @@ from .arrivals import ArrivalCounter
 from .base_weights import BaseWeights, base_weights_from_vllm
 from .layer_units import (
     FWD_ATTN,
+    FWD_MLP,
     LOSS,
     LOSS_CHUNK,
     LOSS_SLICE,
@@ -202,6 +203,8 @@ class WorkerTraining:
                 vocab = self._slice_columns(rows, budget_left)
             elif kind in ROW_KINDS:
                 rows = self._unit_rows(kind, budget_left)
+                if kind == FWD_MLP and not self._may_chunk_kept_mlp(job, rows):
+                    rows = None  # the rest of the block in one unit
             spent += self._timed_unit(job, kind, rows, vocab)
             units += 1
             if kind == PUBLISH:
@@ -258,6 +261,7 @@ class WorkerTraining:
     def _held_bytes(self, but: _Job | None = None) -> int:
         """Activation bytes the passes in flight keep (all jobs', or all but `but`'s)."""
         return sum(pass_bytes(j.unit_pass.batch.seq_lens, self.base.config, j.unit_pass.graph_layers, **j.graph_kind)
+                   + j.unit_pass.chunk_output_bytes()
                    for j in self.jobs.values() if j is not but and j.unit_pass is not None)
 
     def _unit_rows(self, kind: str, budget_left_s: float) -> int:
@@ -270,6 +274,15 @@ class WorkerTraining:
         if kind == LOSS:  # its logits stay within finetune/memory.py's share
             rows = min(rows, max_loss_rows(self.base.config))
         return rows
+
+    def _may_chunk_kept_mlp(self, job: _Job, rows: int) -> bool:
+        """Whether `job`'s next forward MLP unit may take only `rows` rows: always, unless its
+        layer keeps its graph and the chunks' outputs it would then hold (LayerSlicedPass.
+        chunk_output_bytes) do not fit the graph budget beside what the passes hold."""
+        unit_pass = job.unit_pass
+        if unit_pass is None or not unit_pass.next_mlp_keeps_graph or rows >= unit_pass.num_tokens:
+            return True
+        return self._held_bytes() + unit_pass.chunking_bytes(rows) <= self.graph_budget_bytes
 
     def _loss_group_rows(self, job: _Job) -> int:
         """Rows of the LOSS_SLICE group in progress or the next one (its logits stay within

@@ -174,6 +174,35 @@ class LayerSlicedPass:
     def _keeps(self, layer: int) -> bool:
         return layer >= self.num_layers - self.graph_layers
 
+    def chunk_output_bytes(self) -> int:
+        """Bytes kept layers whose MLP ran in row chunks hold beyond `pass_bytes`: each chunk's
+        output, held to backpropagate from (a whole block's output is the next boundary
+        itself; chunks' are copied into it), and every chunk after the first its own fused
+        LoRA A / B of the MLP's weights (forward.fused_projection)."""
+        whole = (0, self.num_tokens)
+        total = 0
+        for layer, graphs in enumerate(self._mlp_graphs):
+            chunks = [out for start, stop, out in graphs if (start, stop) != whole]
+            if chunks:
+                total += sum(out.numel() * out.element_size() for out in chunks)
+                total += (len(chunks) - 1) * self._mlp_lora_bytes(layer)
+        return total
+
+    def chunking_bytes(self, rows: int) -> int:
+        """What `chunk_output_bytes` grows by when the next MLP block runs in `rows`-row units."""
+        layer = self._next[1] if self._next is not None else 0
+        chunks = -(-self.num_tokens // max(1, rows))
+        return 4 * self.num_tokens * self.base.config.hidden_size + (chunks - 1) * self._mlp_lora_bytes(layer)
+
+    def _mlp_lora_bytes(self, layer: int) -> int:
+        ranks = {name: module.rank for name, module in self.lora.layer(layer).items()}
+        return fused_lora_bytes(self.base.config, ranks, ("gate_proj", "down_proj"))
+
+    @property
+    def next_mlp_keeps_graph(self) -> bool:
+        """The next unit is a forward MLP unit of a layer that keeps its graph."""
+        return self._next is not None and self._next[0] == FWD_MLP and self._keeps(self._next[1])
+
     def holds_graph(self, layer: int) -> bool:
         """Whether some block of `layer` holds its autograd graph now."""
         return self._attn_graph[layer] is not None or bool(self._mlp_graphs[layer])
@@ -420,9 +449,8 @@ def layer_graph_bytes(tokens: int | Sequence[int], config, lora_rank: int = 0, d
     * per token: the two norms' outputs and scales, the residual, q and the GQA-expanded k/v
       with the attention output (twice) and log-sum-exp (the attention runs per sequence on the
       flash path: no [len, len] weights are saved), rope's cos/sin, gate/up with the SiLU
-      and product outputs, the LoRA inputs' rank rows; without dropout, the MLP block's
-      output (its units may split the rows: each chunk's output is held to backpropagate
-      from); with dropout, each targeted part's dropped input and its mask;
+      and product outputs, the LoRA inputs' rank rows; with dropout, each targeted part's
+      dropped input and its mask;
     * per layer: the fused LoRA A and block-diagonal B of each base weight at `lora_rank`
       (all seven projections: an upper bound for fewer).
 
@@ -432,26 +460,39 @@ def layer_graph_bytes(tokens: int | Sequence[int], config, lora_rank: int = 0, d
     h, q, i = config.hidden_size, config.q_size, config.intermediate_size
     # q, k, v, the attention output and its [T, q] copy for o_proj: 5 q (GQA: k/v expanded to q's size)
     per_token = 3 * h + 2 + 5 * q + config.num_heads + 2 * config.head_dim + 4 * i
-    if not dropout:  # the MLP units may split the rows: their outputs are held (not saved by autograd)
-        per_token += h
-    per_layer = 0
+    per_layer, mask_bytes = 0, 0
     for parts in FUSED_PROJECTIONS if lora_rank else ():
         rank = lora_rank * len(parts)
         in_features = config.features(parts[0])[0]
         out_features = sum(config.features(part)[1] for part in parts)
         per_token += rank
         per_layer += rank * (in_features + out_features)
-        if dropout:
-            per_token += 2 * in_features * len(parts)
-    return 4 * (num_tokens * per_token + per_layer)
+        if dropout:  # the dropped input (fp32) and its mask (bool)
+            per_token += in_features * len(parts)
+            mask_bytes += in_features * len(parts)
+    return 4 * (num_tokens * per_token + per_layer) + num_tokens * mask_bytes
+
+
+def fused_lora_bytes(config, ranks: dict[str, int], projections: Sequence[str]) -> int:
+    """Bytes (fp32) of the fused LoRA A and block-diagonal B that `forward.fused_projection`
+    builds for the base weights of `projections` (one of FUSED_PROJECTIONS each) at `ranks`."""
+    total = 0
+    for parts in FUSED_PROJECTIONS:
+        if parts[0] in projections:
+            rank = sum(ranks.get(part, 0) for part in parts)
+            total += 4 * rank * (config.features(parts[0])[0] + sum(config.features(part)[1] for part in parts))
+    return total
 
 
 def pass_bytes(tokens: int | Sequence[int], config, graph_layers: int, lora_rank: int = 0,
                dropout: bool = False) -> int:
-    """Bytes a pass holds between units (fp32): the block boundaries (each layer's input and
-    its attention block's output, and the top's), plus the graphs of the `graph_layers` layers
-    that keep theirs."""
-    boundaries = 4 * sum(_lengths(tokens)) * (2 * config.num_layers + 1) * config.hidden_size
+    """Bytes a pass holds between units (fp32): the block boundaries, plus the graphs of the
+    `graph_layers` layers that keep theirs. Boundaries: each layer's input, and its attention
+    block's output unless the layer keeps its graph (then that output is what the MLP
+    block's graph saves), and the top's. A kept layer whose MLP ran in row chunks holds
+    [T, hidden] more (LayerSlicedPass.chunk_output_bytes; the worker chunks it only within
+    its budget)."""
+    boundaries = 4 * sum(_lengths(tokens)) * (2 * config.num_layers - graph_layers + 1) * config.hidden_size
     return boundaries + graph_layers * layer_graph_bytes(tokens, config, lora_rank, dropout)
 
 
@@ -466,4 +507,6 @@ def graph_layers_within(tokens: int | Sequence[int], config, budget_bytes: int, 
     """How many layers' graphs a pass of `tokens` may keep within `budget_bytes` (its
     boundaries included)."""
     room = budget_bytes - pass_bytes(tokens, config, 0)
-    return max(0, min(config.num_layers, room // layer_graph_bytes(tokens, config, lora_rank, dropout)))
+    # A kept layer adds its graph and no longer needs its attention output as a boundary.
+    per_layer = layer_graph_bytes(tokens, config, lora_rank, dropout) - 4 * sum(_lengths(tokens)) * config.hidden_size
+    return max(0, min(config.num_layers, room // per_layer))
