@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from vllm_slora.finetune import coserve_planner
 from vllm_slora.finetune.coserve_planner import TrainingPlanner, TrainingRefused
 from vllm_slora.step_plan import SLoRAWorkerReport, TrainEvent, TrainJobSpec
 
@@ -62,6 +63,31 @@ def test_loaded_steps_average_the_slack_share_of_the_real_step_time():
     assert planner.period_s == pytest.approx(period_s)
     assert max(budgets) <= max(unit_s, 0.1 * period_s) + 1e-9  # the credit is capped: no burst after a wait
     assert planner.stats.loaded_steps > 600 and planner.stats.steps == planner.stats.loaded_steps
+
+
+def test_short_units_train_in_bursts_not_in_every_step():
+    """Units of 2 ms, a share of 5 % of 30 ms steps (1.5 ms a step): a step trains only once the
+    credit holds MIN_BURST_S, then spends it all; training still adds the share on average."""
+    planner = TrainingPlanner(slack=0.05, idle_step_s=0.05)
+    planner.submit(spec())
+    planner.order(running=0, waiting=0, scheduled_tokens=0)
+    planner.take(report(events=[TrainEvent("job-1", "started")]))
+    unit_s, period_s = 0.002, 0.03
+    wall, trained_steps, budgets = 0.0, 0, []
+    steps = 3000
+    for _ in range(steps):
+        order = planner.order(running=4, waiting=0, scheduled_tokens=4)
+        units = int(order.budget_s // unit_s + 1e-9)
+        if units:
+            trained_steps += 1
+            budgets.append(order.budget_s)
+        planner.take(report(inference_s=0.025, train_s=units * unit_s, units=units, next_unit_s=unit_s))
+        seconds = period_s + units * unit_s
+        planner.observe_period(seconds)
+        wall += seconds
+    assert 1.04 <= wall / (steps * period_s) <= 1.06
+    assert min(budgets) >= coserve_planner.MIN_BURST_S - 1e-9
+    assert trained_steps <= steps * 0.05 * period_s / coserve_planner.MIN_BURST_S * 1.1  # about one step in 13
 
 
 def test_idle_steps_are_short_right_after_inference_and_full_later():
@@ -156,19 +182,20 @@ def test_slack_changes_while_serving_and_bad_values_are_refused():
     planner.take(report(events=[TrainEvent("job-1", "started")]))
     period_s = 0.1
 
-    def budget_after_steps(n: int) -> float:
+    def credit_after_steps(n: int) -> float:
         for _ in range(n):
             order = planner.order(running=4, waiting=0, scheduled_tokens=4)
+            assert order.budget_s == 0.0
             planner.take(report(inference_s=0.08, next_unit_s=0.5))  # units too long to run: credit builds
             planner.observe_period(period_s)
-        return order.budget_s
+        return planner.credit
 
-    assert budget_after_steps(1) == 0.0  # nothing measured yet
-    assert budget_after_steps(5) == pytest.approx(5 * 0.1 * period_s)
+    assert credit_after_steps(1) == 0.0  # nothing measured yet
+    assert credit_after_steps(5) == pytest.approx(5 * 0.1 * period_s)
     assert planner.handle("configure", {"slack": 0.5}) == {"slack": 0.5}
     assert planner.handle("stats", {})["slack"] == 0.5
     assert planner.credit == 0.0  # saved at the old share: not spent at the new one
-    assert budget_after_steps(2) == pytest.approx(2 * 0.5 * period_s)
+    assert credit_after_steps(2) == pytest.approx(2 * 0.5 * period_s)
     for bad, needle in [(-0.1, "[0, 10]"), (11, "[0, 10]"), (float("nan"), "nan"), ("0.5", "'0.5'"), (True, "True")]:
         with pytest.raises(TrainingRefused, match="'slack' must be a number") as e:
             planner.handle("configure", {"slack": bad})
