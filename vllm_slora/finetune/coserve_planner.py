@@ -27,11 +27,13 @@ simplified to what a CPU engine can measure):
 
 Charging the measured period, not the units' own time, matters on a CPU: training slows
 what runs around it (allocator, caches, the other processes' share of the cores), which
-the units' timers do not see. Part of that slowdown falls on the steps after the one that
-trained, which count as steps without training: bursts, not a few milliseconds in most
-steps, keep it small and keep the baseline clean (measured at share 0.05 under heavy
-load: units of a few ms in most steps raised TPOT p50 by 28 % for half the trained
-tokens of ~20 ms bursts). Figures come from the workers' reports (training seconds,
+the units' timers do not see. Part of that slowdown may fall on the steps after the one
+that trained, which count as steps without training (the baseline): with units of a few
+ms (layer_units.py), a few ms of training in most steps would leave almost no clean
+step to measure the baseline on, so training comes in bursts, at about the cadence the
+earlier whole-layer units had (one 15-30 ms unit every so many steps). Not isolated by
+measurement: an A/B of the two unit sizes at share 0.05, both in bursts, gave the same
+TPOT p50 growth (benchmarks/results/coserve-20261201-cpu-2c-ab-*.json). Figures come from the workers' reports (training seconds,
 expected unit times) and the scheduler's clock, so the policy adapts to the machine and
 the load. Jobs are driven through `handle()` (EngineCore utility calls,
 patches/patch_engine_core.py).
