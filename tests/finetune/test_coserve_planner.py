@@ -67,7 +67,8 @@ def test_loaded_steps_average_the_slack_share_of_the_real_step_time():
 
 def test_short_units_train_in_bursts_not_in_every_step():
     """Units of 2 ms, a share of 5 % of 30 ms steps (1.5 ms a step): a step trains only once the
-    credit holds MIN_BURST_S, then spends it all; training still adds the share on average."""
+    credit holds BURST_STEPS steps' share (15 ms, under MIN_BURST_S), then spends it all;
+    training still adds the share on average. At a share of 50 % the burst is MIN_BURST_S."""
     planner = TrainingPlanner(slack=0.05, idle_step_s=0.05)
     planner.submit(spec())
     planner.order(running=0, waiting=0, scheduled_tokens=0)
@@ -86,8 +87,20 @@ def test_short_units_train_in_bursts_not_in_every_step():
         planner.observe_period(seconds)
         wall += seconds
     assert 1.04 <= wall / (steps * period_s) <= 1.06
-    assert min(budgets) >= coserve_planner.MIN_BURST_S - 1e-9
-    assert trained_steps <= steps * 0.05 * period_s / coserve_planner.MIN_BURST_S * 1.1  # about one step in 13
+    burst = coserve_planner.BURST_STEPS * 0.05 * period_s
+    assert burst < coserve_planner.MIN_BURST_S and min(budgets) >= burst - 1e-9
+    assert trained_steps <= steps / coserve_planner.BURST_STEPS * 1.1  # about one step in BURST_STEPS
+
+    planner.configure({"slack": 0.5})
+    budgets = []
+    for _ in range(200):
+        order = planner.order(running=4, waiting=0, scheduled_tokens=4)
+        units = int(order.budget_s // unit_s + 1e-9)
+        if units:
+            budgets.append(order.budget_s)
+        planner.take(report(inference_s=0.025, train_s=units * unit_s, units=units, next_unit_s=unit_s))
+        planner.observe_period(period_s + units * unit_s)
+    assert budgets and min(budgets) >= coserve_planner.MIN_BURST_S - 1e-9
 
 
 def test_idle_steps_are_short_right_after_inference_and_full_later():

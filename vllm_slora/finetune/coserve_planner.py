@@ -20,8 +20,9 @@ simplified to what a CPU engine can measure):
                                   token) every step, and shrinks by what a step with
                                   training really cost: its period minus that baseline (at
                                   least its training time). A step trains only once the
-                                  credit holds ``MIN_BURST_S`` (or the next unit, if
-                                  longer), then spends it on as many units as fit: on
+                                  credit holds a burst (``BURST_STEPS`` steps' share, at
+                                  most ``MIN_BURST_S``, or the next unit if longer), then
+                                  spends it on as many units as fit: on
                                   average training adds ``slack`` of the step time (TPOT,
                                   a per-request mean, grows by about that share).
 
@@ -54,7 +55,10 @@ IDLE_SHORTEN = 5  # idle steps are this much shorter then
 # so long steps cost no latency and save step boundaries (engine calls and utility replies,
 # e.g. a job's events, wait for the step's end though).
 WATCHED_IDLE_STEP_S = 0.5
-MIN_BURST_S = 0.02  # least training a loaded step adds (when it adds any)
+# A loaded step trains only once the credit holds a burst: the next unit, or else
+# BURST_STEPS steps' share (training about once in that many steps), at most MIN_BURST_S.
+BURST_STEPS = 10
+MIN_BURST_S = 0.02
 ACTIVE = ("queued", "running")
 TERMINAL_KIND = {"finished": "succeeded", "failed": "failed", "cancelled": "cancelled"}
 
@@ -197,7 +201,7 @@ class TrainingPlanner:
         else:
             self._last_loaded = self.clock()
             per_step = self.slack * (self.period_s or self.inference_s or 0.0)
-            burst = max(self.next_unit_s, MIN_BURST_S) if per_step > 0 else 0.0
+            burst = max(self.next_unit_s, min(MIN_BURST_S, BURST_STEPS * per_step)) if per_step > 0 else 0.0
             self.credit = min(self.credit + per_step, max(burst, per_step))
             order.budget_s = self.credit if self.credit >= burst and self.credit > 0 else 0.0
         return order
