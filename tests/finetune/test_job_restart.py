@@ -9,11 +9,22 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from safetensors.torch import load_file
 
 from tests.finetune.api_fakes import jsonl, make_jobs, training_lines, upload, wait_until
 from tests.finetune.inprocess_engine import InProcessEngine
 from vllm_slora.finetune import coserve_worker
+
+
+@pytest.fixture(autouse=True)
+def whole_mlp_units(monkeypatch):
+    """MLP units as wide as the micro-batch: the worker sizes them from its timings, and two runs
+    that cut a block into different row chunks sum its LoRA gradients in another order (the
+    same weights up to rounding, ~1e-6 after 24 AdamW steps); these tests compare weights
+    exactly across runs."""
+    monkeypatch.setattr(coserve_worker, "MLP_CHUNK", 1 << 20)
+
 
 BODY = {"model": "base", "seed": 3,
         "slora": {"max_steps": 24, "publish_every": 4, "batch_tokens": 64, "learning_rate": 1e-2}}
