@@ -54,6 +54,7 @@ class TrainJobSpec:
     # Continue from job_dir/trainer_state.pt (optimizer, schedule, dropout stream) and the
     # step-N checkpoint it names; init_adapter_dir is then ignored.
     resume: bool = False
+    paused: bool = False  # submitted paused (a paused job's restart): it runs once resumed
 
 
 @dataclass
@@ -62,6 +63,8 @@ class TrainOrder:
 
     start: list[TrainJobSpec] = field(default_factory=list)
     cancel: list[str] = field(default_factory=list)  # job ids: drop their state
+    pause: list[str] = field(default_factory=list)  # job ids: keep their state, run nothing
+    resume: list[str] = field(default_factory=list)  # job ids: paused ones run again
     # Seconds of training work this step may add; units whose expected time fits are run.
     budget_s: float = 0.0
     # No inference in this step: run at least one unit even if it is longer than the budget.
@@ -82,7 +85,7 @@ class TrainOrder:
 
 @dataclass
 class TrainEvent:
-    """One thing a co-served job did: kind is started / step / published / failed / finished / cancelled."""
+    """One thing a co-served job did: kind is started / step / published / paused / resumed / failed / finished / cancelled."""
 
     job_id: str
     kind: str

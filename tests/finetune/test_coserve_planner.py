@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from vllm_slora.finetune import coserve_planner
@@ -154,6 +156,36 @@ def test_cancel_before_start_never_reaches_the_workers_and_after_start_does():
     planner.take(report(events=[TrainEvent("b", "cancelled", 3)]))
     reply = planner.poll("b")
     assert reply["status"] == "cancelled" and [e["kind"] for e in reply["events"]] == ["started", "cancelled"]
+
+
+def test_paused_jobs_get_no_steps_and_their_pause_and_resume_reach_the_workers_once():
+    planner = TrainingPlanner(slack=0.1, idle_step_s=0.05)
+    planner.submit(spec("a"))
+    planner.order(running=0, waiting=0, scheduled_tokens=0)
+    planner.take(report(events=[TrainEvent("a", "started")]))
+    assert planner.pause("a", True)["status"] == "paused" and planner.poll("a")["status"] == "paused"
+    order = planner.order(running=0, waiting=0, scheduled_tokens=0)
+    assert order.pause == ["a"] and order.resume == []  # told once ...
+    assert not planner.busy() and planner.order(running=0, waiting=0, scheduled_tokens=0) is None  # ... then idle
+    assert planner.order(running=2, waiting=0, scheduled_tokens=2) is None  # inference runs as with no job
+    assert planner.handle("stats", {})["paused"] == 1
+
+    planner.handle("resume", {"job_id": "a"})
+    planner.handle("pause", {"job_id": "a"})  # both before the next step: nothing to tell the workers
+    assert not planner.busy()
+    assert planner.handle("resume", {"job_id": "a"}) == {"job_id": "a", "status": "running"}
+    assert planner.order(running=0, waiting=0, scheduled_tokens=0).resume == ["a"] and planner.busy()
+
+    planner.submit(dataclasses.replace(spec("b"), paused=True))  # a paused job after a restart
+    order = planner.order(running=0, waiting=0, scheduled_tokens=0)
+    assert [s.job_id for s in order.start] == ["b"] and order.pause == ["b"]
+    planner.cancel("a")
+    assert planner.order(running=0, waiting=0, scheduled_tokens=0).cancel == ["a"]
+    planner.take(report(events=[TrainEvent("a", "cancelled", 3)]))
+    with pytest.raises(TrainingRefused, match="job a has cancelled; it can no longer be resumed"):
+        planner.pause("a", False)
+    planner.cancel("b")  # a paused job can be cancelled
+    assert planner.order(running=0, waiting=0, scheduled_tokens=0).cancel == ["b"]
 
 
 def test_refusals_name_the_problem():

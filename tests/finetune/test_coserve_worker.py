@@ -304,3 +304,51 @@ def test_a_kept_layer_runs_its_mlp_in_chunks_only_if_their_outputs_fit_the_budge
         assert job.unit_pass is None or job.unit_pass.keep_graph
         assert set(sizes) == expected, (budget, sizes)
         assert not any(e.kind == "failed" for e in worker.take_events())
+
+
+def test_a_paused_job_runs_nothing_drops_its_graphs_and_resumes_to_the_same_weights(tiny_model, tmp_path):
+    """Paused mid-backward beside another job: it runs no unit while the other trains, gives
+    its layer graphs back, and once resumed ends its steps with the weights of a job that was
+    never paused (its backward recomputes what it dropped)."""
+    import torch
+
+    def new_worker():
+        return WorkerTraining(None, base_model=str(tiny_model), base=base_weights_from_checkpoint(tiny_model),
+                              activation_budget_bytes=1 << 40)
+
+    def train_until(worker, job, steps):
+        while job.trainer.steps_done < steps:
+            worker.step(TrainOrder(budget_s=0.0, idle=True))
+
+    alone = new_worker()
+    alone.step(TrainOrder(start=[job_spec(tiny_model, tmp_path / "alone", "a")], budget_s=0.0, idle=True))
+    train_until(alone, alone.jobs["a"], 3)
+    expected = [p.detach().clone() for p in alone.jobs["a"].lora.parameters()]
+
+    worker = new_worker()
+    worker.step(TrainOrder(start=[job_spec(tiny_model, tmp_path / name, name) for name in ("a", "b")],
+                           budget_s=0.0, idle=True))
+    a, b = worker.jobs["a"], worker.jobs["b"]
+    train_until(worker, a, 1)
+    while a.unit_pass is None or a.unit_pass.next_kind != "bwd_attn":  # into its backward, graphs kept
+        worker.step(TrainOrder(budget_s=0.0, idle=True))
+    layers = a.unit_pass.num_layers
+    assert a.unit_pass.keep_graph and any(a.unit_pass.holds_graph(layer) for layer in range(layers))
+
+    worker.step(TrainOrder(pause=["a"], budget_s=0.0, idle=True))
+    assert not any(a.unit_pass.holds_graph(layer) for layer in range(layers))
+    assert worker.graph_bytes_wanted() == activation_bytes(b.next_batch().seq_lens if b.unit_pass is None
+                                                           else b.unit_pass.batch.seq_lens, worker.base.config,
+                                                           True, lora_rank=JOB_RANK)
+    where = (a.trainer.steps_done, a.unit_pass.next_kind, a.spent_s)
+    b_steps = b.trainer.steps_done
+    train_until(worker, b, b_steps + 2)  # b trains on alone
+    assert (a.trainer.steps_done, a.unit_pass.next_kind, a.spent_s) == where
+    assert [e.kind for e in worker.take_events() if e.job_id == "a"][-1] == "paused"
+
+    b_spent = b.spent_s
+    worker.step(TrainOrder(resume=["a"], budget_s=0.0, idle=True))
+    assert a.spent_s >= b_spent  # its fair share runs from now on: no catch-up burst owed to it
+    train_until(worker, a, 3)
+    for got, want in zip(a.lora.parameters(), expected, strict=True):
+        torch.testing.assert_close(got.detach(), want, rtol=1e-5, atol=1e-6)

@@ -172,3 +172,55 @@ def test_a_job_resumed_from_before_its_last_version_trains_those_steps_again_and
             assert (ours[key] - theirs[key]).abs().max() <= 1e-6 * theirs[key].abs().max().clamp_min(1e-12), key
 
     asyncio.run(scenario())
+
+
+def test_a_paused_job_stays_paused_across_a_restart_and_resumed_ends_where_an_uninterrupted_one_does(
+        tmp_path, tiny_model, monkeypatch):
+    """Paused mid-job (its engine steps are slowed so that the pause lands mid-job), the server
+    goes down; the restarted one hands the job to its engine paused: no step until resumed,
+    then it ends with the weights and trained_tokens of a job that never paused (steps the
+    engine trained after the old server's last record count once)."""
+    monkeypatch.setattr(coserve_worker, "CHECKPOINT_EVERY_S", 0.0)  # optimizer state at every publish
+
+    async def scenario():
+        engine = InProcessEngine(tiny_model)
+        jobs = make_jobs(tmp_path, tiny_model, engine_call=engine.call)
+        stored = upload(jobs, jsonl(training_lines()))
+        whole = await jobs.create({**BODY, "training_file": stored.id})
+        await wait_until(lambda: jobs.retrieve(whole["id"])["status"] == "succeeded")
+        engine.stop()
+
+        engine = InProcessEngine(tiny_model, step_gap_s=0.05)
+        jobs.engine_call = engine.call
+        paused = await jobs.create({**BODY, "training_file": stored.id})
+        await wait_until(lambda: jobs.checkpoints(paused["id"])[0])  # past its first checkpoint
+        assert jobs.pause(paused["id"])["status"] == "paused"
+        await wait_until(lambda: paused["id"] in engine.worker.paused)  # the engine has paused it
+        engine.stop()  # the server goes down with the job paused; the dead one writes nothing more
+        jobs._persist = lambda job: None
+
+        engine = InProcessEngine(tiny_model)
+        restarted = make_jobs(tmp_path, tiny_model, engine_call=engine.call)
+        await restarted.restore()
+        assert restarted.retrieve(paused["id"])["status"] == "paused"
+        await wait_until(lambda: paused["id"] in engine.worker.paused)  # handed over paused
+        worker_job = engine.worker.jobs[paused["id"]]
+        assert 4 <= worker_job.trainer.steps_done < 24  # from its last checkpoint
+        await asyncio.sleep(0.5)
+        tokens, steps = restarted.retrieve(paused["id"])["trained_tokens"], worker_job.trainer.steps_done
+        await asyncio.sleep(0.5)
+        assert (restarted.retrieve(paused["id"])["trained_tokens"], worker_job.trainer.steps_done) == (tokens, steps)
+        assert restarted.resume(paused["id"])["status"] in ("queued", "running")
+        await wait_until(lambda: restarted.retrieve(paused["id"])["status"] not in ("queued", "running"))
+        job = restarted.retrieve(paused["id"])
+        assert job["status"] == "succeeded", job["error"]
+        assert job["trained_tokens"] == restarted.retrieve(whole["id"])["trained_tokens"]
+        messages = [e["message"] for e in restarted.events(paused["id"], limit=500)[0]]
+        assert "Server restarted: the job stays paused (it resumes from the last checkpoint)" in messages
+        restarted.close()
+        engine.stop()
+        ours, theirs = weights(jobs.root / paused["id"], 24), weights(jobs.root / whole["id"], 24)
+        for key in theirs:
+            assert (ours[key] - theirs[key]).abs().max() <= 1e-6 * theirs[key].abs().max().clamp_min(1e-12), key
+
+    asyncio.run(scenario())

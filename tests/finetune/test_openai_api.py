@@ -268,6 +268,47 @@ def test_jobs_queue_and_cancel(tmp_path, tiny_model):
     jobs.close()
 
 
+def test_a_paused_job_trains_no_step_until_resumed_and_ends_with_the_same_weights(tmp_path, tiny_model):
+    """Paused after its first step: no step while paused (its versions keep serving), pausing
+    twice or resuming a running job is a 400; resumed, it ends with the weights of a job that
+    never paused."""
+    from safetensors.torch import load_file
+
+    jobs = make_jobs(tmp_path, tiny_model)
+    stored = upload(jobs, jsonl(training_lines()))
+    body = {"model": "base", "training_file": stored.id, "seed": 3,
+            "method": supervised(max_steps=6, publish_every=3, batch_tokens=40, lora_rank=4)}
+
+    async def scenario():
+        straight = await jobs.create(body)
+        await wait_until(lambda: jobs.retrieve(straight["id"])["status"] == "succeeded")
+        job = await jobs.create(body)
+        await wait_until(lambda: jobs.retrieve(job["id"])["trained_tokens"] > 0)
+        assert jobs.pause(job["id"])["status"] == "paused"
+        await asyncio.sleep(0.5)  # the step in progress ends
+        tokens = jobs.retrieve(job["id"])["trained_tokens"]
+        await asyncio.sleep(1.0)
+        assert jobs.retrieve(job["id"])["trained_tokens"] == tokens
+        assert jobs.retrieve(job["id"])["status"] == "paused"
+        again = api_error(jobs.pause, job["id"])
+        assert again.status == 400 and "is paused and cannot be paused (only queued or running jobs can)" in again.message
+        assert jobs.resume(job["id"])["status"] == "running"
+        not_paused = api_error(jobs.resume, job["id"])
+        assert not_paused.status == 400 and "is running and cannot be resumed (only paused jobs can)" in not_paused.message
+        await wait_until(lambda: jobs.retrieve(job["id"])["status"] == "succeeded")
+        return straight, job
+
+    straight, job = asyncio.run(scenario())
+    messages = [e["message"] for e in reversed(jobs.events(job["id"], limit=100)[0])]
+    assert any(m.startswith("Job paused after step") for m in messages) and any(
+        m.startswith("Job resumed at step") for m in messages)
+    finals = [load_file(str(tmp_path / "jobs" / j["id"] / "step-6" / "adapter_model.safetensors")) for j in (straight, job)]
+    assert finals[0].keys() == finals[1].keys() and all(finals[0][k].equal(finals[1][k]) for k in finals[0])
+    error = api_error(jobs.pause, job["id"])
+    assert error.status == 400 and "is succeeded and cannot be paused" in error.message
+    jobs.close()
+
+
 # -- through the server ---------------------------------------------------------------------------
 CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
 
@@ -292,6 +333,13 @@ def _tokens(client, model: str, prompt: list[int], max_tokens: int = 8) -> list[
     out = client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0.0,
                                     extra_body={"return_token_ids": True})
     return list(out.choices[0].token_ids)
+
+
+def _coserve(server) -> dict:
+    import urllib.request
+
+    with urllib.request.urlopen(f"{server.openai_base_url}/fine_tuning/coserve", timeout=30) as r:
+        return json.loads(r.read())
 
 
 @pytest.mark.engine
@@ -375,6 +423,24 @@ def test_openai_client_uploads_finetunes_and_serves_every_version(server, tiny_m
     started = [e.message for e in client.fine_tuning.jobs.list_events(long.id, limit=100)
                if e.message.startswith("Fine-tuning job started")]
     assert started and "in the engine" in started[0]
+    # Paused: the engine runs none of its units (its versions keep serving); resumed: it trains on.
+    assert client.fine_tuning.jobs.pause(long.id).status == "paused"
+    deadline = time.monotonic() + 60
+    while _coserve(server)["paused"] != 1:  # the engine has it paused
+        assert time.monotonic() < deadline, "the pause did not reach the engine"
+        time.sleep(0.05)
+    time.sleep(1.0)  # the events of the step in progress come through (a poll is at most 0.5 s away)
+    tokens = client.fine_tuning.jobs.retrieve(long.id).trained_tokens
+    time.sleep(1.5)
+    paused = client.fine_tuning.jobs.retrieve(long.id)
+    assert (paused.status, paused.trained_tokens) == ("paused", tokens)
+    assert _tokens(client, long.fine_tuned_model, prompt)
+    assert client.fine_tuning.jobs.resume(long.id).status == "running"
+    deadline = time.monotonic() + 60
+    while client.fine_tuning.jobs.retrieve(long.id).trained_tokens == tokens:
+        assert time.monotonic() < deadline, "the resumed job did not train"
+        time.sleep(0.1)
+    assert _coserve(server)["paused"] == 0
     assert client.fine_tuning.jobs.cancel(long.id).status == "cancelled"
     deadline = time.monotonic() + 60
     while client.fine_tuning.jobs.retrieve(long.id).finished_at is None:

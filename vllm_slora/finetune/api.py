@@ -12,6 +12,8 @@ Routes (shapes as the `openai` Python client parses them; errors are 4xx with
     GET    /v1/fine_tuning/jobs                        ?after &limit (newest first)
     GET    /v1/fine_tuning/jobs/{job_id}
     POST   /v1/fine_tuning/jobs/{job_id}/cancel
+    POST   /v1/fine_tuning/jobs/{job_id}/pause             status "paused": no training until resumed
+    POST   /v1/fine_tuning/jobs/{job_id}/resume
     GET    /v1/fine_tuning/jobs/{job_id}/events        ?after &limit (newest first)
     GET    /v1/fine_tuning/jobs/{job_id}/checkpoints   ?after &limit (newest first)
     GET    /v1/fine_tuning/coserve                     extension: the engine's co-serving state
@@ -295,6 +297,18 @@ async def retrieve_job(job_id: str, request: Request):
 @_answers
 async def cancel_job(job_id: str, request: Request):
     return JSONResponse(_service(request).jobs.cancel(job_id))
+
+
+@router.post("/v1/fine_tuning/jobs/{job_id}/pause")
+@_answers
+async def pause_job(job_id: str, request: Request):
+    return JSONResponse(_service(request).jobs.pause(job_id))
+
+
+@router.post("/v1/fine_tuning/jobs/{job_id}/resume")
+@_answers
+async def resume_job(job_id: str, request: Request):
+    return JSONResponse(_service(request).jobs.resume(job_id))
 
 
 @router.get("/v1/fine_tuning/jobs/{job_id}/events")

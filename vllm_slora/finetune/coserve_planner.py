@@ -4,6 +4,8 @@ Inference is scheduled exactly as without training; then `order()` decides how m
 seconds of training units the workers may add to this step (research/flexllm.md §4.3,
 simplified to what a CPU engine can measure):
 
+* paused jobs (`pause`)        -> none of their units; with every job paused the engine
+                                  idles as without jobs;
 * requests wait for admission -> 0: training never delays a queued request's first token;
 * no inference at all          -> full speed (at least one unit): where the EngineCore's
                                   input queue is watched (finetune/arrivals.py; every
@@ -59,7 +61,7 @@ WATCHED_IDLE_STEP_S = 0.5
 # BURST_STEPS steps' share (training about once in that many steps), at most MIN_BURST_S.
 BURST_STEPS = 10
 MIN_BURST_S = 0.02
-ACTIVE = ("queued", "running")
+ACTIVE = ("queued", "running")  # not ended (a paused job is one of these, with `paused` set)
 TERMINAL_KIND = {"finished": "succeeded", "failed": "failed", "cancelled": "cancelled"}
 
 
@@ -72,6 +74,11 @@ class _Planned:
     spec: TrainJobSpec
     status: str = "queued"
     events: list[dict] = field(default_factory=list)
+    paused: bool = False
+
+    @property
+    def runnable(self) -> bool:
+        return self.status in ACTIVE and not self.paused
 
 
 @dataclass
@@ -97,6 +104,8 @@ class TrainingPlanner:
         self.jobs: dict[str, _Planned] = {}
         self._start: list[TrainJobSpec] = []
         self._cancel: list[str] = []
+        self._pause: list[str] = []
+        self._resume: list[str] = []
         self.credit = 0.0
         self.inference_s: float | None = None  # EWMA of a step's inference seconds (worker)
         self.period_s: float | None = None  # EWMA of a loaded step's period without training
@@ -117,6 +126,10 @@ class TrainingPlanner:
             return self.submit(TrainJobSpec(**payload))
         if action == "cancel":
             return self.cancel(payload["job_id"])
+        if action == "pause":
+            return self.pause(payload["job_id"], True)
+        if action == "resume":
+            return self.pause(payload["job_id"], False)
         if action == "poll":
             return self.poll(payload["job_id"], int(payload.get("after", 0)))
         if action == "configure":
@@ -124,6 +137,7 @@ class TrainingPlanner:
         if action == "stats":
             return dict(vars(self.stats), slack=self.slack, credit=self.credit, inference_s=self.inference_s, period_s=self.period_s,
                         unit_s=self.next_unit_s, active=sum(j.status in ACTIVE for j in self.jobs.values()),
+                        paused=sum(j.paused and j.status in ACTIVE for j in self.jobs.values()),
                         arrivals_watched=self.arrivals is not None, **self._loan_stats())
         raise TrainingRefused(f"unknown finetune action {action!r}")
 
@@ -151,7 +165,9 @@ class TrainingPlanner:
             raise TrainingRefused(f"job {spec.job_id} was already submitted")
         self.jobs[spec.job_id] = _Planned(spec)
         self._start.append(spec)
-        return {"job_id": spec.job_id, "status": "queued"}
+        if spec.paused:
+            self.pause(spec.job_id, True)
+        return {"job_id": spec.job_id, "status": self._status(self.jobs[spec.job_id])}
 
     def cancel(self, job_id: str) -> dict:
         job = self.jobs.get(job_id)
@@ -165,6 +181,27 @@ class TrainingPlanner:
                 self._cancel.append(job_id)
         return {"job_id": job_id, "status": job.status}
 
+    def pause(self, job_id: str, paused: bool) -> dict:
+        """Pause a job (it keeps its state and runs no units from the next step on) or resume it."""
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise TrainingRefused(f"no finetuning job {job_id} in this engine")
+        if job.status not in ACTIVE:
+            raise TrainingRefused(f"job {job_id} has {job.status}; it can no longer be "
+                                  f"{'paused' if paused else 'resumed'}")
+        if job.paused != paused:
+            job.paused = paused
+            ours, other = (self._pause, self._resume) if paused else (self._resume, self._pause)
+            if job_id in other:
+                other.remove(job_id)  # not yet told to the workers: the two cancel out
+            else:
+                ours.append(job_id)
+        return {"job_id": job_id, "status": self._status(job)}
+
+    @staticmethod
+    def _status(job: _Planned) -> str:
+        return "paused" if job.paused and job.status in ACTIVE else job.status
+
     def poll(self, job_id: str, after: int = 0) -> dict:
         job = self.jobs.get(job_id)
         if job is None:
@@ -172,18 +209,20 @@ class TrainingPlanner:
         events = job.events[after:]
         if job.status not in ACTIVE and after + len(events) >= len(job.events):
             del self.jobs[job_id]  # the client has seen the end: forget the job
-        return {"status": job.status, "events": events, "next": after + len(events)}
+        return {"status": self._status(job), "events": events, "next": after + len(events)}
 
     def busy(self) -> bool:
         """Training has work: the engine must keep stepping even with no request."""
-        return bool(self._start or self._cancel) or any(j.status in ACTIVE for j in self.jobs.values())
+        return bool(self._start or self._cancel or self._pause or self._resume) or any(
+            j.runnable for j in self.jobs.values())
 
     # -- per step ----------------------------------------------------------------------------
     def order(self, running: int, waiting: int, scheduled_tokens: int) -> TrainOrder | None:
         if not self.busy():
             return None
-        order = TrainOrder(start=self._start, cancel=self._cancel, arrivals=self.arrivals)
-        self._start, self._cancel = [], []
+        order = TrainOrder(start=self._start, cancel=self._cancel, pause=self._pause, resume=self._resume,
+                           arrivals=self.arrivals)
+        self._start, self._cancel, self._pause, self._resume = [], [], [], []
         self._last_idle = False
         if waiting:
             order.budget_s = 0.0  # admission first

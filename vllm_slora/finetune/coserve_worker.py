@@ -22,6 +22,10 @@ A job's life, unit by unit (every unit is a preemption point):
     checkpoint                  optimizer state to trainer_state.pt (resume): after a publish
                                 at most every CHECKPOINT_EVERY_S, and after the last step
 
+A paused job (TrainOrder.pause) keeps its LoRA weights, optimizer state and place in its
+pass, runs no units and drops its layer graphs (its backward recomputes them) until
+resumed.
+
 Training reads the base weights as views of the engine's own parameters (never copied:
 checked by data_ptr) and gives autograd only to the job's LoRA A/B. A unit that raises, a
 non-finite loss or non-finite weights fail that job alone, naming the step; inference and
@@ -145,6 +149,9 @@ class WorkerTraining:
         self.graphs_on_loan = False  # the budget is what the scheduler lends (set_graph_budget)
         self._base: BaseWeights | None = base
         self.jobs: dict[str, _Job] = {}
+        # Paused jobs (TrainOrder.pause): they keep their weights, optimizer state and place
+        # in the pass, run no units and hold no layer graphs until resumed.
+        self.paused: set[str] = set()
         self.unit_seconds: dict[str, float] = {}  # expected seconds per unit kind (EWMA)
         self.events: list[TrainEvent] = []
         self.host_cache = None  # set by the runner: published versions go in from memory
@@ -172,10 +179,12 @@ class WorkerTraining:
     def _step(self, order: TrainOrder) -> tuple[float, int]:
         for job_id in order.cancel:
             job = self.jobs.pop(job_id, None)
+            self.paused.discard(job_id)
             if job is not None:
                 self._event(job, "cancelled", step=job.trainer.steps_done)
         for spec in order.start:
             self._start(spec)
+        self._pause_resume(order.pause, order.resume)
         if order.start and self.graphs_on_loan and self.graph_budget_bytes < self.graph_bytes_wanted():
             # The scheduler lends blocks for graphs from what this step reports; a job
             # starting now has reported nothing yet. One step's wait gets its first pass
@@ -185,11 +194,11 @@ class WorkerTraining:
         arrivals = self._arrivals(order.arrivals)
         self._engine_step = order.engine_step
         self.cut_short = False
-        while self.jobs:
+        while runnable := self._runnable():
             if arrivals is not None and arrivals.waiting() > 0:
                 self.cut_short = True  # a request waits for this step to end: let it in
                 break
-            job = min(self.jobs.values(), key=lambda j: j.spent_s)
+            job = min(runnable, key=lambda j: j.spent_s)
             kind = job.next_kind()
             # Steps with inference, or right after it, run the loss in vocabulary slices (short units).
             sliced = kind == LOSS_SLICE or (kind == LOSS and not (order.idle and not order.short_units))
@@ -217,6 +226,36 @@ class WorkerTraining:
                 units += 1
                 break
         return spent, units
+
+    def _runnable(self) -> list[_Job]:
+        return [job for job_id, job in self.jobs.items() if job_id not in self.paused]
+
+    def _pause_resume(self, pause: list[str], resume: list[str]) -> None:
+        freed = False
+        for job_id in pause:
+            job = self.jobs.get(job_id)
+            if job is None or job_id in self.paused:
+                continue
+            self.paused.add(job_id)
+            if job.checkpoint_due:  # a restart while paused resumes from its last published step
+                self._timed_unit(job, CHECKPOINT)
+            if job.unit_pass is not None and job.unit_pass.graph_layers:
+                job.unit_pass.drop_graphs(keep_layers=0)  # the rest of its pass recomputes them
+                freed = True
+            self._event(job, "paused", step=job.trainer.steps_done)
+        for job_id in resume:
+            job = self.jobs.get(job_id)
+            if job is None or job_id not in self.paused:
+                continue
+            self.paused.discard(job_id)
+            # The fairness key: a job back from a pause gets its share from now on, not the
+            # time it missed (which would starve the others until it caught up).
+            others = [j.spent_s for j in self._runnable() if j is not job]
+            if others:
+                job.spent_s = max(job.spent_s, min(others))
+            self._event(job, "resumed", step=job.trainer.steps_done)
+        if freed:
+            return_freed_memory()
 
     def set_graph_budget(self, graph_bytes: int | None) -> None:
         """Apply the order's graph budget (None: loans are not used, keep our own). A smaller
@@ -246,13 +285,13 @@ class WorkerTraining:
         """Activation bytes the jobs' micro-batches would keep with every layer's graph: the
         pass in flight's, or the next batch's (what a loan of pool blocks should cover)."""
         return sum(activation_bytes(self._pass_batch(job).seq_lens, self.base.config, True, **job.graph_kind)
-                   for job in self.jobs.values())
+                   for job in self._runnable())
 
     def graph_layer_bytes(self) -> int:
         """One layer's graph of the largest of those micro-batches: a loan smaller than this
         buys no layer its graph."""
         return max((layer_graph_bytes(self._pass_batch(job).seq_lens, self.base.config, **job.graph_kind)
-                    for job in self.jobs.values()), default=0)
+                    for job in self._runnable()), default=0)
 
     @staticmethod
     def _pass_batch(job: _Job) -> PackedBatch:
@@ -346,7 +385,7 @@ class WorkerTraining:
         """Expected time of the longest next unit a loaded step would run among the jobs (0 when
         none is known)."""
         return max((self._expected_seconds(j, kind, kind in (LOSS, LOSS_SLICE))
-                    for j in self.jobs.values() for kind in [j.next_kind()]), default=0.0)
+                    for j in self._runnable() for kind in [j.next_kind()]), default=0.0)
 
     def take_events(self) -> list[TrainEvent]:
         events, self.events = self.events, []
@@ -383,8 +422,12 @@ class WorkerTraining:
             return
         job = _Job(spec, lora, trainer, batches, rng)
         self.jobs[spec.job_id] = job
+        # Tokens of the steps done (a resumed job's): the server may not have seen their
+        # events (it went down after the checkpoint was written, before it recorded them).
+        steps, cycle = divmod(trainer.steps_done, len(batches))
+        trained = steps * sum(b.num_tokens for b in batches) + sum(b.num_tokens for b in batches[:cycle])
         self._event(job, "started", step=trainer.steps_done, parameters=lora.num_parameters(),
-                    threads=torch.get_num_threads())
+                    threads=torch.get_num_threads(), trained_tokens=trained)
 
     def _run_unit(self, job: _Job, kind: str, rows: int | None = None, vocab: int | None = None) -> str | None:
         """Run `job`'s next unit; returns the kind of pass unit it was (None for the others)."""

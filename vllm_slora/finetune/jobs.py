@@ -126,7 +126,15 @@ class _PublishFailed(RuntimeError):
 
 # Sends one co-served finetuning action to the engine (EngineCore utility `slora_finetune`).
 EngineCall = Callable[[str, dict], Awaitable[dict]]
+# The driver thread polls the engine for a job's events (an EngineCore utility call, answered
+# between steps): soon again right after events (a step's publish follows it), then less and
+# less often while nothing comes, down to once per ENGINE_POLL_MAX_S. Each poll costs the
+# API server and the EngineCore a little CPU; at a fixed 20 ms that was ~50 calls a second
+# beside a loaded engine (one per engine step), which on a 2-core machine slowed inference
+# with a job present even when no training ran in loaded steps (share 0). A cancel does
+# not wait for the next poll (the wait ends on it).
 ENGINE_POLL_S = 0.02
+ENGINE_POLL_MAX_S = 0.5
 JOB_RECORD = "job.json"
 MAX_PERSISTED_EVENTS = 200
 
@@ -185,6 +193,9 @@ class Job:
     # checkpoint (coserve_worker.CHECKPOINT_EVERY_S) trains some steps again; they count once.
     recorded_step: int = 0
     cancel_requested: threading.Event = field(default_factory=threading.Event)
+    started: bool = False  # its first step began (a resumed job is "running" again, else "queued")
+    # Wakes the job's driver / training thread at once: cancel, pause, resume.
+    wake: threading.Event = field(default_factory=threading.Event)
     # Training inputs, dropped when the job ends.
     lora: Any = None
     batches: list | None = None
@@ -575,14 +586,46 @@ class FineTuningJobs:
                 raise ApiError(400, f"fine-tuning job {job_id} has already {job.status} and cannot be cancelled",
                                param="fine_tuning_job_id")
             job.cancel_requested.set()
-            was_running = job.status == "running"
+            job.wake.set()
             job.status = "cancelled"
             job.estimated_finish = None
-            if was_running:
+            if job.started:
                 self._event(job, "Cancellation requested: the job stops after its current step")
             else:
                 self._finish(job, f"Job cancelled before it started; {job.fine_tuned_model} keeps serving version 0")
             return job.to_openai()
+
+    # -- pause / resume ----------------------------------------------------------------------
+    def pause(self, job_id: str) -> dict:
+        """Pause a queued or running job: it stops after the engine step (or, trained in this
+        process, the optimizer step) in progress, keeps its weights, optimizer state and place
+        in the data, and gives its activation memory back; its versions keep serving."""
+        return self._set_paused(job_id, True)
+
+    def resume(self, job_id: str) -> dict:
+        """Resume a paused job where it stopped."""
+        return self._set_paused(job_id, False)
+
+    def _set_paused(self, job_id: str, paused: bool) -> dict:
+        job = self._job(job_id)
+        with self._lock:
+            allowed = ("queued", "running") if paused else ("paused",)
+            if job.status not in allowed:
+                raise ApiError(400, f"fine-tuning job {job_id} is {job.status} and cannot be "
+                               f"{'paused' if paused else 'resumed'} (only {' or '.join(allowed)} jobs can)",
+                               param="fine_tuning_job_id")
+            if paused:
+                job.status = "paused"
+                job.estimated_finish = None
+                self._event(job, f"Job paused after step {job.recorded_step}; "
+                            f"{job.fine_tuned_model} keeps serving step {job.published_step}")
+            else:
+                job.status = "running" if job.started else "queued"
+                self._event(job, f"Job resumed at step {job.recorded_step}")
+            job.wake.set()
+            answer = job.to_openai()
+        self._persist(job)
+        return answer
 
     # -- the training thread -----------------------------------------------------------------
     def _start_thread(self) -> None:
@@ -647,15 +690,21 @@ class FineTuningJobs:
         from .trainer import LoraTrainer
 
         with self._lock:
-            if job.status != "queued":
+            if job.status not in ("queued", "paused"):
                 return
-            job.status = "running"
+            job.started = True
+            if job.status == "queued":
+                job.status = "running"
             self._event(job, "Fine-tuning job started")
         try:
             base = self._base_weights()
             torch.manual_seed(job.seed)  # LoRA dropout draws from the global generator
             trainer = LoraTrainer(base, job.lora, job.settings)
             while trainer.steps_done < job.total_steps and not job.cancel_requested.is_set():
+                if job.status == "paused":
+                    job.wake.wait()
+                    job.wake.clear()
+                    continue
                 record = trainer.step(job.batches[trainer.steps_done % len(job.batches)])
                 if not math.isfinite(record.loss):
                     self._fail(job, "training_diverged", f"training loss is {record.loss} at step {record.step} "
@@ -756,14 +805,19 @@ class FineTuningJobs:
             base_model=self.engine.model_dir, resume=resume,
         ))
         with self._lock:
-            if job.status != "queued":
+            if job.status not in ("queued", "paused"):
                 return
+            spec["paused"] = sent_paused = job.status == "paused"
         self._on_loop(self.engine_call("submit", spec))
-        after, cancel_sent = 0, False
+        after, cancel_sent, interval = 0, False, ENGINE_POLL_S
         while True:
             if job.cancel_requested.is_set() and not cancel_sent:
                 self._on_loop(self.engine_call("cancel", {"job_id": job.id}))
-                cancel_sent = True
+                cancel_sent, interval = True, ENGINE_POLL_S
+            elif not cancel_sent and (job.status == "paused") != sent_paused:
+                sent_paused = not sent_paused
+                self._on_loop(self.engine_call("pause" if sent_paused else "resume", {"job_id": job.id}))
+                interval = ENGINE_POLL_S
             reply = self._on_loop(self.engine_call("poll", {"job_id": job.id, "after": after}))
             after = reply["next"]
             for event in reply["events"]:
@@ -771,6 +825,12 @@ class FineTuningJobs:
                 kind = event["kind"]
                 if kind == "started":
                     with self._lock:
+                        job.started = True
+                        if step > job.recorded_step and "trained_tokens" in data:
+                            # Resumed past what this server recorded (the last one went down
+                            # before it saw those steps' events): they count now, once.
+                            job.trained_tokens = max(job.trained_tokens, data["trained_tokens"])
+                            job.recorded_step = step
                         if job.status == "queued":
                             job.status = "running"
                         self._event(job, f"Fine-tuning job started in the engine at step {step} "
@@ -813,9 +873,11 @@ class FineTuningJobs:
                         self._finish(job, f"Fine-tuning job succeeded: {job.fine_tuned_model} serves step "
                                      f"{job.published_step}")
                     return
-            if reply["status"] not in ("queued", "running"):
+            if reply["status"] not in ("queued", "running", "paused"):
                 return
-            time.sleep(ENGINE_POLL_S)
+            interval = ENGINE_POLL_S if reply["events"] else min(2 * interval, ENGINE_POLL_MAX_S)
+            job.wake.wait(interval)
+            job.wake.clear()
 
     def _on_loop(self, coro) -> Any:
         """Run a coroutine on the server's event loop and wait for its result (from a training thread)."""
@@ -878,8 +940,9 @@ class FineTuningJobs:
 
         Every job's last published version is served again under its names. A job that was
         queued or running resumes inside the engine from its last checkpoint (optimizer
-        state included: trainer_state.pt), or from step 0 when it had none; without an
-        engine it is marked failed, saying why.
+        state included: trainer_state.pt), or from step 0 when it had none; a paused one is
+        handed to the engine paused and does so once resumed; without an engine either is
+        marked failed, saying why.
         """
         import json
 
@@ -935,8 +998,12 @@ class FineTuningJobs:
                                  f"{job.fine_tuned_model} keeps serving step {job.published_step}"}
                     self._finish(job, job.error["message"], level="error")
                 continue
-            job.status = "queued"
-            self._event(job, "Server restarted: resuming " + ("from the last checkpoint" if resume else "from step 0"))
+            where = "from the last checkpoint" if resume else "from step 0"
+            if job.status == "paused":  # it stays paused; once resumed it trains on from there
+                self._event(job, f"Server restarted: the job stays paused (it resumes {where})")
+            else:
+                job.status = "queued"
+                self._event(job, "Server restarted: resuming " + where)
             self._persist(job)
             driver = threading.Thread(target=self._train, args=(job, resume), name=f"vllm-slora-{job.id}",
                                       daemon=True)
