@@ -19,15 +19,21 @@ arrival rates: idle (no traffic), moderate and heavy. It reports, against the is
   has (copy a PEFT dir, POST /v1/load_lora_adapter, first request; the HF loop's
   save_pretrained time is reported too).
 
-One server start (the HF loop runs next to the same server, which then has no job), in order:
+One server start; the conditions are interleaved in time, because this 2-core VM drifts by
++-15 % in TPOT over minutes (an earlier layout measured "no job" first and every job
+condition later, and read that drift as the job's cost):
   1. warm-up (one request per adapter), calibration burst -> capacity in req/s;
      moderate = 0.35 x capacity, heavy = 0.75 x capacity (or --moderate-rate / --heavy-rate);
-  2. no job: the moderate and heavy traces;
-  3. the co-served job: an idle window, then the same two traces; the two traces again at
-     each --more-slacks training share (set while serving, POST /v1/fine_tuning/coserve:
-     the 1.5x goal is met if some share meets it); a publish probe; cancel;
-  4. the disk path, --disk-repeats times;
-  5. the HF + PEFT process: an idle window, then the same two traces; stopped.
+  2. the co-served job is created and the HF + PEFT process started; both stay resident (their
+     memory held) to the end, and each window sets which one trains (`Trainers`): "no_job"
+     (the job paused through POST .../pause, the HF process SIGSTOPped), "coserve" (the job at
+     the server's share), "coserve@<slack>" (at each --more-slacks share, set while serving:
+     POST /v1/fine_tuning/coserve; the 1.5x goal is met if some share meets it) or "hf_side"
+     (the HF loop, the job paused);
+  3. idle: the job alone and the HF loop alone, --rounds windows each, alternating;
+  4. each rate: --rounds rounds, each a window per condition (replaying that round's trace), in
+     order in even rounds and reversed in odd ones; a condition's figures pool its windows;
+  5. a publish probe with the job running; cancel; the disk path, --disk-repeats times.
 A window's trained tokens/s = tokens of the optimizer steps finished inside it / its length
 (the job's trained_tokens is polled every 0.25 s; the HF process logs every step). A replay
 window runs from the first arrival to the last completion.
@@ -53,6 +59,7 @@ import math
 import os
 import shlex
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -344,6 +351,13 @@ class HFProcess:
                 raise RuntimeError(f"the HF trainer made fewer than {steps} steps in {timeout_s:.0f} s")
             time.sleep(0.5)
 
+    def pause(self) -> None:
+        """Freeze the loop (SIGSTOP): it keeps its memory and takes no CPU until resume()."""
+        os.killpg(self.process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.killpg(self.process.pid, signal.SIGCONT)
+
     def stop(self, timeout_s: float = 120.0) -> dict:
         """Ask the loop to stop (it then times save_pretrained); returns its 'saved' line."""
         self.stop_file.touch()
@@ -357,6 +371,48 @@ class HFProcess:
 
 
 # -- against the server ----------------------------------------------------------------------------
+SETTLE_S = 1.0  # after a switch: the engine step (at most 0.5 s idle) or HF step in progress is not the window's
+
+
+class Trainers:
+    """What trains during a window: the co-served job (paused / resumed through the fine-tuning
+    API; at a share set with POST /v1/fine_tuning/coserve), the HF + PEFT process (SIGSTOP /
+    SIGCONT), or neither ("no_job"). Both stay resident (their memory held) throughout."""
+
+    def __init__(self, client, base_url: str, job_id: str, server_slack: float) -> None:
+        self.client, self.base_url, self.job_id = client, base_url, job_id
+        self.server_slack = self.slack = server_slack
+        self.hf: HFProcess | None = None
+        self.job_running = True
+
+    def set(self, condition: str) -> None:
+        share = self.server_slack if condition == "coserve" else (
+            float(condition[len(SLACK_PREFIX):]) if condition.startswith(SLACK_PREFIX) else None)
+        if self.hf is not None and condition != "hf_side":
+            self.hf.pause()
+        if share is None and self.job_running:
+            self.client.fine_tuning.jobs.pause(self.job_id)
+            self._wait_paused(1)
+            self.job_running = False
+        if share is not None and share != self.slack:
+            coserve_state(self.base_url, {"slack": share})
+            self.slack = share
+        if share is not None and not self.job_running:
+            self.client.fine_tuning.jobs.resume(self.job_id)
+            self._wait_paused(0)
+            self.job_running = True
+        if condition == "hf_side":
+            self.hf.resume()
+        time.sleep(SETTLE_S)
+
+    def _wait_paused(self, count: int) -> None:
+        deadline = time.monotonic() + 120
+        while coserve_state(self.base_url)["paused"] != count:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the engine did not report {count} paused job(s) within 120 s")
+            time.sleep(0.05)
+
+
 class Poller:
     """Samples (time.time(), value()) every `interval_s` in a thread: the co-served job's trained_tokens."""
 
@@ -433,11 +489,16 @@ def coserve_state(base_url: str, settings: dict | None = None) -> dict:
         return json.loads(resp.read().decode())
 
 
+# The co-serving state's gauges (not counters): a window keeps their value at its end.
+STATE_GAUGES = ("slack", "credit", "inference_s", "period_s", "unit_s", "active", "paused", "loan_blocks", "loan_bytes")
+STATE_COUNTERS = ("steps", "loaded_steps", "units", "seconds", "loaded_seconds", "inference_seconds",
+                  "loaded_cost_seconds", "cut_short", "loans", "loan_recalls")
+
+
 def state_change(before: dict, after: dict) -> dict:
     """What the planner's counters did during a window (numbers: difference; the rest: as after)."""
     return {k: round(after[k] - before[k], 4) if isinstance(after[k], (int, float)) and not isinstance(after[k], bool)
-            and k in before and k not in ("slack", "credit", "inference_s", "period_s", "unit_s", "active",
-                                         "loan_blocks", "loan_bytes") else after[k] for k in after}
+            and k in before and k not in STATE_GAUGES else after[k] for k in after}
 
 
 def first_request_s(base_url: str, model: str) -> float:
@@ -449,57 +510,98 @@ def first_request_s(base_url: str, model: str) -> float:
     return time.perf_counter() - started
 
 
-def replay(trace, base_url: str, deadline_s: float) -> tuple[dict, float, float]:
-    """Replay `trace`; (compact summary, window start, window end) on the time.time() clock."""
-    from vllm_slora.bench.metrics import summarize
+def replay_records(trace, base_url: str, deadline_s: float) -> tuple[list, float, float]:
+    """Replay `trace`; (request records, window start, window end) on the time.time() clock."""
     from vllm_slora.bench.replay import replay_trace
     from vllm_slora.bench.systems import BASE_MODEL_NAME
 
     t0 = time.time()
     result = asyncio.run(replay_trace(trace, base_url, BASE_MODEL_NAME, deadline_s=deadline_s))
-    summary = summarize(result.records, result.wall_s)
+    return result.records, t0, t0 + result.wall_s
+
+
+def compact_summary(records: Sequence, wall_s: float) -> dict:
+    from vllm_slora.bench.metrics import summarize
+
+    summary = summarize(records, wall_s)
     keep = ("requests", "completed", "errors", "error_kinds", "error_examples", "wall_s", "throughput_req_s",
             "throughput_tok_s", "ttft_s", "tpot_s", "latency_s", "slo_attainment")
-    return {k: summary[k] for k in keep}, t0, t0 + result.wall_s
+    return {k: summary[k] for k in keep}
 
 
-def phase(label: str, rate: float, trace, base_url: str, args, samples: Callable[[], list] | None,
-          cpu: CpuMeter, planner: Callable[[], dict] | None = None) -> dict:
-    """One window: the trace replayed (or, idle, a sleep), and the trained tokens/s inside it
-    (`planner`: the co-serving state, whose change over the window is kept too)."""
+def replay(trace, base_url: str, deadline_s: float) -> tuple[dict, float, float]:
+    """Replay `trace`; (compact summary, window start, window end) on the time.time() clock."""
+    records, t0, t1 = replay_records(trace, base_url, deadline_s)
+    return compact_summary(records, t1 - t0), t0, t1
+
+
+def round_orders(conditions: Sequence[str], rounds: int) -> list[list[str]]:
+    """The order of the conditions' windows in each round: as given, then reversed, and so on.
+    Over two rounds every condition has the same mean position in time, so a drift of the
+    machine that is linear in time (seen here: +-15 % TPOT over 10 minutes) weighs on each alike."""
+    return [list(conditions) if i % 2 == 0 else list(reversed(conditions)) for i in range(rounds)]
+
+
+def window(condition: str, label: str, trace, base_url: str, seconds: float, cpu: CpuMeter,
+           samples: Callable[[], list] | None, planner: Callable[[], dict] | None) -> dict:
+    """One window of one condition: `trace` replayed (or, idle, a sleep of `seconds`), the CPU its
+    process trees used, the co-serving state's change and the trained tokens inside it."""
     planner_before = planner() if planner else None
     cpu_before, load_before = cpu.read(), os.getloadavg()[0]
     if trace:
-        summary, t0, t1 = replay(trace, base_url, deadline_s=args.phase_seconds + max(30.0, args.phase_seconds))
+        records, t0, t1 = replay_records(trace, base_url, deadline_s=seconds + max(30.0, seconds))
     else:
-        summary, t0 = None, time.time()
-        time.sleep(args.phase_seconds)
+        records, t0 = [], time.time()
+        time.sleep(seconds)
         t1 = time.time()
     cpu_after = cpu.read()
-    out = {"rate_label": label, "request_rate": rate, "window_s": round(t1 - t0, 3), "inference": summary,
-           **latency_figures(summary),
-           # Cores kept busy during the window (CPU seconds / wall seconds), per process tree.
-           "cpu_cores_busy": {k: round((cpu_after[k] - v) / max(t1 - t0, 1e-9), 2)
-                              for k, v in cpu_before.items() if k in cpu_after},
-           "load_average_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
-    if planner_before is not None:
-        out["planner"] = state_change(planner_before, planner())
+    out = {"condition": condition, "rate_label": label, "t0": t0, "t1": t1, "records": records,
+           "cpu_s": {k: cpu_after[k] - v for k, v in cpu_before.items() if k in cpu_after},
+           "load_average_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+           "planner": state_change(planner_before, planner()) if planner_before is not None else None,
+           "trained_tokens": None}
     if samples is not None:
         time.sleep(0.5)  # the sampler's next reading covers the window's end
-        s = samples()
-        out["trained_tokens"] = tokens_in_window(s, t0, t1)
-        out["trained_tok_s"] = window_rate(s, t0, t1)
+        out["trained_tokens"] = tokens_in_window(samples(), t0, t1)
     return out
 
 
-def show_phase(condition: str, result: dict) -> None:
+def pool(windows: Sequence[dict], rate: float) -> dict:
+    """One condition's windows at one rate as one phase: latency percentiles over all their
+    requests, trained tokens / s over their summed length, counters summed; each window's own
+    figures are kept too."""
+    wall = sum(w["t1"] - w["t0"] for w in windows)
+    records = [r for w in windows for r in w["records"]]
+    summary = compact_summary(records, wall) if records else None
+    tokens = [w["trained_tokens"] for w in windows]
+    trained = None if None in tokens or not windows else sum(tokens)
+    planners = [w["planner"] for w in windows if w["planner"]]
+    out = {"rate_label": windows[0]["rate_label"], "request_rate": rate, "window_s": round(wall, 3),
+           "inference": summary, **latency_figures(summary),
+           "cpu_cores_busy": {k: round(sum(w["cpu_s"].get(k, 0.0) for w in windows) / max(wall, 1e-9), 2)
+                              for k in windows[0]["cpu_s"]},
+           "load_average_1m": [windows[0]["load_average_1m"][0], windows[-1]["load_average_1m"][1]],
+           "windows": [{"t0": round(w["t0"], 2), "t1": round(w["t1"], 2), "trained_tokens": w["trained_tokens"],
+                        **latency_figures(compact_summary(w["records"], w["t1"] - w["t0"]) if w["records"] else None)}
+                       for w in windows]}
+    if planners:
+        out["planner"] = {k: round(sum(p[k] for p in planners), 4) if isinstance(planners[-1][k], (int, float))
+                          and not isinstance(planners[-1][k], bool) and k in STATE_COUNTERS else planners[-1][k]
+                          for k in planners[-1]}
+    if trained is not None:
+        out["trained_tokens"] = trained
+        out["trained_tok_s"] = trained / wall if wall > 0 else None
+    return out
+
+
+def show_window(w: dict) -> None:
     fmt = lambda v, scale=1.0: "-" if v is None else f"{v * scale:.1f}"
-    inf = result.get("inference") or {}
-    print(f"[{condition:8s} {result['rate_label']:8s} {result['request_rate']:6.3f} req/s] "
-          f"trained {fmt(result.get('trained_tok_s'))} tok/s | TTFT p50/p99 {fmt(result['ttft_p50'], 1e3)}/"
-          f"{fmt(result['ttft_p99'], 1e3)} ms | TPOT p50/p99 {fmt(result['tpot_p50'], 1e3)}/"
-          f"{fmt(result['tpot_p99'], 1e3)} ms | {inf.get('completed', '-')}/{inf.get('requests', '-')} ok | "
-          f"cores busy {result['cpu_cores_busy']}, load {result['load_average_1m']}", flush=True)
+    length = w["t1"] - w["t0"]
+    lat = latency_figures(compact_summary(w["records"], length) if w["records"] else None)
+    tok_s = None if w["trained_tokens"] is None else w["trained_tokens"] / max(length, 1e-9)
+    print(f"[{w['condition']:13s} {w['rate_label']:8s} {length:5.1f} s] trained {fmt(tok_s)} tok/s | TTFT p50/p99 "
+          f"{fmt(lat['ttft_p50'], 1e3)}/{fmt(lat['ttft_p99'], 1e3)} ms | TPOT p50/p99 {fmt(lat['tpot_p50'], 1e3)}/"
+          f"{fmt(lat['tpot_p99'], 1e3)} ms | {len(w['records'])} requests | load {w['load_average_1m']}", flush=True)
 
 
 def all_events(client, job_id: str) -> list[dict]:
@@ -518,7 +620,6 @@ def probe_publishes(client, base_url: str, job, count: int, timeout_s: float) ->
     def steps_with(key: str) -> dict[int, dict]:
         return {e["data"]["step"]: e["data"] for e in all_events(client, job.id) if key in (e.get("data") or {})}
 
-    seen = set(steps_with("publish_seconds"))
     stream_s, stop = [], threading.Event()
 
     def stream() -> None:
@@ -529,6 +630,9 @@ def probe_publishes(client, base_url: str, job, count: int, timeout_s: float) ->
     streamer.start()
     out, deadline = [], time.monotonic() + timeout_s
     try:
+        while not stream_s and time.monotonic() < deadline:  # requests are flowing before the first probe
+            time.sleep(0.01)
+        seen = set(steps_with("publish_seconds"))
         while len(out) < count and time.monotonic() < deadline:
             published = {k: v for k, v in steps_with("publish_seconds").items() if k not in seen}
             served = steps_with("first_request_seconds")
@@ -790,17 +894,13 @@ def run(args) -> int:
         moderate, heavy = choose_rates(calibration and calibration["capacity_req_s"], args.moderate_factor,
                                        args.heavy_factor, args.moderate_rate, args.heavy_rate)
         rates = {"idle": 0.0, "moderate": moderate, "heavy": heavy}
-        traces = {r: generate_trace(workload(args, rates[r], max(1, round(rates[r] * args.phase_seconds)),
-                                             seed=args.seed + i), names)
-                  for i, r in enumerate(LOADED, start=1)}
-        traces["idle"] = []
+        window_s = args.phase_seconds / args.rounds
+        # One trace per rate and round; every condition replays the round's trace.
+        traces = {(r, i): generate_trace(workload(args, rates[r], max(1, round(rates[r] * window_s)),
+                                                  seed=args.seed + 10 * k + i), names)
+                  for k, r in enumerate(LOADED, start=1) for i in range(args.rounds)}
 
-        # 2. no job
-        for r in LOADED:
-            phases["no_job"][r] = phase(r, rates[r], traces[r], base_url, args, None, cpu)
-            show_phase("no job", phases["no_job"][r])
-
-        # 3. the co-served job
+        # 2. the co-served job and the HF + PEFT process, both resident from here on
         with open(data, "rb") as f:
             uploaded = client.files.create(file=f, purpose="fine-tune")
         t_create = time.monotonic()
@@ -813,6 +913,9 @@ def run(args) -> int:
                                                  "learning_rate": args.lr, "truncate": True}})
         job_info = {"id": job.id, "fine_tuned_model": job.fine_tuned_model, "create_s": round(time.monotonic() - t_create, 2)}
         poller = Poller(lambda: client.fine_tuning.jobs.retrieve(job.id).trained_tokens)
+        hf = None
+        state = functools.partial(coserve_state, base_url)
+        server_slack = state()["slack"]
         try:
             deadline = time.monotonic() + 600
             while not poller.samples() or poller.samples()[-1][1] < 2 * args.seq_len:  # two steps: warm
@@ -821,28 +924,59 @@ def run(args) -> int:
                     raise RuntimeError(f"the co-served job did not start training: {current.status} {current.error}")
                 time.sleep(0.5)
             job_info["first_steps_s"] = round(time.monotonic() - t_create, 2)
-            state = functools.partial(coserve_state, base_url)
-            for r in RATE_LABELS:
-                phases["coserve"][r] = phase(r, rates[r], traces[r], base_url, args, poller.samples, cpu, state)
-                show_phase("co-serve", phases["coserve"][r])
-            # The same job at other training shares, set while serving (the operator's knob).
-            server_slack = state()["slack"]
-            try:
-                for slack in args.more_slacks:
-                    condition = f"{SLACK_PREFIX}{slack:g}"
-                    coserve_state(base_url, {"slack": slack})
-                    phases[condition] = {}
-                    for r in LOADED:
-                        phases[condition][r] = phase(r, rates[r], traces[r], base_url, args, poller.samples, cpu,
-                                                     state)
-                        show_phase(condition, phases[condition][r])
-            finally:
-                coserve_state(base_url, {"slack": server_slack})
+            trainers = Trainers(client, base_url, job.id, server_slack)
+            trainers.set("no_job")
+            if not args.skip_hf:
+                hf = HFProcess(args, data, work)
+                cpu.roots["hf_trainer"] = hf.process.pid
+                hf.wait_steps(2, timeout_s=900)
+                hf_info = hf.info()
+                trainers.hf = hf
+                trainers.set("no_job")
+            conditions = ["no_job", "coserve", *(f"{SLACK_PREFIX}{slack:g}" for slack in args.more_slacks),
+                          *(["hf_side"] if hf else [])]
+            samples = {"hf_side": hf.samples if hf else None}
+            windows = []
+
+            def measure(condition: str, label: str, trace) -> None:
+                trainers.set(condition)
+                job_side = condition != "hf_side"
+                windows.append(window(condition, label, trace, base_url, window_s, cpu,
+                                      samples.get(condition, poller.samples), state if job_side else None))
+                show_window(windows[-1])
+
+            # 3. idle: the job alone, the HF loop alone
+            for order in round_orders(["coserve", *(["hf_side"] if hf else [])], args.rounds):
+                for condition in order:
+                    measure(condition, "idle", None)
+            # 4. each rate: every condition in each round, in order then reversed
+            for r in LOADED:
+                for i, order in enumerate(round_orders(conditions, args.rounds)):
+                    for condition in order:
+                        measure(condition, r, traces[(r, i)])
+            for condition in {w["condition"] for w in windows}:
+                phases.setdefault(condition, {})
+                for r in RATE_LABELS:
+                    chosen = [w for w in windows if w["condition"] == condition and w["rate_label"] == r]
+                    if chosen:
+                        phases[condition][r] = pool(chosen, rates[r])
+            trainers.set("coserve")
             probes = probe_publishes(client, base_url, job, args.publish_probes, timeout_s=max(120.0, 20 * args.publish_probes))
         finally:
             poller.close()
+            if hf is not None:
+                hf.resume()
+                saved = hf.stop()
+                steps = hf.lines()
+                losses = [d["loss"] for d in steps if "loss" in d]
+                hf_info.update(steps=len(losses), first_loss=losses[0] if losses else None,
+                               last_loss=losses[-1] if losses else None, exit_code=hf.process.returncode,
+                               log=str(hf.log_path))
+                publish["hf_save_pretrained_s"] = saved.get("save_seconds")
+                cpu.roots.pop("hf_trainer", None)
+            coserve_state(base_url, {"slack": server_slack})
             status = client.fine_tuning.jobs.cancel(job.id).status if \
-                client.fine_tuning.jobs.retrieve(job.id).status in ("queued", "running") else None
+                client.fine_tuning.jobs.retrieve(job.id).status in ("queued", "running", "paused") else None
             deadline = time.monotonic() + 300
             while (current := client.fine_tuning.jobs.retrieve(job.id)).finished_at is None:
                 if time.monotonic() > deadline:
@@ -863,6 +997,11 @@ def run(args) -> int:
         problems += check_job_events(events, args.publish_every)
         if current.status != "cancelled":
             problems.append(f"the job ended {current.status}, not cancelled: {current.error}")
+        untrained = {r: phase["trained_tokens"] for r, phase in phases.get("no_job", {}).items()
+                     if phase.get("trained_tokens")}
+        if untrained:  # a paused job's step in progress may end just inside a window: 1 step at most
+            problems.append(f"the job trained while paused (no_job windows, tokens): {untrained}")
+
         publish["coserve"] = {
             "publishes": len(published),
             "update_to_servable_s": distribution([e["data"].get("update_to_servable_seconds") for e in published]),
@@ -882,7 +1021,7 @@ def run(args) -> int:
                     "api_loads: the API server's own loads afterwards (in place, then <name>:step-N).",
         }
 
-        # 4. the disk path
+        # 5. the disk path
         served = {m.id: getattr(m, "root", None) for m in client.models.list()}
         source = served.get(job.fine_tuned_model)
         if not source or not Path(source).is_dir():
@@ -895,26 +1034,6 @@ def run(args) -> int:
                                        for k in ("copy_s", "load_s", "first_request_s", "total_s")}}
         else:
             problems.append("no published adapter directory found for the disk path")
-
-        # 5. the HF + PEFT side process
-        if not args.skip_hf:
-            hf = HFProcess(args, data, work)
-            cpu.roots["hf_trainer"] = hf.process.pid
-            try:
-                hf.wait_steps(2, timeout_s=900)
-                hf_info = hf.info()
-                for r in RATE_LABELS:
-                    phases["hf_side"][r] = phase(r, rates[r], traces[r], base_url, args, hf.samples, cpu)
-                    show_phase("HF side", phases["hf_side"][r])
-            finally:
-                saved = hf.stop()
-            steps = hf.lines()
-            losses = [d["loss"] for d in steps if "loss" in d]
-            hf_info.update(steps=len(losses), first_loss=losses[0] if losses else None,
-                           last_loss=losses[-1] if losses else None, exit_code=hf.process.returncode,
-                           log=str(hf.log_path))
-            publish["hf_save_pretrained_s"] = saved.get("save_seconds")
-            cpu.roots.pop("hf_trainer", None)
         if not server.is_running():
             problems.append("the server died during the run:\n" + server.log_tail(40))
         client.close()
@@ -964,7 +1083,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="smoke run (~5 min): short phases, fewer adapters")
     parser.add_argument("--model", help="base model folder (default: the embedded SmolLM2-135M-Instruct)")
     g = parser.add_argument_group("workload")
-    g.add_argument("--phase-seconds", type=float, help="length of each rate's trace / idle window (default 60; quick 15)")
+    g.add_argument("--phase-seconds", type=float,
+                   help="seconds of each condition at each rate, over all rounds (default 60; quick 15)")
+    g.add_argument("--rounds", type=int, default=2,
+                   help="windows per condition and rate, interleaved with the other conditions' (default 2)")
     g.add_argument("--moderate-rate", type=float, help="req/s (default: --moderate-factor x calibrated capacity)")
     g.add_argument("--heavy-rate", type=float, help="req/s (default: --heavy-factor x calibrated capacity)")
     g.add_argument("--moderate-factor", type=float, default=0.35)
@@ -985,9 +1107,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--train-lines", type=int, help="training examples (default 256; quick 64)")
     g.add_argument("--words-per-line", type=int, default=320, help="> --seq-len, so every example is cut to it")
     g.add_argument("--slack", type=float, help="slora finetune_slack (default: the server's, 0.05)")
-    g.add_argument("--more-slacks", type=lambda text: [float(x) for x in text.split(",") if x], default=[0.25, 0.5],
-                   help="comma-separated: the co-served job's loaded phases again at each of these slacks, "
-                        "set while serving (default 0.25,0.5; '' for none)")
+    g.add_argument("--more-slacks", type=lambda text: [float(x) for x in text.split(",") if x], default=[0.25],
+                   help="comma-separated: more co-served conditions, the job at each of these slacks "
+                        "(set while serving; default 0.25; '' for none)")
     g.add_argument("--skip-hf", action="store_true", help="no HF + PEFT baseline")
     g.add_argument("--hf-threads", type=int, default=0, help="torch threads of the HF loop (default 0: torch's default)")
     g = parser.add_argument_group("server and output")
@@ -1005,8 +1127,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for key, (normal, quick) in DEFAULTS.items():
         if getattr(args, key) is None:
             setattr(args, key, quick if args.quick else normal)
-    if args.phase_seconds <= 0 or args.num_adapters < 1 or args.calibration_requests < 1:
-        parser.error("--phase-seconds, --num-adapters and --calibration-requests must be positive")
+    if args.phase_seconds <= 0 or args.num_adapters < 1 or args.calibration_requests < 1 or args.rounds < 1:
+        parser.error("--phase-seconds, --rounds, --num-adapters and --calibration-requests must be positive")
     if args.words_per_line <= args.seq_len:
         parser.error("--words-per-line must exceed --seq-len (every example is cut to --seq-len tokens)")
     return args

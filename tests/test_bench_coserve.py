@@ -180,3 +180,36 @@ def test_log_problems_are_those_before_the_shutdown(tmp_path):
     ]))
     assert bench.log_problems(log) == ["(EngineCore pid=1) ERROR 12-01 09:41:00 [core.py:2] a unit failed"]
     assert bench.log_problems(tmp_path / "missing.log") == []
+
+
+def test_round_orders_balance_each_condition_in_time():
+    orders = bench.round_orders(["a", "b", "c"], 4)
+    assert orders == [["a", "b", "c"], ["c", "b", "a"], ["a", "b", "c"], ["c", "b", "a"]]
+    positions = {c: sum(order.index(c) for order in orders) for c in "abc"}
+    assert len(set(positions.values())) == 1  # the same mean position: a linear drift weighs on each alike
+    assert bench.round_orders(["a", "b"], 1) == [["a", "b"]]
+
+
+def test_pool_takes_percentiles_over_all_windows_requests_and_tokens_over_their_length():
+    from vllm_slora.bench.metrics import RequestRecord
+
+    def record(i, ttft):
+        return RequestRecord(id=str(i), adapter="a", scheduled_s=0.0, sent_s=0.0, first_token_s=ttft,
+                             finished_s=ttft + 0.4, prompt_tokens=3, output_tokens=5)
+
+    fast = [record(i, 0.1) for i in range(99)]
+    slow = [record(99, 2.0)]
+    windows = [
+        {"condition": "coserve", "rate_label": "heavy", "t0": 0.0, "t1": 10.0, "records": fast, "cpu_s": {"server": 15.0},
+         "load_average_1m": [1.0, 1.5], "planner": {"steps": 3, "units": 10, "slack": 0.05}, "trained_tokens": 512},
+        {"condition": "coserve", "rate_label": "heavy", "t0": 30.0, "t1": 40.0, "records": slow, "cpu_s": {"server": 5.0},
+         "load_average_1m": [1.5, 2.0], "planner": {"steps": 1, "units": 4, "slack": 0.25}, "trained_tokens": 256},
+    ]
+    out = bench.pool(windows, rate=5.0)
+    assert out["window_s"] == 20.0 and out["trained_tokens"] == 768 and out["trained_tok_s"] == 768 / 20
+    assert out["inference"]["requests"] == 100 and out["ttft_p50"] == pytest.approx(0.1)
+    assert out["ttft_p99"] > 0.1  # the slow window's request is in the pooled tail
+    assert out["cpu_cores_busy"] == {"server": 1.0} and out["load_average_1m"] == [1.0, 2.0]
+    assert out["planner"] == {"steps": 4, "units": 14, "slack": 0.25}  # counters summed, gauges as at the end
+    assert [w["ttft_p50"] for w in out["windows"]] == [pytest.approx(0.1), pytest.approx(2.0)]
+    assert "trained_tokens" not in bench.pool([{**windows[0], "trained_tokens": None}], rate=5.0)
