@@ -129,10 +129,10 @@ EngineCall = Callable[[str, dict], Awaitable[dict]]
 # The driver thread polls the engine for a job's events (an EngineCore utility call, answered
 # between steps): soon again right after events (a step's publish follows it), then less and
 # less often while nothing comes, down to once per ENGINE_POLL_MAX_S. Each poll costs the
-# API server and the EngineCore a little CPU; at a fixed 20 ms that was ~50 calls a second
-# beside a loaded engine (one per engine step), which on a 2-core machine slowed inference
-# with a job present even when no training ran in loaded steps (share 0). A cancel does
-# not wait for the next poll (the wait ends on it).
+# API server and the EngineCore a little CPU; a fixed 20 ms made one call per engine step
+# under load. (Suspected of the job's latency cost at share 0, which interleaved runs showed
+# to be this machine's drift over time, not the job: benchmarks/bench_coserve.py.) Cancel,
+# pause and resume do not wait for the next poll (they wake the wait).
 ENGINE_POLL_S = 0.02
 ENGINE_POLL_MAX_S = 0.5
 JOB_RECORD = "job.json"
