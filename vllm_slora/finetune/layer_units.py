@@ -460,17 +460,16 @@ def layer_graph_bytes(tokens: int | Sequence[int], config, lora_rank: int = 0, d
     h, q, i = config.hidden_size, config.q_size, config.intermediate_size
     # q, k, v, the attention output and its [T, q] copy for o_proj: 5 q (GQA: k/v expanded to q's size)
     per_token = 3 * h + 2 + 5 * q + config.num_heads + 2 * config.head_dim + 4 * i
-    per_layer, mask_bytes = 0, 0
+    mask_bytes = 0
     for parts in FUSED_PROJECTIONS if lora_rank else ():
-        rank = lora_rank * len(parts)
-        in_features = config.features(parts[0])[0]
-        out_features = sum(config.features(part)[1] for part in parts)
-        per_token += rank
-        per_layer += rank * (in_features + out_features)
+        per_token += lora_rank * len(parts)
         if dropout:  # the dropped input (fp32) and its mask (bool)
+            in_features = config.features(parts[0])[0]
             per_token += in_features * len(parts)
             mask_bytes += in_features * len(parts)
-    return 4 * (num_tokens * per_token + per_layer) + num_tokens * mask_bytes
+    projections = [part for parts in FUSED_PROJECTIONS for part in parts]
+    fused = fused_lora_bytes(config, dict.fromkeys(projections, lora_rank), projections) if lora_rank else 0
+    return 4 * num_tokens * per_token + fused + num_tokens * mask_bytes
 
 
 def fused_lora_bytes(config, ranks: dict[str, int], projections: Sequence[str]) -> int:
