@@ -224,3 +224,30 @@ def test_a_paused_job_stays_paused_across_a_restart_and_resumed_ends_where_an_un
             assert (ours[key] - theirs[key]).abs().max() <= 1e-6 * theirs[key].abs().max().clamp_min(1e-12), key
 
     asyncio.run(scenario())
+
+
+def test_a_pause_the_engine_refuses_does_not_fail_the_job(tmp_path, tiny_model):
+    """A job that ends in the engine just as it is paused: the engine refuses the pause (the
+    job is gone there); the job still ends as the engine says, not failed."""
+    from vllm_slora.finetune.coserve_planner import TrainingRefused
+
+    async def scenario():
+        engine = InProcessEngine(tiny_model, step_gap_s=0.02)
+
+        async def refusing_pause(action, payload):
+            if action == "pause":
+                raise TrainingRefused(f"job {payload['job_id']} has finished; it can no longer be paused")
+            return await engine.call(action, payload)
+
+        jobs = make_jobs(tmp_path, tiny_model, engine_call=refusing_pause)
+        stored = upload(jobs, jsonl(training_lines()))
+        job = await jobs.create({**BODY, "training_file": stored.id})
+        await wait_until(lambda: jobs.retrieve(job["id"])["trained_tokens"] > 0)
+        assert jobs.pause(job["id"])["status"] == "paused"
+        await wait_until(lambda: jobs.retrieve(job["id"])["status"] != "paused")
+        done = jobs.retrieve(job["id"])
+        assert done["status"] == "succeeded" and done["error"] is None, done
+        jobs.close()
+        engine.stop()
+
+    asyncio.run(scenario())

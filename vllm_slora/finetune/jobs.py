@@ -816,7 +816,12 @@ class FineTuningJobs:
                 cancel_sent, interval = True, ENGINE_POLL_S
             elif not cancel_sent and (job.status == "paused") != sent_paused:
                 sent_paused = not sent_paused
-                self._on_loop(self.engine_call("pause" if sent_paused else "resume", {"job_id": job.id}))
+                try:
+                    self._on_loop(self.engine_call("pause" if sent_paused else "resume", {"job_id": job.id}))
+                except Exception as e:  # e.g. the job ended in the engine meanwhile: the poll tells
+                    from vllm_slora.compat import logger
+
+                    logger.info("vllm-slora: %s of %s not applied: %s", "pause" if sent_paused else "resume", job.id, e)
                 interval = ENGINE_POLL_S
             reply = self._on_loop(self.engine_call("poll", {"job_id": job.id, "after": after}))
             after = reply["next"]
