@@ -88,6 +88,30 @@ def ample_seconds(worker: WorkerTraining) -> float:
     return 4 * per_layer * len(worker.base.layers)
 
 
+class _PassDone:
+    """An arrivals counter that reports a waiting request once the job's pass has ended: a
+    step with all the time in the world (the worker sizes units from the budget left) still
+    stops after one pass, whatever this machine's unit times are."""
+
+    def __init__(self, job) -> None:
+        self.job, self.steps = job, job.trainer.steps_done
+
+    def waiting(self) -> int:
+        return int(self.job.trainer.steps_done > self.steps)
+
+
+def unbounded_pass(worker: WorkerTraining, short_units: bool = False) -> None:
+    """One pass of `job` in one idle step whose budget never runs out."""
+    job = worker.jobs["job"]
+    worker._arrivals = lambda path: _PassDone(job)
+    try:
+        steps = job.trainer.steps_done
+        while job.trainer.steps_done == steps:  # (a pass begun earlier ends first)
+            worker.step(TrainOrder(budget_s=1e6, idle=True, short_units=short_units))
+    finally:
+        del worker._arrivals  # the class's own again
+
+
 def test_an_idle_step_runs_the_whole_loss_in_one_unit_and_a_short_step_small_ones(worker_and_job):
     worker, sizes = worker_and_job
     run_pass(worker, budget_s=0.0)  # nothing timed yet, then one unit per step: LOSS_CHUNK rows each
@@ -97,11 +121,9 @@ def test_an_idle_step_runs_the_whole_loss_in_one_unit_and_a_short_step_small_one
     assert per_chunk > 0
 
     sizes.clear()
-    pass_s = ample_seconds(worker)
-    run_pass(worker, budget_s=4 * pass_s)  # ample time: every loss row in one GEMM (the step may
-    assert sizes[0] == rows                # go on into the next pass while its time lasts)
+    unbounded_pass(worker)  # ample time: every loss row in one GEMM
+    assert sizes == [rows]
 
-    run_pass(worker, budget_s=0.0)  # (the pass the long step may have begun)
     sizes.clear()
     run_pass(worker, budget_s=0.0)  # no time to spare: back to the shortest units
     assert max(sizes) == 8 and sum(sizes) == rows
@@ -121,8 +143,8 @@ def test_mlp_units_take_all_rows_when_idle_and_a_chunk_under_load(worker_and_job
     per_block = [16] * (tokens // 16) + ([tokens % 16] if tokens % 16 else [])
     assert worker.mlp_sizes[-len(per_block) * layers:] == per_block * layers
     worker.mlp_sizes.clear()
-    run_pass(worker, budget_s=ample_seconds(worker))
-    assert tokens in worker.mlp_sizes  # whole blocks
+    unbounded_pass(worker)
+    assert set(worker.mlp_sizes) == {tokens}  # whole blocks
 
 
 def test_right_after_inference_an_idle_step_keeps_its_units_short(worker_and_job):
@@ -133,20 +155,17 @@ def test_right_after_inference_an_idle_step_keeps_its_units_short(worker_and_job
     run_pass(worker, budget_s=0.0)  # time the units
     rows = sum(sizes)
     tokens = worker.jobs["job"].batches[0].num_tokens
-    ample = ample_seconds(worker)
     for short in (True, False):
-        run_pass(worker, budget_s=0.0)  # (finish the pass a long step may have begun)
+        run_pass(worker, budget_s=0.0)  # (finish the pass a step may have begun)
         sizes.clear()
         worker.slice_columns.clear()
         worker.mlp_sizes.clear()
-        steps = worker.jobs["job"].trainer.steps_done
-        while worker.jobs["job"].trainer.steps_done == steps:
-            worker.step(TrainOrder(budget_s=ample, idle=True, short_units=short))
+        unbounded_pass(worker, short_units=short)
         if short:
             assert not sizes and max(worker.slice_columns) == 100, worker.slice_columns
             assert max(worker.mlp_sizes) == 16
         else:
-            assert set(sizes) == {rows} and not worker.slice_columns  # (the step may begin the next pass)
+            assert set(sizes) == {rows} and not worker.slice_columns
             assert set(worker.mlp_sizes) == {tokens}
 
 
