@@ -371,3 +371,82 @@ def test_a_paused_job_runs_nothing_drops_its_graphs_and_resumes_to_the_same_weig
     train_until(worker, a, 3)
     for got, want in zip(a.lora.parameters(), expected, strict=True):
         torch.testing.assert_close(got.detach(), want, rtol=1e-5, atol=1e-6)
+
+
+def validation_examples(vocab: int):
+    return packed_examples(vocab, lengths=(7, 12, 4, 15), seed=9)
+
+
+def hf_validation_loss(tiny_model, adapter_dir, examples) -> float:
+    """HF + PEFT (eval mode) on the published files: the token-mean loss over every example."""
+    import torch
+    from peft import PeftModel
+
+    from tests.finetune.peft_reference import hf_micro_batch_loss, load_hf
+
+    with torch.no_grad():
+        return hf_micro_batch_loss(PeftModel.from_pretrained(load_hf(tiny_model), str(adapter_dir)), examples).item()
+
+
+@pytest.mark.parametrize("units", ["idle-whole-units", "short-units"])
+def test_each_published_version_is_validated_with_hf_peft_loss_and_training_is_unchanged(tiny_model, tmp_path, units,
+                                                                                         monkeypatch):
+    """A job with validation micro-batches validates every published step (forward-only units,
+    the loss in vocabulary slices when units must be short): the loss over the whole set equals
+    HF + PEFT's on the published files, the job ends after its last validation, and its weights
+    equal those of the same job without validation."""
+    import torch
+
+    from vllm_slora.finetune.coserve_worker import VALIDATION_BATCHES_FILE
+
+    config = DecoderConfig.from_hf(tiny_model)
+    examples = validation_examples(config.vocab_size)
+    batches = pack_examples(examples, batch_tokens=20)
+    assert len(batches) >= 2  # the whole set takes several evaluation passes
+    evaluation_units = []
+    run_unit = LayerSlicedPass.run_unit
+
+    def recording(self, rows=None, vocab=None):
+        kind = run_unit(self, rows, vocab)
+        if self.evaluate:
+            evaluation_units.append(kind)
+        return kind
+
+    monkeypatch.setattr(LayerSlicedPass, "run_unit", recording)
+
+    def run(name: str, validate: bool):
+        spec = dataclasses.replace(job_spec(tiny_model, tmp_path / name, name), total_steps=4, publish_every=2)
+        spec.settings["max_steps"] = 4
+        if validate:
+            save_batches(batches, tmp_path / name / VALIDATION_BATCHES_FILE)
+        worker = WorkerTraining(None, base_model=str(tiny_model), base=base_weights_from_checkpoint(tiny_model),
+                                activation_budget_bytes=1 << 40)
+        worker.step(TrainOrder(start=[spec], budget_s=0.0, idle=True))
+        events, job = [], worker.jobs[name]
+        for _ in range(100_000):
+            if name not in worker.jobs:
+                break
+            worker.step(TrainOrder(budget_s=1e6 if units == "idle-whole-units" else 0.0, idle=True,
+                                   short_units=units == "short-units"))
+            events += worker.take_events()
+        assert not any(e.kind == "failed" for e in events), events
+        return job, events
+
+    plain, _ = run("plain", validate=False)
+    job, events = run("validated", validate=True)
+    kinds = [(e.kind, e.step) for e in events if e.kind in ("published", "validated", "finished")]
+    assert kinds == [("published", 2), ("validated", 2), ("published", 4), ("validated", 4), ("finished", 4)]
+    for event in (e for e in events if e.kind == "validated"):
+        assert event.data["batches"] == len(batches)
+        assert event.data["loss_tokens"] == sum(b.num_loss_tokens for b in batches)
+        reference = hf_validation_loss(tiny_model, tmp_path / "validated" / f"step-{event.step}", examples)
+        assert event.data["loss"] == pytest.approx(reference, rel=1e-5)
+    losses = [e.data["loss"] for e in events if e.kind == "validated"]
+    assert losses[0] != losses[1]  # the second validation sees the newer weights
+    # Short units: the validation's loss in vocabulary slices too; idle: one LOSS unit per micro-batch.
+    sliced = LOSS_SLICE in evaluation_units
+    assert sliced == (units == "short-units") and "bwd_mlp" not in evaluation_units
+    if not sliced:
+        assert evaluation_units.count(LOSS) == 2 * len(batches)
+    for got, want in zip(job.lora.parameters(), plain.lora.parameters(), strict=True):
+        torch.testing.assert_close(got.detach(), want.detach(), rtol=0, atol=0)

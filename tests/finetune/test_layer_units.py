@@ -328,3 +328,45 @@ def test_pass_bytes_cover_what_a_pass_with_every_graph_holds(tiny_model, mlp_row
                + unit_pass.chunk_output_bytes())
     assert (unit_pass.chunk_output_bytes() > 0) == (mlp_rows is not None and not dropout)
     assert real <= counted <= 1.25 * real, (real, counted)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3], ids=["no-dropout", "dropout"])
+@pytest.mark.parametrize("sizes", [(None, None, None), (5, 17, None), (7, None, (9, 37))],
+                         ids=["whole-blocks", "loss-and-mlp-in-chunks", "loss-in-row-groups-and-vocab-slices"])
+def test_an_evaluation_pass_gives_hf_peft_eval_loss_and_no_gradients(tiny_model, sizes, dropout, monkeypatch):
+    """A validation pass (evaluate=True): forward and loss units only, the loss of HF + PEFT in
+    eval mode (no dropout) on the same adapter, the LoRA gradients untouched, the dropout
+    stream not advanced, and no boundary kept beyond the one the next unit reads."""
+    hf = load_hf(tiny_model)
+    config = DecoderConfig.from_hf(hf.config)
+    lora = random_lora(config, dropout=dropout, **TARGET_SETS["all7"])
+    peft = peft_model_like(hf, lora)
+    examples = packed_examples(config.vocab_size)
+    (batch,) = pack_examples(examples, batch_tokens=64)
+    loss_chunk, mlp_rows, loss_slices = sizes
+    if loss_chunk is not None:
+        monkeypatch.setattr(layer_units, "LOSS_CHUNK", loss_chunk)
+    base = base_weights_from_hf(peft)
+    rng = torch.Generator().manual_seed(5).get_state()
+    unit_pass = LayerSlicedPass(base, lora, batch, rng, keep_graph=True, evaluate=True)
+    assert unit_pass.graph_layers == 0  # nothing to backpropagate through
+    kinds, held = [], []
+    while not unit_pass.done:
+        kind = unit_pass.next_kind
+        if kind == FWD_MLP:
+            kinds.append(unit_pass.run_unit(mlp_rows))
+        elif kind in (LOSS, LOSS_SLICE) and loss_slices is not None:
+            kinds.append(unit_pass.run_unit(*loss_slices))
+        else:
+            kinds.append(unit_pass.run_unit())
+        held.append(sum(b is not None for b in unit_pass._boundaries))
+    layers = len(base.layers)
+    assert BWD_MLP not in kinds and BWD_ATTN not in kinds
+    assert kinds.count(FWD_ATTN) == layers and kinds[-1] in (LOSS, LOSS_SLICE)
+    assert max(held) <= 2  # the boundary a unit reads and the one it writes, no more
+    assert unit_pass.rng_state is None or torch.equal(unit_pass.rng_state, rng)
+    assert all(param.grad is None for param in lora.parameters())
+
+    with torch.no_grad():
+        reference = hf_micro_batch_loss(peft, examples).item()  # HF eval mode: no dropout
+    assert unit_pass.loss == pytest.approx(reference, rel=1e-5)

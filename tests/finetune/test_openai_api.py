@@ -143,6 +143,64 @@ def test_job_trains_publishes_each_version_and_reports_steps(tmp_path, tiny_mode
     jobs.close()
 
 
+@pytest.mark.parametrize("where", ["server-thread", "engine-worker"])
+def test_a_validation_file_gives_every_published_version_its_hf_peft_validation_loss(tmp_path, tiny_model, where):
+    """With validation_file, each published version's loss over the whole validation set (no
+    dropout) equals HF + PEFT's on the published files: as a metrics event, in the checkpoint's
+    metrics and in the results file; the job reports its validation_file. Both training paths:
+    the server's own thread (no engine) and the engine's worker (forward-only units)."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from tests.finetune.inprocess_engine import InProcessEngine
+    from tests.finetune.peft_reference import hf_micro_batch_loss, load_hf
+    from vllm_slora.finetune.data import load_training_file
+
+    engine = InProcessEngine(tiny_model) if where == "engine-worker" else None
+    jobs = make_jobs(tmp_path, tiny_model, engine_call=engine and engine.call)
+    stored = upload(jobs, jsonl(training_lines()))
+    held_out = [{"prompt": "the quick", "completion": " fox naps ."},
+                {"prompt": "many adapters", "completion": " share one pool ."},
+                {"prompt": "unified paging keeps", "completion": " the kv cache and adapters together ."}]
+    validation = upload(jobs, jsonl(held_out), name="valid.jsonl")
+    body = {"model": "base", "training_file": stored.id, "validation_file": validation.id, "seed": 3,
+            "method": supervised(max_steps=4, publish_every=2, learning_rate_multiplier=25, batch_tokens=40,
+                                 lora_rank=4, lora_dropout=0.2)}
+
+    async def scenario():
+        job = await jobs.create(body)
+        await wait_until(lambda: jobs.retrieve(job["id"])["status"] not in ("queued", "running"))
+        return jobs.retrieve(job["id"])
+
+    job = asyncio.run(scenario())
+    assert job["status"] == "succeeded" and job["validation_file"] == validation.id
+    job_dir = tmp_path / "jobs" / job["id"]
+    events, _ = jobs.events(job["id"], limit=100)
+    validated = [e["data"] for e in reversed(events) if e["type"] == "metrics" and "full_valid_loss" in e["data"]]
+    assert [v["step"] for v in validated] == [2, 4]
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    examples = load_training_file(jobs.files.content_path(validation.id), tokenizer, max_length=256)
+    assert all(v["valid_loss_tokens"] == sum(e.num_loss_tokens for e in examples) for v in validated)
+    import torch
+
+    for v in validated:
+        with torch.no_grad():
+            peft = PeftModel.from_pretrained(load_hf(tiny_model), str(job_dir / f"step-{v['step']}"))
+            reference = hf_micro_batch_loss(peft.eval(), examples).item()
+        assert v["full_valid_loss"] == pytest.approx(reference, rel=1e-5)
+    checkpoints = {c["step_number"]: c["metrics"] for c in jobs.checkpoints(job["id"])[0]}
+    assert {step: m["full_valid_loss"] for step, m in checkpoints.items()} == {v["step"]: v["full_valid_loss"]
+                                                                            for v in validated}
+    (results,) = job["result_files"]
+    rows = jobs.files.content_path(results).read_text().splitlines()
+    assert rows[0].endswith(",full_valid_loss")
+    assert [row.rsplit(",", 1)[1] != "" for row in rows[1:]] == [False, True, False, True]
+    jobs.close()
+    if engine is not None:
+        engine.stop()
+
+
 async def _create_error(jobs, body):
     from vllm_slora.finetune.files import ApiError
 
@@ -176,7 +234,12 @@ def test_create_refuses_bad_requests_naming_the_problem(tmp_path, tiny_model):
          "slora.target_modules must be a non-empty list"),
         ({"model": "base", "training_file": good, "method": {"type": "dpo"}}, "method.type 'dpo' is not supported"),
         ({"model": "base", "training_file": good, "suffix": "a b"}, "'suffix' must be 1-64 characters"),
-        ({"model": "base", "training_file": good, "validation_file": good}, "'validation_file' is not supported"),
+        ({"model": "base", "training_file": good, "validation_file": "file-nope"},
+         "validation_file 'file-nope': no such file"),
+        ({"model": "base", "training_file": good, "validation_file": other}, "validation_file"),
+        ({"model": "base", "training_file": good, "validation_file": 5}, "'validation_file' must be the id"),
+        ({"model": "base", "training_file": good, "integrations": [{"type": "wandb"}]},
+         "'integrations' is not supported"),
         ({"model": "base", "training_file": long_line}, "line 7: "),
         ({"model": "base", "training_file": good, "method": supervised(max_length=1000)},
          "between 2 and the served max_model_len 256"),
@@ -187,6 +250,11 @@ def test_create_refuses_bad_requests_naming_the_problem(tmp_path, tiny_model):
             error = await _create_error(jobs, body)
             assert error.status == 400 and needle in error.message, (body, error.message)
         assert "longer than max_length 256" in (await _create_error(jobs, {"model": "base", "training_file": long_line})).message
+        error = await _create_error(jobs, {"model": "base", "training_file": good, "validation_file": long_line})
+        assert error.body()["error"]["param"] == "validation_file" and "line 7: " in error.message
+        assert error.body()["error"]["code"] == "invalid_validation_file"
+        error = await _create_error(jobs, {"model": "base", "training_file": good, "validation_file": other})
+        assert error.body()["error"]["param"] == "validation_file" and "has purpose 'user_data'" in error.message
         for engine, needle in (
             (dict(tensor_parallel_size=2), "not supported with tensor_parallel_size=2"),
             (dict(max_lora_rank=None), "without --enable-lora"),
@@ -365,8 +433,12 @@ def test_openai_client_uploads_finetunes_and_serves_every_version(server, tiny_m
     prompt = tokenizer("the quick brown")["input_ids"]
     base_tokens = _tokens(client, "base", prompt)
 
+    valid = tmp_path / "valid.jsonl"
+    valid.write_bytes(jsonl(training_lines()[:3]))
+    with open(valid, "rb") as f:
+        validation = client.files.create(file=f, purpose="fine-tune")
     job = client.fine_tuning.jobs.create(
-        model="default", training_file=uploaded.id, suffix="tiny-bot", seed=3,
+        model="default", training_file=uploaded.id, validation_file=validation.id, suffix="tiny-bot", seed=3,
         method={"type": "supervised", "supervised": {"hyperparameters": {
             "max_steps": 6, "publish_every": 2, "learning_rate_multiplier": 50, "batch_tokens": 64}}},
     )
@@ -390,8 +462,14 @@ def test_openai_client_uploads_finetunes_and_serves_every_version(server, tiny_m
     assert all(m["layers"] == 2 and 0 <= m["graph_layers_at_end"] <= m["graph_layers"] <= 2 for m in metrics)
     assert metrics[-1]["train_loss"] < metrics[0]["train_loss"]
 
+    # Every published version validated in the engine (forward-only units) on the validation file.
+    assert job.validation_file == validation.id
+    validated = {e.data["step"]: e.data["full_valid_loss"] for e in events
+                 if e.type == "metrics" and "full_valid_loss" in e.data}
+    assert sorted(validated) == [2, 4, 6] and all(math.isfinite(v) for v in validated.values())
     checkpoints = list(client.fine_tuning.jobs.checkpoints.list(job.id))
     assert [c.step_number for c in checkpoints] == [6, 4, 2]
+    assert all(c.metrics.full_valid_loss == validated[c.step_number] for c in checkpoints)
     assert [c.fine_tuned_model_checkpoint for c in checkpoints] == [f"{name}:step-{n}" for n in (6, 4, 2)]
     final_dir = {m.id: m.root for m in client.models.list()}[name]
     assert Path(final_dir).name == "step-6"

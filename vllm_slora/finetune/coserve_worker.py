@@ -21,6 +21,12 @@ A job's life, unit by unit (every unit is a preemption point):
                                 "published"
     checkpoint                  optimizer state to trainer_state.pt (resume): after a publish
                                 at most every CHECKPOINT_EVERY_S, and after the last step
+    validation (jobs with a     after each publish: a forward-only pass (LayerSlicedPass with
+    validation file)            evaluate=True, the same unit kinds without backward) over
+                                every validation micro-batch, with the published weights;
+                                "validated" (token-mean loss over the whole set). The next
+                                training pass starts after it; it is not saved in checkpoints
+                                (a restart mid-validation skips that step's)
 
 A paused job (TrainOrder.pause) keeps its LoRA weights, optimizer state and place in its
 pass, runs no units and drops its layer graphs (its backward recomputes them) until
@@ -71,6 +77,7 @@ from .trainer import LoraTrainer, TrainingSettings
 UPDATE, PUBLISH, CHECKPOINT = "update", "publish", "checkpoint"
 TRAINER_STATE = "trainer_state.pt"
 BATCHES_FILE = "batches.pt"
+VALIDATION_BATCHES_FILE = "validation_batches.pt"  # present for jobs with a validation file
 EWMA_WEIGHT = 0.3  # weight of the newest observation in a unit kind's expected time
 SLICE_CELLS = 256 * VOCAB_CHUNK  # LOSS_SLICE times are kept per this many (row, LM head column) cells
 # The optimizer state (2x the adapter) takes as long to write as the version itself (~65 ms
@@ -108,6 +115,8 @@ class _Job:
     updated_at: float | None = None  # wall time the last optimizer update ended
     updated_step: int | None = None  # ... and the engine step it ended in
     published: list[int] = field(default_factory=list)
+    validation_batches: list[PackedBatch] = field(default_factory=list)
+    validation: _Validation | None = None  # in progress after a publish
 
     @cached_property
     def graph_kind(self) -> dict:
@@ -124,9 +133,29 @@ class _Job:
             return PUBLISH
         if self.checkpoint_due:
             return CHECKPOINT
+        if self.validation is not None:
+            return self.validation.unit_pass.next_kind
         if self.unit_pass is None:
             return FWD_ATTN
         return self.unit_pass.next_kind or UPDATE
+
+    @property
+    def current_pass(self) -> LayerSlicedPass | None:
+        """The pass the next pass unit belongs to: the validation in progress, or the training pass."""
+        return self.validation.unit_pass if self.validation is not None else self.unit_pass
+
+
+@dataclass
+class _Validation:
+    """A validation of one published step: one evaluation pass per validation micro-batch in turn."""
+
+    step: int
+    batches: list[PackedBatch]
+    unit_pass: LayerSlicedPass
+    index: int = 0  # of the micro-batch `unit_pass` evaluates
+    loss_sum: float = 0.0  # sum over the micro-batches done of their loss x loss tokens
+    loss_tokens: int = 0
+    seconds: float = 0.0
 
 
 class JobFailed(RuntimeError):
@@ -318,7 +347,7 @@ class WorkerTraining:
         """Whether `job`'s next forward MLP unit may take only `rows` rows: always, unless its
         layer keeps its graph and the chunks' outputs it would then hold (LayerSlicedPass.
         chunk_output_bytes) do not fit the graph budget beside what the passes hold."""
-        unit_pass = job.unit_pass
+        unit_pass = job.current_pass
         if unit_pass is None or not unit_pass.next_mlp_keeps_graph or rows >= unit_pass.num_tokens:
             return True
         return self._held_bytes() + unit_pass.chunking_bytes(rows) <= self.graph_budget_bytes
@@ -326,7 +355,7 @@ class WorkerTraining:
     def _loss_group_rows(self, job: _Job) -> int:
         """Rows of the LOSS_SLICE group in progress or the next one (its logits stay within
         finetune/memory.py's share)."""
-        unit_pass = job.unit_pass
+        unit_pass = job.current_pass
         group = unit_pass.loss_slice_rows if unit_pass is not None else 0
         if group:
             return group
@@ -350,6 +379,8 @@ class WorkerTraining:
 
     def _timed_unit(self, job: _Job, kind: str, rows: int | None = None, vocab: int | None = None) -> float:
         """Run one unit of `job` (a failure fails the job only); returns its seconds."""
+        validation = job.validation if kind not in (PUBLISH, CHECKPOINT) else None
+        ran_pass = validation.unit_pass if validation is not None else None
         started = time.perf_counter()
         try:
             kind = self._run_unit(job, kind, rows, vocab) or kind
@@ -359,13 +390,17 @@ class WorkerTraining:
             self._event(job, "failed", step=job.trainer.steps_done + 1, message=message)
         seconds = time.perf_counter() - started
         job.spent_s += seconds
-        if kind not in (PUBLISH, CHECKPOINT):
+        if validation is not None:
+            if kind in self.unit_seconds:  # a forward-only unit: training's estimates stay (an upper bound)
+                return seconds
+        elif kind not in (PUBLISH, CHECKPOINT):
             job.pass_seconds += seconds
+        ran_pass = ran_pass or job.unit_pass
         observed = seconds
-        if kind == LOSS_SLICE and job.unit_pass is not None:  # per SLICE_CELLS, whatever the slice's size
-            observed = seconds * SLICE_CELLS / max(1, job.unit_pass.last_unit_cells)
-        elif kind in ROW_KINDS and job.unit_pass is not None:  # per chunk of rows, whatever the unit's size
-            observed = seconds * _chunk_rows(kind) / max(1, job.unit_pass.last_unit_rows)
+        if kind == LOSS_SLICE and ran_pass is not None:  # per SLICE_CELLS, whatever the slice's size
+            observed = seconds * SLICE_CELLS / max(1, ran_pass.last_unit_cells)
+        elif kind in ROW_KINDS and ran_pass is not None:  # per chunk of rows, whatever the unit's size
+            observed = seconds * _chunk_rows(kind) / max(1, ran_pass.last_unit_rows)
         previous = self.unit_seconds.get(kind)
         self.unit_seconds[kind] = observed if previous is None else (
             EWMA_WEIGHT * observed + (1 - EWMA_WEIGHT) * previous)
@@ -413,6 +448,8 @@ class WorkerTraining:
             batches = load_batches(job_dir / BATCHES_FILE)
             if not batches:
                 raise JobFailed("the job has no micro-batches")
+            validation_file = job_dir / VALIDATION_BATCHES_FILE
+            validation_batches = load_batches(validation_file) if validation_file.exists() else []
             rng = torch.Generator().manual_seed(spec.seed).get_state()
             if state is not None:
                 trainer.load_state_dict(state["trainer"])
@@ -420,7 +457,7 @@ class WorkerTraining:
         except Exception as exc:
             self.events.append(TrainEvent(spec.job_id, "failed", 0, {"message": f"could not start: {exc}"}))
             return
-        job = _Job(spec, lora, trainer, batches, rng)
+        job = _Job(spec, lora, trainer, batches, rng, validation_batches=validation_batches)
         self.jobs[spec.job_id] = job
         # Tokens of the steps done (a resumed job's): the server may not have seen their
         # events (it went down after the checkpoint was written, before it recorded them).
@@ -437,6 +474,8 @@ class WorkerTraining:
         if kind == CHECKPOINT:
             self._checkpoint(job)
             return None
+        if job.validation is not None:
+            return self._validation_unit(job, rows, vocab)
         if job.unit_pass is None:
             batch = job.next_batch()
             job.trainer.zero_grad()
@@ -485,6 +524,8 @@ class WorkerTraining:
         job.checkpoint_due = (step >= job.spec.total_steps
                               or time.monotonic() - job.checkpointed_at >= CHECKPOINT_EVERY_S)
         job.published.append(step)
+        if job.validation_batches:  # the units after the checkpoint (if due) validate this version
+            job.validation = _Validation(step, job.validation_batches, self._evaluation_pass(job, 0))
         # `files` (the identity the host-cache entry is keyed by) lets the scheduler serve
         # this version from the host cache at once (finetune/published_versions.py).
         self._event(job, "published", step=step, path=str(path), loss=job.last_loss,
@@ -499,8 +540,36 @@ class WorkerTraining:
                      Path(job.spec.job_dir) / TRAINER_STATE)
         job.checkpoint_due, job.checkpointed_at = False, time.monotonic()
         self._event(job, "checkpointed", step=step)
-        if step >= job.spec.total_steps:
+        if step >= job.spec.total_steps and job.validation is None:
             self._finish(job)
+
+    def _evaluation_pass(self, job: _Job, index: int) -> LayerSlicedPass:
+        return LayerSlicedPass(self.base, job.lora, job.validation_batches[index], evaluate=True)
+
+    def _validation_unit(self, job: _Job, rows: int | None, vocab: int | None) -> str:
+        """One unit of the validation in progress; the last one reports the loss of the whole set."""
+        validation = job.validation
+        started = time.perf_counter()
+        ran = validation.unit_pass.run_unit(rows, vocab)
+        validation.seconds += time.perf_counter() - started
+        if not validation.unit_pass.done:
+            return ran
+        done = validation.unit_pass
+        validation.loss_sum += done.loss * done.num_loss_tokens
+        validation.loss_tokens += done.num_loss_tokens
+        validation.index += 1
+        if validation.index < len(validation.batches):
+            validation.unit_pass = self._evaluation_pass(job, validation.index)
+            return ran
+        job.validation = None
+        loss = validation.loss_sum / validation.loss_tokens
+        if not math.isfinite(loss):
+            raise JobFailed(f"validation loss is {loss} at step {validation.step}; the job stopped")
+        self._event(job, "validated", step=validation.step, loss=loss, loss_tokens=validation.loss_tokens,
+                    batches=len(validation.batches), seconds=validation.seconds)
+        if job.trainer.steps_done >= job.spec.total_steps and not job.checkpoint_due:
+            self._finish(job)
+        return ran
 
     def _finish(self, job: _Job) -> None:
         self.jobs.pop(job.spec.job_id, None)

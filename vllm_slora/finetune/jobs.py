@@ -41,7 +41,14 @@ Life of a job:
   A non-finite loss (or non-finite weights before a publish) fails the job naming the step
   and the loss; the last published version keeps serving. Cancel stops a running job after
   its current step (nothing more is published) and a queued one at once.
-* Finished jobs get a ``fine-tune-results`` file (CSV: step, loss, lr, tokens, seconds).
+* Finished jobs get a ``fine-tune-results`` file (CSV: step, loss, lr, tokens, seconds,
+  validation loss).
+* ``validation_file`` (an uploaded file of purpose ``fine-tune``, read with the training
+  file's rules and packed the same way): every published version is evaluated on the whole
+  set (token-mean cross-entropy, no dropout, no gradients), after its publish and before
+  the next step trains (in the engine: forward-only units, coserve_worker.py). A metrics
+  event per version ("full_valid_loss") and the checkpoint's metrics carry it. A resumed
+  job does not redo a validation its restart interrupted.
 
 Hyperparameters: OpenAI's ``n_epochs`` ("auto" = 3), ``batch_size`` (examples per
 optimizer step; "auto" = pack whole examples into ``batch_tokens``-token micro-batches)
@@ -54,7 +61,7 @@ Restarts: every job keeps a record (<job dir>/job.json); `restore` (server start
 each job's last published version again and resumes unfinished in-engine jobs from their
 last checkpoint (optimizer state and step in trainer_state.pt).
 
-Not done: validation files, DPO / reinforcement, the server's ``--chat-template`` override
+Not done: DPO / reinforcement, the server's ``--chat-template`` override
 for ``messages`` data (the tokenizer's own template is used).
 """
 
@@ -196,9 +203,12 @@ class Job:
     started: bool = False  # its first step began (a resumed job is "running" again, else "queued")
     # Wakes the job's driver / training thread at once: cancel, pause, resume.
     wake: threading.Event = field(default_factory=threading.Event)
+    validation_file: str | None = None
+    valid_losses: dict[int, float] = field(default_factory=dict)  # step -> loss over the validation set
     # Training inputs, dropped when the job ends.
     lora: Any = None
     batches: list | None = None
+    validation_batches: list | None = None
     settings: Any = None
 
     def to_openai(self) -> dict:
@@ -217,7 +227,7 @@ class Job:
             "status": self.status,
             "trained_tokens": self.trained_tokens,
             "training_file": self.training_file,
-            "validation_file": None,
+            "validation_file": self.validation_file,
             "estimated_finish": self.estimated_finish,
             "integrations": [],
             "metadata": self.metadata,
@@ -316,21 +326,17 @@ class FineTuningJobs:
         if not isinstance(body, Mapping):
             raise ApiError(400, "the request body must be a JSON object")
         self._check_engine()
-        for key in ("validation_file", "integrations"):
-            if body.get(key):
-                raise ApiError(400, f"'{key}' is not supported by this server yet", param=key)
+        if body.get("integrations"):
+            raise ApiError(400, "'integrations' is not supported by this server yet", param="integrations")
         model, continue_from = self._resolve_model(body.get("model"))
         training_file = body.get("training_file")
         if not isinstance(training_file, str) or not training_file:
             raise ApiError(400, "'training_file' (the id of an uploaded file) is required", param="training_file")
-        try:
-            stored = self.files.get(training_file)
-        except ApiError:
-            raise ApiError(400, f"training_file {training_file!r}: no such file (upload it with purpose "
-                           "'fine-tune' first)", param="training_file", code="file_not_found") from None
-        if stored.purpose != FINE_TUNE:
-            raise ApiError(400, f"training_file {training_file!r} has purpose {stored.purpose!r}; "
-                           f"fine-tuning needs a file uploaded with purpose {FINE_TUNE!r}", param="training_file")
+        stored = self._fine_tune_file(training_file, "training_file")
+        validation = body.get("validation_file")
+        if validation is not None and (not isinstance(validation, str) or not validation):
+            raise ApiError(400, "'validation_file' must be the id of an uploaded file", param="validation_file")
+        validation = self._fine_tune_file(validation, "validation_file") if validation else None
         plan = self._plan(body, continue_from is not None)
         suffix = _suffix(body.get("suffix"))
         metadata = _metadata(body.get("metadata"))
@@ -343,9 +349,8 @@ class FineTuningJobs:
         job_id = f"ftjob-{secrets.token_hex(12)}"
         name = f"ft:{model}:{suffix}:{job_id[-8:]}" if suffix else f"ft:{model}:{job_id[-8:]}"
         job_dir = self.root / job_id
-        path = self.files.content_path(training_file)
-        job = await asyncio.to_thread(self._prepare, job_id, name, model, stored, path, plan, seed, continue_from,
-                                      job_dir, suffix, metadata)
+        job = await asyncio.to_thread(self._prepare, job_id, name, model, stored, validation, plan, seed,
+                                      continue_from, job_dir, suffix, metadata)
         try:
             await self.host.load(name, str(job_dir / "step-0"), replace=False)
         except PublishError as e:
@@ -355,10 +360,13 @@ class FineTuningJobs:
         self._event(job, f"Serving {name} (version 0: "
                     + ("the weights of adapter " + repr(model) if continue_from else "the base model's outputs") + ")")
         if self.engine_call is not None:
-            from .coserve_worker import BATCHES_FILE
+            from .coserve_worker import BATCHES_FILE, VALIDATION_BATCHES_FILE
             from .packing import save_batches
 
             await asyncio.to_thread(save_batches, job.batches, job.dir / BATCHES_FILE)
+            if job.validation_batches:
+                await asyncio.to_thread(save_batches, job.validation_batches, job.dir / VALIDATION_BATCHES_FILE)
+                job.validation_batches = None  # the engine's worker reads them
             job.lora = None  # the engine's worker holds the trained copy
             with self._lock:
                 self._jobs[job.id] = job
@@ -374,6 +382,19 @@ class FineTuningJobs:
         self._start_thread()
         self._queue.put(job)
         return self.retrieve(job.id)
+
+    def _fine_tune_file(self, file_id: str, param: str):
+        """The stored upload `file_id` for `param` (training_file / validation_file): 400 unless it
+        exists with purpose fine-tune."""
+        try:
+            stored = self.files.get(file_id)
+        except ApiError:
+            raise ApiError(400, f"{param} {file_id!r}: no such file (upload it with purpose "
+                           "'fine-tune' first)", param=param, code="file_not_found") from None
+        if stored.purpose != FINE_TUNE:
+            raise ApiError(400, f"{param} {file_id!r} has purpose {stored.purpose!r}; "
+                           f"fine-tuning needs a file uploaded with purpose {FINE_TUNE!r}", param=param)
+        return stored
 
     def _check_engine(self) -> None:
         e = self.engine
@@ -460,27 +481,28 @@ class FineTuningJobs:
             max_grad_norm=get("max_grad_norm", _positive_number, None),
         )
 
-    def _prepare(self, job_id, name, model, stored, path, plan: _Plan, seed, continue_from, job_dir, suffix, metadata):
-        """Blocking part of create (worker thread): tokenize, pack, build the LoRA, write step-0."""
-        from .lora_params import LoraParams, LoraSettings
-        from .model_config import DecoderConfig
-        from .packing import pack_examples
-        from .trainer import TrainingSettings
-
+    def _examples(self, stored, plan: _Plan, param: str) -> list:
+        """The tokenized examples of an uploaded file (400 naming `param`, the file and the line)."""
         tokenizer = self.tokenizer()
         try:
             with self._tokenizer_lock:
-                examples = load_training_file(path, tokenizer, plan.max_length, truncate=plan.truncate)
+                return load_training_file(self.files.content_path(stored.id), tokenizer, plan.max_length,
+                                          truncate=plan.truncate)
         except TrainingDataError as e:
             raise ApiError(400, str(TrainingDataError(f"{stored.filename} ({stored.id})", e.line, e.problem)),
-                           param="training_file", code="invalid_training_file") from None
-        if plan.batch_size is None:
-            batches = pack_examples(examples, plan.batch_tokens)
-        else:
-            batches = [
-                pack_examples(group, sum(len(e) for e in group))[0]
-                for group in (examples[i:i + plan.batch_size] for i in range(0, len(examples), plan.batch_size))
-            ]
+                           param=param, code=f"invalid_{param}") from None
+
+    def _prepare(self, job_id, name, model, stored, validation, plan: _Plan, seed, continue_from, job_dir, suffix,
+                 metadata):
+        """Blocking part of create (worker thread): tokenize, pack, build the LoRA, write step-0."""
+        from .lora_params import LoraParams, LoraSettings
+        from .model_config import DecoderConfig
+        from .trainer import TrainingSettings
+
+        examples = self._examples(stored, plan, "training_file")
+        batches = _micro_batches(examples, plan)
+        validation_examples = self._examples(validation, plan, "validation_file") if validation else []
+        validation_batches = _micro_batches(validation_examples, plan) if validation else []
         per_epoch = len(batches)
         total = plan.max_steps or (plan.n_epochs or DEFAULT_EPOCHS) * per_epoch
         publish_every = plan.publish_every or max(1, min(per_epoch, MAX_PUBLISH_EVERY_DEFAULT))
@@ -516,6 +538,7 @@ class FineTuningJobs:
             seed=seed, suffix=suffix, metadata=metadata,
             hyperparameters={k: method[k] for k in OPENAI_HYPERPARAMETERS}, method_hyperparameters=method,
             dir=job_dir, total_steps=total, publish_every=publish_every, lora=lora, batches=batches,
+            validation_file=validation.id if validation else None, validation_batches=validation_batches or None,
             settings=TrainingSettings(
                 max_steps=total, lr=plan.learning_rate, weight_decay=plan.weight_decay,
                 warmup_steps=plan.warmup_steps, max_grad_norm=plan.max_grad_norm,
@@ -525,6 +548,11 @@ class FineTuningJobs:
         self._event(job, f"Validated training file {stored.id}: {len(examples)} examples, {per_epoch} micro-batches "
                     f"per epoch, {sum(b.num_tokens for b in batches)} tokens; {total} steps, a version published "
                     f"every {publish_every} steps")
+        if validation:
+            self._event(job, f"Validated validation file {validation.id}: {len(validation_examples)} examples, "
+                        f"{len(validation_batches)} micro-batches, "
+                        f"{sum(b.num_loss_tokens for b in validation_batches)} loss tokens; every published version "
+                        "is evaluated on all of it")
         return job
 
     # -- reading -----------------------------------------------------------------------------
@@ -661,7 +689,7 @@ class FineTuningJobs:
                 self._train(job)
             finally:
                 with self._lock:
-                    job.lora = job.batches = None
+                    job.lora = job.batches = job.validation_batches = None
                 if self._queue.empty():
                     self._base = None  # the weights copy is freed between bursts of jobs
 
@@ -719,6 +747,8 @@ class FineTuningJobs:
                                    f"{record.step} (loss {record.loss:g} before the update); the job stopped")
                         return
                     self._publish(job, record)
+                    if job.validation_batches:
+                        self._validate_in_process(job, base, record.step)
         except _PublishFailed as e:
             self._fail(job, "publish_failed", str(e))
             return
@@ -754,6 +784,24 @@ class FineTuningJobs:
         path = job.dir / f"step-{record.step}"
         job.lora.save_peft(path, base_model_name_or_path=self.engine.model_dir)
         self._serve_version(job, record.step, path, record.loss)
+
+    def _validate_in_process(self, job: Job, base, step: int) -> None:
+        from .loss import validation_loss
+
+        started = time.perf_counter()
+        loss, tokens = validation_loss(base, job.lora, job.validation_batches)
+        self._record_validation(job, step, loss, tokens, time.perf_counter() - started)
+
+    def _record_validation(self, job: Job, step: int, loss: float, tokens: int, seconds: float) -> None:
+        """The validation loss of the version published at `step`: an event, the checkpoint's metrics."""
+        with self._lock:
+            job.valid_losses[step] = loss
+            for checkpoint in job.checkpoints:
+                if checkpoint["step_number"] == step:
+                    checkpoint["metrics"]["full_valid_loss"] = loss
+            self._event(job, f"Step {step}: validation loss={loss:.4f} ({tokens} tokens)", data={
+                "step": step, "full_valid_loss": loss, "valid_loss_tokens": tokens, "valid_seconds": seconds})
+        self._persist(job)
 
     def _serve_version(self, job: Job, step: int, path: Path, loss: float, trained_at: float | None = None,
                        servable_at: float | None = None) -> None:
@@ -853,6 +901,8 @@ class FineTuningJobs:
                     # own records (the name's path, `:step-N`, /v1/models) in step.
                     self._serve_version(job, step, Path(data["path"]), data["loss"],
                                         trained_at=data.get("updated_at"), servable_at=data.get("servable_at"))
+                elif kind == "validated":
+                    self._record_validation(job, step, data["loss"], data["loss_tokens"], data["seconds"])
                 elif kind == "served":
                     with self._lock:
                         steps = data.get("first_request_engine_steps")
@@ -910,7 +960,8 @@ class FineTuningJobs:
         job.estimated_finish = None
         if job.records:
             try:
-                stored = self.files.add_bytes("step_metrics.csv", FINE_TUNE_RESULTS, _results_csv(job.records))
+                stored = self.files.add_bytes("step_metrics.csv", FINE_TUNE_RESULTS,
+                                              _results_csv(job.records, job.valid_losses))
                 job.result_files.append(stored.id)
             except OSError:
                 pass
@@ -927,6 +978,7 @@ class FineTuningJobs:
                 "job": job.to_openai(), "total_steps": job.total_steps, "publish_every": job.publish_every,
                 "published_step": job.published_step, "checkpoints": list(job.checkpoints),
                 "recorded_step": job.recorded_step,
+                "valid_losses": {str(k): v for k, v in job.valid_losses.items()},
                 "events": job.events[-MAX_PERSISTED_EVENTS:],
                 "settings": dataclasses.asdict(job.settings) if job.settings is not None else None,
             }
@@ -970,6 +1022,8 @@ class FineTuningJobs:
                     result_files=o["result_files"], events=record["events"], checkpoints=record["checkpoints"],
                     published_step=record["published_step"],
                     recorded_step=record.get("recorded_step", record["published_step"]),
+                    validation_file=o.get("validation_file"),
+                    valid_losses={int(k): v for k, v in record.get("valid_losses", {}).items()},
                     settings=TrainingSettings(**{**record["settings"], "betas": tuple(record["settings"]["betas"])})
                     if record["settings"] else None,
                 )
@@ -1029,13 +1083,27 @@ class FineTuningJobs:
             })
 
 
-def _results_csv(records: Sequence) -> bytes:
+def _results_csv(records: Sequence, valid_losses: Mapping[int, float]) -> bytes:
     out = io.StringIO()
     writer = csv.writer(out)
-    writer.writerow(["step", "train_loss", "learning_rate", "step_tokens", "loss_tokens", "step_seconds"])
+    writer.writerow(["step", "train_loss", "learning_rate", "step_tokens", "loss_tokens", "step_seconds",
+                     "full_valid_loss"])
     for r in records:
-        writer.writerow([r.step, f"{r.loss:.6f}", f"{r.lr:.6g}", r.tokens, r.loss_tokens, f"{r.seconds:.4f}"])
+        valid = valid_losses.get(r.step)
+        writer.writerow([r.step, f"{r.loss:.6f}", f"{r.lr:.6g}", r.tokens, r.loss_tokens, f"{r.seconds:.4f}",
+                         "" if valid is None else f"{valid:.6f}"])
     return out.getvalue().encode()
+
+
+def _micro_batches(examples: Sequence, plan: _Plan) -> list:
+    """Examples packed as the plan says: whole examples into batch_tokens-token micro-batches, or
+    batch_size examples per micro-batch."""
+    from .packing import pack_examples
+
+    if plan.batch_size is None:
+        return pack_examples(examples, plan.batch_tokens)
+    return [pack_examples(group, sum(len(e) for e in group))[0]
+            for group in (examples[i:i + plan.batch_size] for i in range(0, len(examples), plan.batch_size))]
 
 
 # -- request parsing ---------------------------------------------------------------------------

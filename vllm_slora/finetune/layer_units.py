@@ -46,6 +46,13 @@ added up in another order). LoRA dropout: each forward block runs on the unit's 
 random stream, saved so that the backward replays the very same masks (so with dropout
 an MLP block always takes all its rows at once: its masks are one draw); the engine's
 global random state (inference sampling) is never advanced by training.
+
+``evaluate=True`` makes the same units a validation pass: the forward units without
+autograd and without LoRA dropout (each boundary is freed once the next block has read
+it), then the LOSS / LOSS_SLICE units of the loss alone (a slice group ends after its
+first phase, the logits and their log-sum-exp); no backward, and the LoRA gradients are
+not touched. ``loss`` is then the micro-batch's token-mean cross-entropy, as `packed_loss`
+with ``training=False`` computes it.
 """
 
 from __future__ import annotations
@@ -101,6 +108,7 @@ class LayerSlicedPass:
         rng_state: torch.Tensor | None = None,  # CPU generator state for LoRA dropout
         keep_graph: bool = False,  # keep each layer's graph from FWD to BWD (no recompute)
         graph_layers: int | None = None,  # keep only the top this many layers' graphs (overrides keep_graph)
+        evaluate: bool = False,  # a validation pass: forward and loss only (see the module doc)
     ) -> None:
         self.base, self.lora, self.batch = base, lora, batch
         self.num_layers = len(base.layers)
@@ -118,13 +126,14 @@ class LayerSlicedPass:
         self._slices: _LossSlices | None = None  # a LOSS_SLICE group in progress
         self.last_unit_columns = 0  # LM head columns of the last LOSS_SLICE unit
         self.last_unit_cells = 0  # ... times its rows
-        self.dropout = lora.settings.dropout
+        self.evaluate = evaluate
+        self.dropout = 0.0 if evaluate else lora.settings.dropout
         self._rng = rng_state
         self._block_rng: list[torch.Tensor | None] = [None] * (2 * self.num_layers)  # attention, MLP of each layer
         self._layout: PackedLayout | None = None
         self._boundaries: list[torch.Tensor | None] = []  # h_0, m_0, h_1, m_1 .. h_L, detached
-        if graph_layers is None:
-            graph_layers = self.num_layers if keep_graph else 0
+        if graph_layers is None or evaluate:
+            graph_layers = self.num_layers if keep_graph and not evaluate else 0
         if not 0 <= graph_layers <= self.num_layers:
             raise ValueError(f"graph_layers must be in [0, {self.num_layers}], got {graph_layers}")
         self.graph_layers = graph_layers
@@ -218,10 +227,11 @@ class LayerSlicedPass:
             raise RuntimeError("the pass is complete")
         kind, layer = self._next
         last = self.num_layers - 1
-        with torch.inference_mode(False), torch.enable_grad():
+        after_loss = None if self.evaluate else (BWD_MLP, last)
+        with torch.inference_mode(False), torch.set_grad_enabled(not self.evaluate):
             if self._slices is not None or (kind == LOSS and vocab is not None):
                 if self._loss_slice(rows, vocab or VOCAB_CHUNK) and self._loss_done == self.num_loss_tokens:
-                    self._next = (BWD_MLP, last)
+                    self._next = after_loss
                 return LOSS_SLICE
             if kind == FWD_ATTN:
                 self._forward_attention(layer)
@@ -232,7 +242,7 @@ class LayerSlicedPass:
             elif kind == LOSS:
                 self._loss(max(1, LOSS_CHUNK if rows is None else rows))
                 if self._loss_done == self.num_loss_tokens:
-                    self._next = (BWD_MLP, last)
+                    self._next = after_loss
             elif kind == BWD_MLP:
                 if self._backward_mlp(layer, rows):
                     self._next = (BWD_ATTN, layer)
@@ -259,11 +269,11 @@ class LayerSlicedPass:
 
     def _attention(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         return attention_block(hidden, self.base.layers[layer], self.lora.layer(layer), self._layout,
-                               self.base.config, self.dropout, training=True)
+                               self.base.config, self.dropout, training=not self.evaluate)
 
     def _mlp(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         return mlp_block(hidden, self.base.layers[layer], self.lora.layer(layer), self.base.config,
-                         self.dropout, training=True)
+                         self.dropout, training=not self.evaluate)
 
     def _row_range(self, rows: int | None) -> tuple[int, int]:
         """The rows of the MLP block in progress a unit of `rows` rows covers (all with dropout)."""
@@ -287,6 +297,8 @@ class LayerSlicedPass:
             self._attn_graph[layer] = out
             out = out.detach()
         self._boundaries.append(out)
+        if self.evaluate:  # no backward will need h_l
+            self._boundaries[2 * layer] = None
 
     def _forward_mlp(self, layer: int, rows: int | None) -> bool:
         """One FWD_MLP unit; True when the block is complete."""
@@ -311,10 +323,14 @@ class LayerSlicedPass:
                 self._boundaries.append(self._mlp_out)
                 self._mlp_out = None
         self._rows_done = 0 if stop == self.num_tokens else stop
+        if self.evaluate and stop == self.num_tokens:  # no backward will need m_l
+            self._boundaries[2 * layer + 1] = None
         return stop == self.num_tokens
 
     def _loss(self, num_rows: int) -> None:
-        top = self._boundaries[2 * self.num_layers].requires_grad_(True)
+        top = self._boundaries[2 * self.num_layers]
+        if not self.evaluate:
+            top.requires_grad_(True)
         rows = self._loss_index[self._loss_done:self._loss_done + num_rows]
         self._loss_done += rows.numel()
         self.last_unit_rows = rows.numel()
@@ -322,7 +338,8 @@ class LayerSlicedPass:
         hidden = rms_norm(top[rows], self.base.norm, self.base.config.rms_norm_eps)
         logits = F.linear(hidden, self.base.lm_head).to(torch.float32)  # [chunk tokens, vocab]
         loss = F.cross_entropy(logits, self.targets[rows], reduction="sum") / self.num_loss_tokens
-        loss.backward()  # accumulates into top.grad, row by row
+        if not self.evaluate:
+            loss.backward()  # accumulates into top.grad, row by row
         self._loss_sum = loss.detach() if self._loss_sum is None else self._loss_sum + loss.detach()
         if self._loss_done == self.num_loss_tokens:
             self.loss = float(self._loss_sum)
@@ -335,7 +352,9 @@ class LayerSlicedPass:
         vocab = weight.shape[0]
         group = self._slices
         if group is None:  # a new group: the next `rows` loss rows, normalised once
-            top = self._boundaries[2 * self.num_layers].requires_grad_(True)
+            top = self._boundaries[2 * self.num_layers]
+            if not self.evaluate:
+                top.requires_grad_(True)
             index = self._loss_index[self._loss_done:self._loss_done + max(1, rows or self.num_loss_tokens)]
             normed = rms_norm(top[index], self.base.norm, self.base.config.rms_norm_eps)
             count = index.numel()
@@ -361,6 +380,8 @@ class LayerSlicedPass:
                 targets = self.targets[group.rows]
                 loss = (group.lse - group.logits.gather(1, targets[:, None]).squeeze(1)).sum() / self.num_loss_tokens
                 self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
+                if self.evaluate:  # the loss is all a validation pass wants: the group ends here
+                    return self._end_slice_group()
                 group.grad = torch.zeros(group.rows.numel(), weight.shape[1], dtype=torch.float32,
                                          device=weight.device)
                 group.columns_done = 0
@@ -376,7 +397,10 @@ class LayerSlicedPass:
         if stop < vocab:
             return False
         group.normed.backward((group.grad / self.num_loss_tokens).to(group.normed.dtype))
-        self._loss_done += group.rows.numel()
+        return self._end_slice_group()
+
+    def _end_slice_group(self) -> bool:
+        self._loss_done += self._slices.rows.numel()
         self._slices = None
         if self._loss_done == self.num_loss_tokens:
             self.loss = float(self._loss_sum)

@@ -43,3 +43,15 @@ def packed_loss(
     logits = F.linear(hidden[keep], base.lm_head).to(torch.float32)  # [count, vocab]
     loss_sum = F.cross_entropy(logits, targets[keep], reduction="sum")
     return loss_sum / (num_items if num_items is not None else count)
+
+
+def validation_loss(base: BaseWeights, lora: LoraParams | None, batches: Sequence) -> tuple[float, int]:
+    """Token-mean loss over every micro-batch of `batches` (PackedBatch; a validation set):
+    no dropout, no autograd. Returns (loss, loss tokens)."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for batch in batches:
+            loss = packed_loss(base, lora, batch.input_ids, batch.seq_lens, batch.targets, training=False)
+            total += float(loss) * batch.num_loss_tokens
+            count += batch.num_loss_tokens
+    return total / count, count
