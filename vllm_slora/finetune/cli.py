@@ -21,6 +21,8 @@ from ..cli import _int_at_least, _positive_alpha
 
 def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="training file: JSONL of {messages}, {prompt, completion} or {text}")
+    p.add_argument("--validation-data", default=None,
+                   help="held-out JSONL (same formats): its loss at every published step (validation_log.json)")
     p.add_argument("--out", required=True, help="output folder (step-N/ adapters, training_log.json, loss.png)")
     p.add_argument("--base", help="base model folder (default: the embedded default model)")
     p.add_argument("--name", default="finetuned", help="adapter name (default: finetuned)")
@@ -47,6 +49,9 @@ def run_finetune(args) -> int:
     if not data.is_file():
         print(f"vllm-slora finetune: error: --data {data}: no such file", file=sys.stderr)
         return 2
+    if args.validation_data is not None and not Path(args.validation_data).is_file():
+        print(f"vllm-slora finetune: error: --validation-data {args.validation_data}: no such file", file=sys.stderr)
+        return 2
     if args.base is not None and not (Path(args.base) / "config.json").is_file():
         print(f"vllm-slora finetune: error: --base {args.base}: not a model folder (no config.json)", file=sys.stderr)
         return 2
@@ -69,6 +74,7 @@ def run_finetune(args) -> int:
             llm, data, args.name, out_dir=args.out, rank=args.rank, alpha=args.alpha, target_modules=args.targets,
             max_steps=args.steps, n_epochs=args.epochs, lr=args.lr, batch_tokens=args.batch_tokens,
             max_length=args.max_length, truncate=args.truncate, publish_every=args.publish_every, seed=args.seed,
+            validation_file=args.validation_data,
         )
     except (TrainingDataError, FinetuneFailed, ValueError) as e:
         print(f"vllm-slora finetune: error: {e}", file=sys.stderr)
@@ -76,6 +82,8 @@ def run_finetune(args) -> int:
     records = result.records
     print(f"trained {len(records)} steps, loss {records[0].loss:.4f} -> {records[-1].loss:.4f}")
     print(f"adapter: {result.adapter_dir}")
+    for step, loss in result.validation_losses:
+        print(f"validation loss at step {step}: {loss:.4f}")
     if result.plot_path is not None:
         print(f"loss plot: {result.plot_path}")
     if args.prompt:

@@ -12,6 +12,8 @@ The job trains in the engine's worker on the engine's own weights, in the time i
 leaves (the same path as the server's fine-tuning API): requests generated meanwhile are
 served as usual. A progress bar follows the steps; the result has the adapter directory
 (PEFT files of the last step), every step's record and a loss plot (PNG, with matplotlib).
+With `validation_file`, every published version's loss over that whole file (no dropout)
+is computed in the engine too (`validation_losses`, and in the plot).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from pathlib import Path
 
 from ..adapters.modules import SLICE_ORDER
 from ..step_plan import TrainJobSpec
-from .coserve_worker import BATCHES_FILE
+from .coserve_worker import BATCHES_FILE, VALIDATION_BATCHES_FILE
 from .data import load_training_file
 from .lora_params import LoraParams, LoraSettings
 from .model_config import DecoderConfig
@@ -51,6 +53,7 @@ class EngineFinetuneResult:
     published: list[tuple[int, Path]] = field(default_factory=list)  # (step, directory) per version
     plot_path: Path | None = None
     unit_ms: dict | None = None  # the worker's expected time per unit kind at the last step
+    validation_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, loss over the validation file)
 
     @property
     def lora_request(self):
@@ -99,6 +102,7 @@ def finetune_in_engine(
     progress: bool = True,
     on_step: Callable[[StepRecord], None] | None = None,
     on_publish: Callable[[int, Path], None] | None = None,
+    validation_file: str | os.PathLike | None = None,
 ) -> EngineFinetuneResult:
     """Train a LoRA adapter in `llm`'s engine and wait for the job to end (see the module doc)."""
     model_config = llm.llm_engine.vllm_config.model_config
@@ -114,6 +118,9 @@ def finetune_in_engine(
     lora = LoraParams.init(DecoderConfig.from_hf(model_dir), settings, seed=seed)
     lora.save_peft(out / "step-0", base_model_name_or_path=model_dir)
     save_batches(batches, out / BATCHES_FILE)
+    if validation_file is not None:  # read with the training file's rules, packed alike
+        held_out = load_training_file(validation_file, llm.get_tokenizer(), max_length=max_length, truncate=truncate)
+        save_batches(pack_examples(held_out, batch_tokens), out / VALIDATION_BATCHES_FILE)
     training = TrainingSettings(max_steps=steps, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
                                 max_grad_norm=max_grad_norm)
     job_id = f"offline-{secrets.token_hex(6)}"
@@ -139,7 +146,8 @@ def finetune_in_engine(
                     result.unit_ms = data.get("unit_ms")
                     if bar is not None:
                         bar.update(1)
-                        bar.set_postfix(loss=f"{record.loss:.4f}")
+                        valid = result.validation_losses[-1:]
+                        bar.set_postfix(loss=f"{record.loss:.4f}", **({"valid": f"{valid[0][1]:.4f}"} if valid else {}))
                     if on_step is not None:
                         on_step(record)
                 elif event["kind"] == "published":
@@ -148,6 +156,8 @@ def finetune_in_engine(
                     result.adapter_dir = path
                     if on_publish is not None:
                         on_publish(step, path)
+                elif event["kind"] == "validated":
+                    result.validation_losses.append((step, data["loss"]))
                 elif event["kind"] in ("failed", "cancelled"):
                     raise FinetuneFailed(f"finetuning job {job_id} {event['kind']} at step {step}: "
                                          f"{data.get('message', '')}".rstrip(": "))
@@ -162,8 +172,11 @@ def finetune_in_engine(
         if bar is not None:
             bar.close()
     (out / "training_log.json").write_text(json.dumps([asdict(r) for r in result.records], indent=1))
+    if result.validation_losses:
+        (out / "validation_log.json").write_text(json.dumps(
+            [{"step": step, "loss": loss} for step, loss in result.validation_losses], indent=1))
     try:
-        result.plot_path = plot_loss(result.records, out / "loss.png")
+        result.plot_path = plot_loss(result.records, out / "loss.png", result.validation_losses)
     except ImportError:
         pass
     return result

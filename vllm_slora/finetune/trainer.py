@@ -148,8 +148,10 @@ class LoraTrainer:
         return records
 
 
-def plot_loss(records: Sequence[StepRecord], path: str | os.PathLike) -> Path:
-    """Write a PNG of loss per step. Needs matplotlib (an optional dependency)."""
+def plot_loss(records: Sequence[StepRecord], path: str | os.PathLike,
+              validation: Sequence[tuple[int, float]] = ()) -> Path:
+    """Write a PNG of loss per step (and of the validation loss at each `(step, loss)` given).
+    Needs matplotlib (an optional dependency)."""
     try:
         import matplotlib
 
@@ -158,9 +160,13 @@ def plot_loss(records: Sequence[StepRecord], path: str | os.PathLike) -> Path:
     except ImportError:
         raise ImportError("the loss plot needs matplotlib, which is not installed (pip install matplotlib)") from None
     figure, axis = plt.subplots(figsize=(6, 3.5))
-    axis.plot([r.step for r in records], [r.loss for r in records], marker="." if len(records) < 50 else None)
+    axis.plot([r.step for r in records], [r.loss for r in records], marker="." if len(records) < 50 else None,
+              label="training")
+    if validation:
+        axis.plot([step for step, _ in validation], [loss for _, loss in validation], marker="o", label="validation")
+        axis.legend()
     axis.set_xlabel("optimizer step")
-    axis.set_ylabel("training loss (token mean)")
+    axis.set_ylabel("loss (token mean)")
     axis.grid(alpha=0.3)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
