@@ -134,7 +134,7 @@ def test_mlp_units_take_all_rows_when_idle_and_a_chunk_under_load(worker_and_job
     units (MLP_CHUNK here) when it has none: each a point where the step may end."""
     worker, _ = worker_and_job
     run_pass(worker, budget_s=0.0)  # time the units
-    tokens = worker.jobs["job"].batches[0].num_tokens
+    tokens = worker.jobs["job"].steps[0][0].num_tokens
     assert tokens > 16
     run_pass(worker, budget_s=0.0)  # (finish the pass a step may have begun)
     worker.mlp_sizes.clear()
@@ -154,7 +154,7 @@ def test_right_after_inference_an_idle_step_keeps_its_units_short(worker_and_job
     worker, sizes = worker_and_job
     run_pass(worker, budget_s=0.0)  # time the units
     rows = sum(sizes)
-    tokens = worker.jobs["job"].batches[0].num_tokens
+    tokens = worker.jobs["job"].steps[0][0].num_tokens
     for short in (True, False):
         run_pass(worker, budget_s=0.0)  # (finish the pass a step may have begun)
         sizes.clear()

@@ -39,10 +39,11 @@ GRAPHS = {"recompute": lambda layers: 0, "top-layer-kept": lambda layers: 1, "ke
 
 
 def run_pass(base, lora, batch, rng_state=None, keep_graph=False, graph_layers=None,
-             mlp_rows=None, loss_slices=None) -> LayerSlicedPass:
+             mlp_rows=None, loss_slices=None, loss_tokens=None) -> LayerSlicedPass:
     """Every unit of a pass, MLP units of `mlp_rows` rows (None: whole blocks), the loss in
     groups of (rows, LM head columns) `loss_slices` (None: LOSS_CHUNK-row units); checks the order."""
-    unit_pass = LayerSlicedPass(base, lora, batch, rng_state, keep_graph=keep_graph, graph_layers=graph_layers)
+    unit_pass = LayerSlicedPass(base, lora, batch, rng_state, keep_graph=keep_graph, graph_layers=graph_layers,
+                                loss_tokens=loss_tokens)
     kinds = []
     while not unit_pass.done:
         kind = unit_pass.next_kind
@@ -370,3 +371,30 @@ def test_an_evaluation_pass_gives_hf_peft_eval_loss_and_no_gradients(tiny_model,
     with torch.no_grad():
         reference = hf_micro_batch_loss(peft, examples).item()  # HF eval mode: no dropout
     assert unit_pass.loss == pytest.approx(reference, rel=1e-5)
+
+
+@pytest.mark.parametrize("graphs", ["recompute", "keep-graph"])
+def test_a_step_of_several_micro_batches_accumulates_the_whole_steps_gradients(tiny_model, graphs):
+    """An optimizer step split into micro-batches (loss_tokens = the step's loss tokens): the
+    losses add up to, and the accumulated gradients equal, HF + PEFT's token mean over all of
+    the step's examples at once."""
+    hf = load_hf(tiny_model)
+    config = DecoderConfig.from_hf(hf.config)
+    lora = random_lora(config, **TARGET_SETS["all7"])
+    peft = peft_model_like(hf, lora)
+    examples = packed_examples(config.vocab_size, lengths=(9, 17, 5, 12))
+    batches = pack_examples(examples, batch_tokens=26)
+    assert len(batches) >= 2
+    total = sum(b.num_loss_tokens for b in batches)
+    base = base_weights_from_hf(peft)
+    loss = sum(run_pass(base, lora, b, graph_layers=GRAPHS[graphs](len(base.layers)), loss_tokens=total).loss
+               for b in batches)
+    with pytest.raises(ValueError, match="fewer than the micro-batch's"):
+        LayerSlicedPass(base, lora, batches[0], loss_tokens=1)
+
+    reference = hf_micro_batch_loss(peft, examples)
+    reference.backward()
+    assert loss == pytest.approx(reference.item(), rel=1e-5)
+    live = peft_lora_tensors(peft, lora)
+    for key, param in lora.named_parameters():
+        assert relative_error(param.grad, live[key].grad) < 1e-4, key

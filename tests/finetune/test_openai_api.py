@@ -201,6 +201,72 @@ def test_a_validation_file_gives_every_published_version_its_hf_peft_validation_
         engine.stop()
 
 
+@pytest.mark.parametrize("where", ["server-thread", "engine-worker"])
+def test_batch_size_steps_accumulate_micro_batches_and_train_as_hf_peft_does(tmp_path, tiny_model, where,
+                                                                             monkeypatch):
+    """batch_size examples per optimizer step, packed into batch_tokens-token micro-batches whose
+    gradients are accumulated: the loss curve and the final weights equal an HF + PEFT AdamW
+    loop that takes each step's examples at once (the memory stays that of one micro-batch)."""
+    from types import SimpleNamespace
+
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    from tests.finetune.inprocess_engine import InProcessEngine
+    from tests.finetune.peft_reference import hf_adamw_loss_curve, load_hf, peft_key, peft_model_like
+    from vllm_slora.finetune import trainer
+    from vllm_slora.finetune.coserve_worker import BATCHES_FILE
+    from vllm_slora.finetune.data import load_training_file
+    from vllm_slora.finetune.lora_params import LoraParams
+    from vllm_slora.finetune.model_config import DecoderConfig
+    from vllm_slora.finetune.packing import load_steps, step_micro_batches, step_totals
+
+    trained_tokens = []  # the size of every micro-batch the server's thread trains on
+    packed_loss = trainer.packed_loss
+    monkeypatch.setattr(trainer, "packed_loss", lambda *a, **k: trained_tokens.append(a[2].numel()) or packed_loss(*a, **k))
+    engine = InProcessEngine(tiny_model) if where == "engine-worker" else None
+    jobs = make_jobs(tmp_path, tiny_model, engine_call=engine and engine.call)
+    stored = upload(jobs, jsonl(training_lines()))
+    body = {"model": "base", "training_file": stored.id, "seed": 5,
+            "method": supervised(batch_size=3, batch_tokens=24, max_length=24, max_steps=6, publish_every=3,
+                                 learning_rate_multiplier=25, lora_rank=4)}
+
+    async def scenario():
+        job = await jobs.create(body)
+        await wait_until(lambda: jobs.retrieve(job["id"])["status"] not in ("queued", "running"))
+        return jobs.retrieve(job["id"])
+
+    job = asyncio.run(scenario())
+    assert job["status"] == "succeeded", job["error"]
+    job_dir = tmp_path / "jobs" / job["id"]
+    examples = load_training_file(jobs.files.content_path(stored.id), AutoTokenizer.from_pretrained(tiny_model),
+                                  max_length=24)
+    steps = step_micro_batches(examples, 3, 24)
+    assert all(len(step) >= 2 for step in steps)  # every step's examples need several micro-batches
+    if engine is None:
+        assert 0 < max(trained_tokens) <= 24
+    else:  # what the engine's worker trains on
+        sizes = [[b.num_tokens for b in step] for step in load_steps(job_dir / BATCHES_FILE)]
+        assert sizes == [[b.num_tokens for b in step] for step in steps]
+    events, _ = jobs.events(job["id"], limit=100)
+    metrics = [e["data"] for e in reversed(events) if e["type"] == "metrics" and "train_loss" in e["data"]]
+    assert [m["step_tokens"] for m in metrics] == [step_totals(steps[i % len(steps)])[0] for i in range(6)]
+
+    lora = LoraParams.from_peft_dir(job_dir / "step-0", DecoderConfig.from_hf(tiny_model))
+    peft = peft_model_like(load_hf(tiny_model), lora)
+    whole_steps = [SimpleNamespace(lines=step_totals(step)[2]) for step in steps]
+    curve = hf_adamw_loss_curve(peft, lora, examples, whole_steps, steps=6, lr=25 * 2e-4)
+    assert [m["train_loss"] for m in metrics] == pytest.approx(curve, rel=1e-4)
+    final = load_file(str(job_dir / "step-6" / "adapter_model.safetensors"))
+    live = dict(peft.named_parameters())
+    for key, value in final.items():
+        torch.testing.assert_close(value, live[peft_key(key)].detach(), rtol=1e-3, atol=1e-5)
+    jobs.close()
+    if engine is not None:
+        engine.stop()
+
+
 async def _create_error(jobs, body):
     from vllm_slora.finetune.files import ApiError
 
@@ -225,8 +291,8 @@ def test_create_refuses_bad_requests_naming_the_problem(tmp_path, tiny_model):
          "LoRA rank 16 is greater than the server's --max-lora-rank 8"),
         ({"model": "base", "training_file": good, "method": supervised(lora_rnak=4)},
          "unknown hyperparameter 'method.supervised.hyperparameters.lora_rnak'"),
-        ({"model": "base", "training_file": good, "method": supervised(batch_size=2, batch_tokens=64)},
-         "not both"),
+        ({"model": "base", "training_file": good, "method": supervised(batch_size=2, batch_tokens=16, max_length=64)},
+         "max_length 64 exceeds batch_tokens 16"),
         ({"model": "base", "training_file": good, "hyperparameters": {"n_epochs": 2},
           "method": supervised(n_epochs=3)}, "contradicts hyperparameters.n_epochs = 2"),
         ({"model": "base", "training_file": good, "method": supervised(n_epochs=0)}, "must be a positive integer"),

@@ -14,6 +14,9 @@ A job's life, unit by unit (every unit is a preemption point):
                                 its layers keep their graphs as fit what is left of the
                                 graph budget beside the other jobs' micro-batches, the
                                 others are recomputed in backward; finetune/memory.py)
+                                (an optimizer step of several micro-batches runs one pass
+                                each, their gradients accumulated, each loss divided by the
+                                step's loss tokens)
     update                      clip + AdamW + schedule (LoraTrainer.update), a "step" event
     publish (every N steps)     PEFT files to <job dir>/step-N (durable; what the server
                                 registers) + the packed weights into this worker's host
@@ -71,7 +74,7 @@ from .layer_units import (
 )
 from .lora_params import LoraParams
 from .memory import max_loss_rows
-from .packing import PackedBatch, load_batches
+from .packing import PackedBatch, load_batches, load_steps, step_totals
 from .trainer import LoraTrainer, TrainingSettings
 
 UPDATE, PUBLISH, CHECKPOINT = "update", "publish", "checkpoint"
@@ -102,11 +105,13 @@ class _Job:
     spec: TrainJobSpec
     lora: LoraParams
     trainer: LoraTrainer
-    batches: list[PackedBatch]
+    steps: list[list[PackedBatch]]  # an epoch's optimizer steps, each its micro-batches
     rng: torch.Tensor  # LoRA dropout stream, carried from pass to pass
     unit_pass: LayerSlicedPass | None = None
+    micro: int = 0  # the micro-batch of the step in progress that the next pass trains on
+    step_loss: float = 0.0  # the step's loss so far (its micro-batches' passes done)
     pass_lr: float = 0.0
-    pass_seconds: float = 0.0
+    pass_seconds: float = 0.0  # unit time of the step in progress (all its micro-batches)
     publish_due: bool = False
     checkpoint_due: bool = False  # trainer_state.pt of the last published step not written yet
     checkpointed_at: float = field(default_factory=time.monotonic)  # the last trainer_state.pt (or the start)
@@ -124,9 +129,13 @@ class _Job:
         fixed for the job, and read on every step's report."""
         return {"lora_rank": max(m.rank for m in self.lora.modules.values()), "dropout": self.lora.settings.dropout > 0}
 
+    def next_step(self) -> list[PackedBatch]:
+        """The micro-batches of the job's next (or current) optimizer step (the steps cycle)."""
+        return self.steps[self.trainer.steps_done % len(self.steps)]
+
     def next_batch(self) -> PackedBatch:
-        """The micro-batch of the job's next pass (the batches cycle, one per optimizer step)."""
-        return self.batches[self.trainer.steps_done % len(self.batches)]
+        """The micro-batch of the job's next pass."""
+        return self.next_step()[self.micro]
 
     def next_kind(self) -> str:
         if self.publish_due:
@@ -445,8 +454,8 @@ class WorkerTraining:
                 settings["betas"] = tuple(settings["betas"])
             settings = TrainingSettings(**settings)
             trainer = LoraTrainer(base, lora, settings)
-            batches = load_batches(job_dir / BATCHES_FILE)
-            if not batches:
+            steps = load_steps(job_dir / BATCHES_FILE)
+            if not steps:
                 raise JobFailed("the job has no micro-batches")
             validation_file = job_dir / VALIDATION_BATCHES_FILE
             validation_batches = load_batches(validation_file) if validation_file.exists() else []
@@ -457,12 +466,12 @@ class WorkerTraining:
         except Exception as exc:
             self.events.append(TrainEvent(spec.job_id, "failed", 0, {"message": f"could not start: {exc}"}))
             return
-        job = _Job(spec, lora, trainer, batches, rng, validation_batches=validation_batches)
+        job = _Job(spec, lora, trainer, steps, rng, validation_batches=validation_batches)
         self.jobs[spec.job_id] = job
         # Tokens of the steps done (a resumed job's): the server may not have seen their
         # events (it went down after the checkpoint was written, before it recorded them).
-        steps, cycle = divmod(trainer.steps_done, len(batches))
-        trained = steps * sum(b.num_tokens for b in batches) + sum(b.num_tokens for b in batches[:cycle])
+        epochs, cycle = divmod(trainer.steps_done, len(steps))
+        trained = sum(step_totals(step)[0] * (epochs + (index < cycle)) for index, step in enumerate(steps))
         self._event(job, "started", step=trainer.steps_done, parameters=lora.num_parameters(),
                     threads=torch.get_num_threads(), trained_tokens=trained)
 
@@ -477,24 +486,29 @@ class WorkerTraining:
         if job.validation is not None:
             return self._validation_unit(job, rows, vocab)
         if job.unit_pass is None:
+            if job.micro == 0:  # a new optimizer step
+                job.trainer.zero_grad()
+                job.pass_lr, job.pass_seconds, job.step_loss = job.trainer.lr, 0.0, 0.0
             batch = job.next_batch()
-            job.trainer.zero_grad()
             # The budget is the worker's, shared by every job's micro-batch in flight.
             room = self.graph_budget_bytes - self._held_bytes(but=job)
             graph_layers = graph_layers_within(batch.seq_lens, self.base.config, room, **job.graph_kind)
-            job.unit_pass = LayerSlicedPass(self.base, job.lora, batch, job.rng, graph_layers=graph_layers)
-            job.pass_lr, job.pass_seconds = job.trainer.lr, 0.0
+            job.unit_pass = LayerSlicedPass(self.base, job.lora, batch, job.rng, graph_layers=graph_layers,
+                                            loss_tokens=step_totals(job.next_step())[1])
         if kind != UPDATE:
             ran = job.unit_pass.run_unit(rows, vocab)
             loss = job.unit_pass.loss
             if loss is not None and ran in (LOSS, LOSS_SLICE) and not math.isfinite(loss):
                 raise JobFailed(f"training loss is {loss} at step {job.trainer.steps_done + 1} "
                                 f"(learning rate {job.pass_lr:g}); the job stopped")
+            if job.unit_pass.done and job.micro + 1 < len(job.next_step()):
+                self._end_pass(job)  # the step's next micro-batch: its gradients add to these
+                job.micro += 1
             return ran
-        unit_pass, job.unit_pass = job.unit_pass, None
-        if unit_pass.rng_state is not None:
-            job.rng = unit_pass.rng_state
-        record = job.trainer.update(unit_pass.batch, unit_pass.loss, job.pass_lr, job.pass_seconds)
+        unit_pass = self._end_pass(job)
+        step = job.next_step()
+        job.micro = 0
+        record = job.trainer.update(step, job.step_loss, job.pass_lr, job.pass_seconds)
         job.updated_at, job.updated_step = time.time(), self._engine_step
         job.last_loss = record.loss
         self._event(job, "step", step=record.step, loss=record.loss, lr=record.lr, tokens=record.tokens,
@@ -507,6 +521,14 @@ class WorkerTraining:
         last = record.step >= job.spec.total_steps
         if last or record.step % job.spec.publish_every == 0:
             job.publish_due = True  # the next unit; the job finishes with its last publish
+
+    @staticmethod
+    def _end_pass(job: _Job) -> LayerSlicedPass:
+        unit_pass, job.unit_pass = job.unit_pass, None
+        if unit_pass.rng_state is not None:
+            job.rng = unit_pass.rng_state
+        job.step_loss += unit_pass.loss
+        return unit_pass
 
     def _publish(self, job: _Job) -> None:
         step = job.trainer.steps_done

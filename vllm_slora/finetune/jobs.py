@@ -55,7 +55,9 @@ optimizer step; "auto" = pack whole examples into ``batch_tokens``-token micro-b
 and ``learning_rate_multiplier`` (x 2e-4; "auto" = 1), plus the extensions in `EXTENSIONS`,
 accepted in ``method.supervised.hyperparameters``, the legacy ``hyperparameters`` or a
 top-level ``slora`` object (``extra_body={"slora": {...}}`` in the openai client).
-One optimizer step per micro-batch (no gradient accumulation yet).
+With ``batch_size`` set, a step's examples are packed into micro-batches of at most
+``batch_tokens`` tokens and their gradients accumulated (the loss a token mean over the
+whole step), so a step of any size takes the memory of one micro-batch.
 
 Restarts: every job keeps a record (<job dir>/job.json); `restore` (server start) serves
 each job's last published version again and resumes unfinished in-engine jobs from their
@@ -106,10 +108,11 @@ EXTENSIONS = {
     "lora_dropout": "LoRA dropout in [0, 1) (default 0)",
     "target_modules": f"projections to adapt, a subset of {list(SLICE_ORDER)} (default all)",
     "use_rslora": "rank-stabilized scaling alpha / sqrt(r) (default false)",
-    "batch_tokens": "token budget of a packed micro-batch when batch_size is auto (default min(2048, max_model_len))",
+    "batch_tokens": "token budget of a packed micro-batch (default min(2048, max_model_len)): one per step when "
+                    "batch_size is auto; with batch_size, a step's examples in as many as they need, gradients accumulated",
     "max_length": "longest example in tokens (default min(batch_tokens, max_model_len))",
     "truncate": "cut examples longer than max_length instead of refusing them (default false)",
-    "max_steps": "optimizer steps to run (default n_epochs x micro-batches per epoch)",
+    "max_steps": "optimizer steps to run (default n_epochs x steps per epoch)",
     "publish_every": "publish a servable version every N steps (default min(steps per epoch, 100))",
     "learning_rate": "absolute learning rate (instead of learning_rate_multiplier)",
     "warmup_steps": "linear warmup steps (default 0)",
@@ -207,7 +210,7 @@ class Job:
     valid_losses: dict[int, float] = field(default_factory=dict)  # step -> loss over the validation set
     # Training inputs, dropped when the job ends.
     lora: Any = None
-    batches: list | None = None
+    batches: list | None = None  # an epoch of optimizer steps, each a list of packed micro-batches
     validation_batches: list | None = None
     settings: Any = None
 
@@ -245,7 +248,7 @@ class _Plan:
     lora_dropout: float
     target_modules: tuple[str, ...] | None
     use_rslora: bool
-    batch_size: int | None  # examples per micro-batch; None = pack by batch_tokens
+    batch_size: int | None  # examples per optimizer step; None = one packed micro-batch per step
     batch_tokens: int
     max_length: int
     truncate: bool
@@ -361,9 +364,9 @@ class FineTuningJobs:
                     + ("the weights of adapter " + repr(model) if continue_from else "the base model's outputs") + ")")
         if self.engine_call is not None:
             from .coserve_worker import BATCHES_FILE, VALIDATION_BATCHES_FILE
-            from .packing import save_batches
+            from .packing import save_batches, save_steps
 
-            await asyncio.to_thread(save_batches, job.batches, job.dir / BATCHES_FILE)
+            await asyncio.to_thread(save_steps, job.batches, job.dir / BATCHES_FILE)
             if job.validation_batches:
                 await asyncio.to_thread(save_batches, job.validation_batches, job.dir / VALIDATION_BATCHES_FILE)
                 job.validation_batches = None  # the engine's worker reads them
@@ -452,15 +455,12 @@ class FineTuningJobs:
         if "use_rslora" in values and type(values["use_rslora"]) is not bool:
             raise ApiError(400, f"{where['use_rslora']} must be true or false", param=where["use_rslora"])
         batch_size = get("batch_size", _positive_int, None)
-        if batch_size is not None and "batch_tokens" in values:
-            raise ApiError(400, f"give {where['batch_size']} (examples per step) or {where['batch_tokens']} "
-                           "(tokens per packed step), not both", param=where["batch_tokens"])
         batch_tokens = get("batch_tokens", _positive_int, min(DEFAULT_BATCH_TOKENS, engine.max_model_len))
         max_length = get("max_length", _positive_int, min(batch_tokens, engine.max_model_len))
         if max_length < 2 or max_length > engine.max_model_len:
             raise ApiError(400, f"{where.get('max_length', 'max_length')} must be between 2 and the served "
                            f"max_model_len {engine.max_model_len}, got {max_length}", param=where.get("max_length"))
-        if batch_size is None and max_length > batch_tokens:
+        if max_length > batch_tokens:
             raise ApiError(400, f"max_length {max_length} exceeds batch_tokens {batch_tokens}: such examples could "
                            "never be packed", param=where.get("max_length", where.get("batch_tokens")))
         if "truncate" in values and type(values["truncate"]) is not bool:
@@ -497,13 +497,14 @@ class FineTuningJobs:
         """Blocking part of create (worker thread): tokenize, pack, build the LoRA, write step-0."""
         from .lora_params import LoraParams, LoraSettings
         from .model_config import DecoderConfig
+        from .packing import pack_examples, step_micro_batches, step_totals
         from .trainer import TrainingSettings
 
         examples = self._examples(stored, plan, "training_file")
-        batches = _micro_batches(examples, plan)
+        steps = step_micro_batches(examples, plan.batch_size, plan.batch_tokens)
         validation_examples = self._examples(validation, plan, "validation_file") if validation else []
-        validation_batches = _micro_batches(validation_examples, plan) if validation else []
-        per_epoch = len(batches)
+        validation_batches = pack_examples(validation_examples, plan.batch_tokens) if validation else []
+        per_epoch = len(steps)
         total = plan.max_steps or (plan.n_epochs or DEFAULT_EPOCHS) * per_epoch
         publish_every = plan.publish_every or max(1, min(per_epoch, MAX_PUBLISH_EVERY_DEFAULT))
         try:
@@ -528,7 +529,7 @@ class FineTuningJobs:
             "learning_rate_multiplier": plan.learning_rate / BASE_LEARNING_RATE,
             "lora_rank": s.r, "lora_alpha": s.alpha, "lora_dropout": s.dropout,
             "target_modules": list(s.target_modules), "use_rslora": s.use_rslora,
-            "batch_tokens": None if plan.batch_size else plan.batch_tokens, "max_length": plan.max_length,
+            "batch_tokens": plan.batch_tokens, "max_length": plan.max_length,
             "truncate": plan.truncate, "max_steps": total, "publish_every": publish_every,
             "learning_rate": plan.learning_rate, "warmup_steps": plan.warmup_steps,
             "weight_decay": plan.weight_decay, "max_grad_norm": plan.max_grad_norm,
@@ -537,7 +538,7 @@ class FineTuningJobs:
             id=job_id, created_at=int(time.time()), model=model, training_file=stored.id, fine_tuned_model=name,
             seed=seed, suffix=suffix, metadata=metadata,
             hyperparameters={k: method[k] for k in OPENAI_HYPERPARAMETERS}, method_hyperparameters=method,
-            dir=job_dir, total_steps=total, publish_every=publish_every, lora=lora, batches=batches,
+            dir=job_dir, total_steps=total, publish_every=publish_every, lora=lora, batches=steps,
             validation_file=validation.id if validation else None, validation_batches=validation_batches or None,
             settings=TrainingSettings(
                 max_steps=total, lr=plan.learning_rate, weight_decay=plan.weight_decay,
@@ -545,9 +546,10 @@ class FineTuningJobs:
             ),
         )
         self._event(job, f"Created fine-tuning job {job_id}")
-        self._event(job, f"Validated training file {stored.id}: {len(examples)} examples, {per_epoch} micro-batches "
-                    f"per epoch, {sum(b.num_tokens for b in batches)} tokens; {total} steps, a version published "
-                    f"every {publish_every} steps")
+        micro_batches = sum(len(step) for step in steps)
+        self._event(job, f"Validated training file {stored.id}: {len(examples)} examples, {per_epoch} steps per epoch "
+                    f"({micro_batches} micro-batches), {sum(step_totals(step)[0] for step in steps)} tokens; "
+                    f"{total} steps, a version published every {publish_every} steps")
         if validation:
             self._event(job, f"Validated validation file {validation.id}: {len(validation_examples)} examples, "
                         f"{len(validation_batches)} micro-batches, "
@@ -1093,17 +1095,6 @@ def _results_csv(records: Sequence, valid_losses: Mapping[int, float]) -> bytes:
         writer.writerow([r.step, f"{r.loss:.6f}", f"{r.lr:.6g}", r.tokens, r.loss_tokens, f"{r.seconds:.4f}",
                          "" if valid is None else f"{valid:.6f}"])
     return out.getvalue().encode()
-
-
-def _micro_batches(examples: Sequence, plan: _Plan) -> list:
-    """Examples packed as the plan says: whole examples into batch_tokens-token micro-batches, or
-    batch_size examples per micro-batch."""
-    from .packing import pack_examples
-
-    if plan.batch_size is None:
-        return pack_examples(examples, plan.batch_tokens)
-    return [pack_examples(group, sum(len(e) for e in group))[0]
-            for group in (examples[i:i + plan.batch_size] for i in range(0, len(examples), plan.batch_size))]
 
 
 # -- request parsing ---------------------------------------------------------------------------

@@ -109,6 +109,10 @@ class LayerSlicedPass:
         keep_graph: bool = False,  # keep each layer's graph from FWD to BWD (no recompute)
         graph_layers: int | None = None,  # keep only the top this many layers' graphs (overrides keep_graph)
         evaluate: bool = False,  # a validation pass: forward and loss only (see the module doc)
+        # The loss is the token sum over this micro-batch divided by this many tokens (default:
+        # its own loss tokens). An optimizer step of several micro-batches gives the step's
+        # total, so the gradients they accumulate are those of the whole step's token mean.
+        loss_tokens: int | None = None,
     ) -> None:
         self.base, self.lora, self.batch = base, lora, batch
         self.num_layers = len(base.layers)
@@ -120,6 +124,9 @@ class LayerSlicedPass:
         self.num_loss_tokens = int(self.keep.sum())
         if self.num_loss_tokens == 0:
             raise ValueError("the micro-batch has no loss tokens")
+        self.loss_divisor = self.num_loss_tokens if loss_tokens is None else loss_tokens
+        if self.loss_divisor < self.num_loss_tokens:
+            raise ValueError(f"loss_tokens {loss_tokens} is fewer than the micro-batch's {self.num_loss_tokens}")
         self._loss_index = self.keep.nonzero().squeeze(1)  # rows with a loss, in order
         self._loss_done = 0  # of them, how many LOSS units have covered
         self._loss_sum: torch.Tensor | None = None
@@ -337,7 +344,7 @@ class LayerSlicedPass:
         # rms_norm is per row: normalising only this chunk's rows is the same computation.
         hidden = rms_norm(top[rows], self.base.norm, self.base.config.rms_norm_eps)
         logits = F.linear(hidden, self.base.lm_head).to(torch.float32)  # [chunk tokens, vocab]
-        loss = F.cross_entropy(logits, self.targets[rows], reduction="sum") / self.num_loss_tokens
+        loss = F.cross_entropy(logits, self.targets[rows], reduction="sum") / self.loss_divisor
         if not self.evaluate:
             loss.backward()  # accumulates into top.grad, row by row
         self._loss_sum = loss.detach() if self._loss_sum is None else self._loss_sum + loss.detach()
@@ -378,7 +385,7 @@ class LayerSlicedPass:
             if stop == vocab:
                 group.lse = group.max + torch.log(group.sum_exp)
                 targets = self.targets[group.rows]
-                loss = (group.lse - group.logits.gather(1, targets[:, None]).squeeze(1)).sum() / self.num_loss_tokens
+                loss = (group.lse - group.logits.gather(1, targets[:, None]).squeeze(1)).sum() / self.loss_divisor
                 self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
                 if self.evaluate:  # the loss is all a validation pass wants: the group ends here
                     return self._end_slice_group()
@@ -396,7 +403,7 @@ class LayerSlicedPass:
         group.columns_done = stop
         if stop < vocab:
             return False
-        group.normed.backward((group.grad / self.num_loss_tokens).to(group.normed.dtype))
+        group.normed.backward((group.grad / self.loss_divisor).to(group.normed.dtype))
         return self._end_slice_group()
 
     def _end_slice_group(self) -> bool:

@@ -74,12 +74,52 @@ def pack_examples(examples: Sequence[TrainingExample], batch_tokens: int) -> lis
     return batches
 
 
-def save_batches(batches: Sequence[PackedBatch], path) -> None:
-    """Write packed micro-batches for the engine's trainer (torch.save of plain tensors and tuples)."""
+def step_micro_batches(examples: Sequence[TrainingExample], examples_per_step: int | None,
+                       batch_tokens: int) -> list[list[PackedBatch]]:
+    """The optimizer steps of an epoch, each a list of micro-batches of at most `batch_tokens`
+    tokens: one packed micro-batch per step (`examples_per_step` None), or that many
+    examples per step, packed into as many micro-batches as they need (their gradients are
+    accumulated into one step: memory stays that of one micro-batch, whatever the step's size)."""
+    if examples_per_step is None:
+        return [[batch] for batch in pack_examples(examples, batch_tokens)]
+    return [pack_examples(examples[i:i + examples_per_step], batch_tokens)
+            for i in range(0, len(examples), examples_per_step)]
+
+
+def step_totals(step: PackedBatch | Sequence[PackedBatch]) -> tuple[int, int, tuple[int, ...]]:
+    """(tokens, loss tokens, source lines) of one optimizer step's micro-batches."""
+    batches = [step] if isinstance(step, PackedBatch) else list(step)
+    return (sum(b.num_tokens for b in batches), sum(b.num_loss_tokens for b in batches),
+            tuple(line for b in batches for line in b.lines))
+
+
+def save_steps(steps: Sequence[Sequence[PackedBatch]], path) -> None:
+    """Write an epoch's optimizer steps of packed micro-batches for the engine's trainer
+    (torch.save of plain tensors and lists; each micro-batch names its step)."""
     torch.save([{"input_ids": b.input_ids, "targets": b.targets, "seq_lens": list(b.seq_lens),
-                 "lines": list(b.lines)} for b in batches], path)
+                 "lines": list(b.lines), "step": index} for index, step in enumerate(steps) for b in step], path)
+
+
+def load_steps(path) -> list[list[PackedBatch]]:
+    """The steps `save_steps` wrote (a file of `save_batches`: one micro-batch per step)."""
+    steps: list[list[PackedBatch]] = []
+    last = None
+    for index, b in enumerate(torch.load(path, weights_only=True)):
+        batch = PackedBatch(b["input_ids"], b["targets"], tuple(b["seq_lens"]), tuple(b["lines"]))
+        step = b.get("step", ("own", index))
+        if steps and step == last:
+            steps[-1].append(batch)
+        else:
+            steps.append([batch])
+        last = step
+    return steps
+
+
+def save_batches(batches: Sequence[PackedBatch], path) -> None:
+    """Write packed micro-batches, one optimizer step each."""
+    save_steps([[b] for b in batches], path)
 
 
 def load_batches(path) -> list[PackedBatch]:
-    raw = torch.load(path, weights_only=True)
-    return [PackedBatch(b["input_ids"], b["targets"], tuple(b["seq_lens"]), tuple(b["lines"])) for b in raw]
+    """Every micro-batch of a `save_steps` / `save_batches` file, in order."""
+    return [batch for step in load_steps(path) for batch in step]

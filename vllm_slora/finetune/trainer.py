@@ -29,7 +29,7 @@ from .base_weights import BaseWeights, base_weights_from_checkpoint
 from .data import load_training_file
 from .lora_params import LoraParams, LoraSettings
 from .loss import packed_loss
-from .packing import PackedBatch, pack_examples
+from .packing import PackedBatch, pack_examples, step_totals
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ class TrainingSettings:
 @dataclass
 class StepRecord:
     step: int  # 1-based
-    loss: float  # token-mean loss of the micro-batch, before this step's update
+    loss: float  # token-mean loss of the step's micro-batch(es), before this step's update
     lr: float  # learning rate this step's update used
     loss_tokens: int  # tokens trained on (with a target and in the loss mask)
     tokens: int  # tokens computed (all packed tokens)
@@ -80,22 +80,30 @@ class LoraTrainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, settings.lr_factor)
         self.steps_done = 0
 
-    def step(self, batch: PackedBatch) -> StepRecord:
-        """One forward + backward + AdamW update on one packed micro-batch."""
+    def step(self, batch: PackedBatch | Sequence[PackedBatch]) -> StepRecord:
+        """One optimizer step: forward + backward of one packed micro-batch, or of each of a
+        step's micro-batches in turn (gradients accumulated, the loss a token mean over all of
+        them), then the AdamW update."""
         start = time.perf_counter()
         lr = self.optimizer.param_groups[0]["lr"]
+        micro_batches = [batch] if isinstance(batch, PackedBatch) else list(batch)
+        _, loss_tokens, _ = step_totals(micro_batches)
+        total = 0.0
         with torch.inference_mode(False), torch.enable_grad():
             self.optimizer.zero_grad(set_to_none=True)
-            loss = packed_loss(
-                self.base, self.lora, batch.input_ids, batch.seq_lens, batch.targets,
-                checkpoint_layers=self.settings.checkpoint_layers, training=True,
-            )
-            loss.backward()
-        return self.update(batch, float(loss.detach()), lr, time.perf_counter() - start)
+            for micro in micro_batches:
+                loss = packed_loss(
+                    self.base, self.lora, micro.input_ids, micro.seq_lens, micro.targets, num_items=loss_tokens,
+                    checkpoint_layers=self.settings.checkpoint_layers, training=True,
+                )
+                loss.backward()
+                total += float(loss.detach())
+        return self.update(micro_batches, total, lr, time.perf_counter() - start)
 
-    def update(self, batch: PackedBatch, loss: float, lr: float, seconds: float) -> StepRecord:
-        """Clip (when set), AdamW step, schedule step, once the gradients of `batch` are in ``.grad``
-        (left there: the caller clears them before the next batch).
+    def update(self, batch: PackedBatch | Sequence[PackedBatch], loss: float, lr: float, seconds: float) -> StepRecord:
+        """Clip (when set), AdamW step, schedule step, once the gradients of `batch` (a step's
+        micro-batch or micro-batches) are in ``.grad`` (left there: the caller clears them
+        before the next step).
 
         `seconds` is the forward + backward time spent on the batch; the update's own
         time is added.
@@ -108,10 +116,10 @@ class LoraTrainer:
             self.optimizer.step()
             self.scheduler.step()
         self.steps_done += 1
+        tokens, loss_tokens, lines = step_totals(batch)
         return StepRecord(
-            step=self.steps_done, loss=loss, lr=lr, loss_tokens=batch.num_loss_tokens,
-            tokens=batch.num_tokens, seconds=seconds + time.perf_counter() - start, grad_norm=grad_norm,
-            lines=batch.lines,
+            step=self.steps_done, loss=loss, lr=lr, loss_tokens=loss_tokens,
+            tokens=tokens, seconds=seconds + time.perf_counter() - start, grad_norm=grad_norm, lines=lines,
         )
 
     def zero_grad(self) -> None:
@@ -134,9 +142,10 @@ class LoraTrainer:
         self.steps_done = int(state["steps_done"])
 
     def train(
-        self, batches: Sequence[PackedBatch], progress: Callable[[StepRecord], None] | None = None
+        self, batches: Sequence[PackedBatch | Sequence[PackedBatch]], progress: Callable[[StepRecord], None] | None = None
     ) -> list[StepRecord]:
-        """Run until `settings.max_steps`, cycling through `batches` in order; `progress` sees every step."""
+        """Run until `settings.max_steps`, cycling through `batches` (one step each: a micro-batch,
+        or a step's micro-batches) in order; `progress` sees every step."""
         if not batches:
             raise ValueError("no micro-batches to train on")
         records = []
