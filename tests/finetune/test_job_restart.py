@@ -34,17 +34,32 @@ def weights(job_dir, step: int) -> dict:
     return load_file(str(job_dir / f"step-{step}" / "adapter_model.safetensors"))
 
 
+def assert_same_weights(jobs, job_id: str, reference_id: str, step: int = 24) -> None:
+    """The two jobs' step-`step` adapters agree to 1e-6 of each tensor's scale."""
+    ours, theirs = weights(jobs.root / job_id, step), weights(jobs.root / reference_id, step)
+    assert ours.keys() == theirs.keys()
+    for key in theirs:
+        assert (ours[key] - theirs[key]).abs().max() <= 1e-6 * theirs[key].abs().max().clamp_min(1e-12), key
+
+
+async def reference_job(tmp_path, tiny_model):
+    """A job of BODY trained to its end without interruption, in an engine of its own; returns
+    (jobs, the uploaded file, the job), the engine stopped."""
+    engine = InProcessEngine(tiny_model)
+    jobs = make_jobs(tmp_path, tiny_model, engine_call=engine.call)
+    stored = upload(jobs, jsonl(training_lines()))
+    whole = await jobs.create({**BODY, "training_file": stored.id})
+    await wait_until(lambda: jobs.retrieve(whole["id"])["status"] == "succeeded")
+    engine.stop()
+    return jobs, stored, whole
+
+
 def test_unfinished_job_resumes_after_a_restart_and_ends_where_an_uninterrupted_one_does(tmp_path, tiny_model,
                                                                                           monkeypatch):
     monkeypatch.setattr(coserve_worker, "CHECKPOINT_EVERY_S", 0.0)  # optimizer state at every publish
 
     async def scenario():
-        engine = InProcessEngine(tiny_model)
-        jobs = make_jobs(tmp_path, tiny_model, engine_call=engine.call)
-        stored = upload(jobs, jsonl(training_lines()))
-        whole = await jobs.create({**BODY, "training_file": stored.id})
-        await wait_until(lambda: jobs.retrieve(whole["id"])["status"] == "succeeded")
-        engine.stop()
+        jobs, stored, whole = await reference_job(tmp_path, tiny_model)
 
         # The engine dies right after the step-8 checkpoint; the dead server writes nothing more.
         def crash():
@@ -75,10 +90,7 @@ def test_unfinished_job_resumes_after_a_restart_and_ends_where_an_uninterrupted_
         restarted.close()
         engine.stop()
         # Same data, seed and order: the resumed job ends exactly where the uninterrupted one did.
-        ours, reference = weights((jobs.root / cut["id"]), 24), weights((jobs.root / whole["id"]), 24)
-        assert ours.keys() == reference.keys()
-        for key in ours:
-            assert (ours[key] - reference[key]).abs().max() <= 1e-6 * reference[key].abs().max().clamp_min(1e-12), key
+        assert_same_weights(jobs, cut["id"], whole["id"])
 
     asyncio.run(scenario())
 
@@ -130,12 +142,7 @@ def test_a_job_resumed_from_before_its_last_version_trains_those_steps_again_and
     monkeypatch.setattr(coserve_worker, "CHECKPOINT_EVERY_S", float("inf"))  # only after the last step
 
     async def scenario():
-        engine = InProcessEngine(tiny_model)
-        jobs = make_jobs(tmp_path, tiny_model, engine_call=engine.call)
-        stored = upload(jobs, jsonl(training_lines()))
-        whole = await jobs.create({**BODY, "training_file": stored.id})
-        await wait_until(lambda: jobs.retrieve(whole["id"])["status"] == "succeeded")
-        engine.stop()
+        jobs, stored, whole = await reference_job(tmp_path, tiny_model)
 
         # The engine stops stepping right after publishing step 8; once the server has recorded
         # that version, it dies and the dead server writes nothing more.
@@ -167,9 +174,7 @@ def test_a_job_resumed_from_before_its_last_version_trains_those_steps_again_and
         assert job["trained_tokens"] == reference["trained_tokens"]  # steps 1..8 counted once
         restarted.close()
         engine.stop()
-        ours, theirs = weights(cut_dir, 24), weights(jobs.root / whole["id"], 24)
-        for key in theirs:
-            assert (ours[key] - theirs[key]).abs().max() <= 1e-6 * theirs[key].abs().max().clamp_min(1e-12), key
+        assert_same_weights(jobs, cut["id"], whole["id"])
 
     asyncio.run(scenario())
 
@@ -183,12 +188,7 @@ def test_a_paused_job_stays_paused_across_a_restart_and_resumed_ends_where_an_un
     monkeypatch.setattr(coserve_worker, "CHECKPOINT_EVERY_S", 0.0)  # optimizer state at every publish
 
     async def scenario():
-        engine = InProcessEngine(tiny_model)
-        jobs = make_jobs(tmp_path, tiny_model, engine_call=engine.call)
-        stored = upload(jobs, jsonl(training_lines()))
-        whole = await jobs.create({**BODY, "training_file": stored.id})
-        await wait_until(lambda: jobs.retrieve(whole["id"])["status"] == "succeeded")
-        engine.stop()
+        jobs, stored, whole = await reference_job(tmp_path, tiny_model)
 
         engine = InProcessEngine(tiny_model, step_gap_s=0.05)
         jobs.engine_call = engine.call
@@ -219,9 +219,7 @@ def test_a_paused_job_stays_paused_across_a_restart_and_resumed_ends_where_an_un
         assert "Server restarted: the job stays paused (it resumes from the last checkpoint)" in messages
         restarted.close()
         engine.stop()
-        ours, theirs = weights(jobs.root / paused["id"], 24), weights(jobs.root / whole["id"], 24)
-        for key in theirs:
-            assert (ours[key] - theirs[key]).abs().max() <= 1e-6 * theirs[key].abs().max().clamp_min(1e-12), key
+        assert_same_weights(jobs, paused["id"], whole["id"])
 
     asyncio.run(scenario())
 
