@@ -77,6 +77,10 @@ class SLoRAConfig:
     # it and called back under KV pressure (pool/training_loan.py); GPU: kept out of the
     # KV cache at start (finetune/memory.py).
     finetune_activation_mb: int = 1024
+    # Jobs that train at once in the engine; more wait (queued) until one ends. The memory
+    # kept out of the KV cache at start grows with it: each job's LoRA + AdamW state and
+    # one micro-batch's layer boundaries (finetune/memory.py).
+    finetune_max_jobs: int = 2
 
     @classmethod
     def from_additional_config(cls, additional_config: Mapping[str, Any] | None) -> SLoRAConfig | None:
@@ -133,6 +137,10 @@ class SLoRAConfig:
         if self.finetune_activation_mb < 0:
             raise SLoRAConfigError(
                 f"slora config key 'finetune_activation_mb' must be >= 0, got {self.finetune_activation_mb}"
+            )
+        if self.finetune_max_jobs < 1:
+            raise SLoRAConfigError(
+                f"slora config key 'finetune_max_jobs' must be >= 1, got {self.finetune_max_jobs}"
             )
         if self.finetune_idle_step_ms < 1:
             raise SLoRAConfigError(

@@ -125,6 +125,7 @@ class SLoRASchedulerMixin:
             self.slora_training = TrainingPlanner(
                 self.slora_config.finetune_slack, self.slora_config.finetune_idle_step_ms / 1000.0,
                 tp_size=self.slora_tp_size, pp_size=vllm_config.parallel_config.pipeline_parallel_size,
+                max_jobs=self.slora_config.finetune_max_jobs,
             )
             if graphs_borrow_pool_blocks():
                 group = kv_cache_config.kv_cache_groups[0]

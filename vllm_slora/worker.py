@@ -54,9 +54,11 @@ class SLoRAWorkerMixin:
             raise ValueError(
                 f"vllm-slora: co-served training needs {reserve / 2**20:.0f} MiB kept out of the KV cache "
                 f"(one job's state at --max-lora-rank, a loss unit, a micro-batch's activations up to "
-                f"--max-model-len tokens and, on GPU, slora.finetune_activation_mb="
+                f"--max-model-len tokens for each of slora.finetune_max_jobs={self.slora_config.finetune_max_jobs} "
+                f"jobs and, on GPU, slora.finetune_activation_mb="
                 f"{self.slora_config.finetune_activation_mb}) but only {available / 2**20:.0f} MiB are left "
-                "for the KV cache: lower --max-lora-rank, --max-model-len or slora.finetune_activation_mb, "
+                "for the KV cache: lower --max-lora-rank, --max-model-len, slora.finetune_max_jobs or "
+                "slora.finetune_activation_mb, "
                 "or give the engine more memory"
             )
         logger.info("vllm-slora: %.0f MiB kept out of the KV cache for co-served training (%.0f MiB left for it)",
@@ -73,7 +75,8 @@ class SLoRAWorkerMixin:
         lora_config = self.vllm_config.lora_config
         max_rank = lora_config.max_lora_rank if lora_config is not None else 0
         return training_reserve_bytes(config, max_rank, self.slora_config.finetune_activation_mb << 20,
-                                      model_config.max_model_len, graphs_lent=graphs_borrow_pool_blocks())
+                                      model_config.max_model_len, graphs_lent=graphs_borrow_pool_blocks(),
+                                      max_jobs=self.slora_config.finetune_max_jobs)
 
     def init_device(self) -> None:
         super().init_device()  # creates self.model_runner; load_model comes later

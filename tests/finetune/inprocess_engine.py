@@ -18,14 +18,15 @@ class EngineGone(RuntimeError):
 
 class InProcessEngine:
     def __init__(self, model_dir, crash_after_publish: int | None = None, on_crash=None,
-                 crash_on: str = "checkpointed", freeze: bool = False, step_gap_s: float = 0.0) -> None:
+                 crash_on: str = "checkpointed", freeze: bool = False, step_gap_s: float = 0.0,
+                 max_jobs: int = 2) -> None:
         # crash_after_publish: the engine dies right after a job's `crash_on` event ("checkpointed":
         # its optimizer state is on disk; "published": its version only) of that step (restart tests).
         # freeze: it only stops stepping there and still answers calls until stop().
         self.crash_after_publish, self.on_crash, self.crash_on = crash_after_publish, on_crash, crash_on
         self.freeze = freeze
         self.step_gap_s = step_gap_s  # a wait between steps (as inference would take): slower jobs
-        self.planner = TrainingPlanner(slack=0.1, idle_step_s=0.02)
+        self.planner = TrainingPlanner(slack=0.1, idle_step_s=0.02, max_jobs=max_jobs)
         self.worker = WorkerTraining(None, base_model=str(model_dir), base=base_weights_from_checkpoint(model_dir))
         self._lock = threading.Lock()
         self._stop = threading.Event()

@@ -248,3 +248,32 @@ def test_slack_changes_while_serving_and_bad_values_are_refused():
     with pytest.raises(TrainingRefused, match="unknown co-serving setting"):
         planner.handle("configure", {"slak": 0.2})
     assert planner.slack == 0.5
+
+
+def test_jobs_beyond_max_jobs_wait_and_are_admitted_in_order_as_slots_free():
+    """Two slots: a third and fourth job wait ("queued", a "waiting" event), no order starts
+    them while two jobs hold a slot (a paused one keeps its slot); when one ends the next
+    waiting job starts, paused if it was paused while waiting; a waiting job cancels at once."""
+    planner = TrainingPlanner(slack=0.1, idle_step_s=0.05, max_jobs=2)
+    for job_id in ("a", "b", "c", "d"):
+        planner.submit(spec(job_id))
+    assert [e["kind"] for e in planner.jobs["c"].events] == ["waiting"]
+    assert planner.jobs["d"].events[0]["data"] == {"ahead": 1, "max_jobs": 2}
+    order = planner.order(running=0, waiting=0, scheduled_tokens=0)
+    assert [s.job_id for s in order.start] == ["a", "b"]
+    planner.take(report(events=[TrainEvent("a", "started"), TrainEvent("b", "started")]))
+    assert planner.handle("stats", {})["waiting"] == 2 and planner.poll("c")["status"] == "queued"
+
+    assert planner.pause("c", True)["status"] == "paused"  # waiting: nothing to tell the workers yet
+    assert planner.pause("b", True)["status"] == "paused"
+    order = planner.order(running=0, waiting=0, scheduled_tokens=0)
+    assert order.start == [] and order.pause == ["b"]  # b keeps its slot paused: c still waits
+    assert planner.cancel("d")["status"] == "cancelled" and planner.poll("d")["status"] == "cancelled"
+
+    planner.take(report(events=[TrainEvent("a", "finished", 10)]))  # a's slot frees
+    order = planner.order(running=0, waiting=0, scheduled_tokens=0)
+    assert [s.job_id for s in order.start] == ["c"] and order.pause == ["c"]  # started paused
+    assert planner.handle("stats", {})["waiting"] == 0
+    planner.pause("c", False)
+    order = planner.order(running=0, waiting=0, scheduled_tokens=0)
+    assert order.resume == ["c"] and order.start == []

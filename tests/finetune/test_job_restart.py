@@ -132,6 +132,32 @@ def test_engine_jobs_report_steps_publish_and_cancel(tmp_path, tiny_model):
     asyncio.run(scenario())
 
 
+def test_a_job_beyond_the_engines_slots_waits_queued_and_trains_once_one_frees(tmp_path, tiny_model):
+    """With one training slot, a second job stays queued (an event says why) and trains no step
+    while the first runs; once the first ends it trains to the end too."""
+    async def scenario():
+        engine = InProcessEngine(tiny_model, max_jobs=1, step_gap_s=0.01)
+        jobs = make_jobs(tmp_path, tiny_model, engine_call=engine.call)
+        stored = upload(jobs, jsonl(training_lines()))
+        first = await jobs.create({**BODY, "training_file": stored.id})
+        second = await jobs.create({**BODY, "training_file": stored.id})
+        await wait_until(lambda: any(e["message"].startswith("Waiting for a training slot: 1 job(s)")
+                                     for e in jobs.events(second["id"], limit=100)[0]))
+        await wait_until(lambda: jobs.retrieve(first["id"])["trained_tokens"] > 0)
+        while jobs.retrieve(first["id"])["status"] == "running":
+            assert jobs.retrieve(second["id"])["status"] == "queued"
+            assert jobs.retrieve(second["id"])["trained_tokens"] == 0 and second["id"] not in engine.worker.jobs
+            await asyncio.sleep(0.02)
+        assert jobs.retrieve(first["id"])["status"] == "succeeded"
+        await wait_until(lambda: jobs.retrieve(second["id"])["status"] == "succeeded")
+        assert jobs.retrieve(second["id"])["trained_tokens"] == jobs.retrieve(first["id"])["trained_tokens"]
+        assert_same_weights(jobs, second["id"], first["id"])  # same data and seed, trained alone alike
+        jobs.close()
+        engine.stop()
+
+    asyncio.run(scenario())
+
+
 def test_a_job_resumed_from_before_its_last_version_trains_those_steps_again_and_counts_them_once(
         tmp_path, tiny_model, monkeypatch):
     """Optimizer state is written at most every CHECKPOINT_EVERY_S: a server that dies after

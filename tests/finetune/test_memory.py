@@ -39,11 +39,13 @@ class _VLLMWorker:
 
 
 class _Worker(SLoRAWorkerMixin, _VLLMWorker):
-    def __init__(self, tiny_model, finetune: bool, explicit_kv: int | None, activation_mb: int = 256) -> None:
+    def __init__(self, tiny_model, finetune: bool, explicit_kv: int | None, activation_mb: int = 256,
+                 max_jobs: int = 2) -> None:
         from transformers import AutoConfig
 
         # Not SLoRAWorkerMixin.__init__: no vLLM worker is built, only what the method reads.
-        self.slora_config = SLoRAConfig.from_dict({"finetune": finetune, "finetune_activation_mb": activation_mb})
+        self.slora_config = SLoRAConfig.from_dict({"finetune": finetune, "finetune_activation_mb": activation_mb,
+                                                   "finetune_max_jobs": max_jobs})
         self.cache_config = types.SimpleNamespace(kv_cache_memory_bytes=explicit_kv)
         self.vllm_config = types.SimpleNamespace(
             model_config=types.SimpleNamespace(hf_config=AutoConfig.from_pretrained(tiny_model), max_model_len=512),
@@ -51,18 +53,24 @@ class _Worker(SLoRAWorkerMixin, _VLLMWorker):
         )
 
 
+@pytest.mark.parametrize("max_jobs", [1, 3])
 @pytest.mark.parametrize("lent", [True, False], ids=["cpu-graphs-borrow-pool-blocks", "gpu-graphs-reserved"])
-def test_a_finetune_engine_keeps_training_memory_out_of_the_kv_cache(tiny_model, monkeypatch, lent):
+def test_a_finetune_engine_keeps_training_memory_out_of_the_kv_cache(tiny_model, monkeypatch, lent, max_jobs):
+    """Each of the max_jobs jobs that may train at once: its micro-batch's boundaries and its
+    LoRA + AdamW state; once: the recomputed layer, the loss unit and (GPU) the graphs."""
     from vllm_slora.pool import training_loan
 
     monkeypatch.setattr(training_loan, "graphs_borrow_pool_blocks", lambda: lent)
     config = DecoderConfig.from_hf(tiny_model)
     # A 512-token micro-batch (max_model_len) keeping no graph: boundaries + one layer recomputed
     # (at --max-lora-rank 16, with LoRA dropout: the most a job may ask).
-    recompute = activation_bytes(512, config, False) + layer_graph_bytes(512, config, lora_rank=16, dropout=True)
-    reserve = (0 if lent else 256 * MIB) + recompute + memory.LOSS_UNIT_BYTES + memory.job_state_bytes(config, 16)
-    assert memory.recompute_bytes(config, 512, lora_rank=16) == recompute
-    assert _Worker(tiny_model, finetune=True, explicit_kv=None).determine_available_memory() == 4096 * MIB - reserve
+    layer = layer_graph_bytes(512, config, lora_rank=16, dropout=True)
+    recompute = max_jobs * activation_bytes(512, config, False) + layer
+    reserve = ((0 if lent else 256 * MIB) + recompute + memory.LOSS_UNIT_BYTES
+               + max_jobs * memory.job_state_bytes(config, 16))
+    assert memory.recompute_bytes(config, 512, lora_rank=16, jobs=max_jobs) == recompute
+    worker = _Worker(tiny_model, finetune=True, explicit_kv=None, max_jobs=max_jobs)
+    assert worker.determine_available_memory() == 4096 * MIB - reserve
     # No training: vLLM's figure. An explicit --kv-cache-memory-bytes is the operator's.
     assert _Worker(tiny_model, finetune=False, explicit_kv=None).determine_available_memory() == 4096 * MIB
     assert _Worker(tiny_model, finetune=True, explicit_kv=4096 * MIB).determine_available_memory() == 4096 * MIB

@@ -4,6 +4,11 @@ Inference is scheduled exactly as without training; then `order()` decides how m
 seconds of training units the workers may add to this step (research/flexllm.md §4.3,
 simplified to what a CPU engine can measure):
 
+* at most ``max_jobs`` jobs     -> the memory kept out of the KV cache holds that many
+  train at once (admitted)        jobs' state and micro-batches (finetune/memory.py); a
+                                  job submitted beyond them waits ("queued", a "waiting"
+                                  event) and is admitted, in submission order, when one
+                                  ends; a paused job keeps its slot (its state stays);
 * paused jobs (`pause`)        -> none of their units; with every job paused the engine
                                   idles as without jobs;
 * requests wait for admission -> 0: training never delays a queued request's first token;
@@ -75,10 +80,11 @@ class _Planned:
     status: str = "queued"
     events: list[dict] = field(default_factory=list)
     paused: bool = False
+    admitted: bool = False  # handed to the workers (holds a training slot until it ends)
 
     @property
     def runnable(self) -> bool:
-        return self.status in ACTIVE and not self.paused
+        return self.admitted and self.status in ACTIVE and not self.paused
 
 
 @dataclass
@@ -95,13 +101,15 @@ class TrainingStats:
 
 class TrainingPlanner:
     def __init__(self, slack: float, idle_step_s: float, tp_size: int = 1, pp_size: int = 1,
-                 clock=time.monotonic) -> None:
+                 clock=time.monotonic, max_jobs: int = 2) -> None:
         self.clock = clock
         self._last_loaded = float("-inf")  # clock() of the last step with inference
         self.slack = slack
         self.idle_step_s = idle_step_s
         self.tp_size, self.pp_size = tp_size, pp_size
         self.jobs: dict[str, _Planned] = {}
+        self.max_jobs = max_jobs
+        self._waiting: list[str] = []  # submitted beyond max_jobs, in submission order
         self._start: list[TrainJobSpec] = []
         self._cancel: list[str] = []
         self._pause: list[str] = []
@@ -137,6 +145,7 @@ class TrainingPlanner:
         if action == "stats":
             return dict(vars(self.stats), slack=self.slack, credit=self.credit, inference_s=self.inference_s, period_s=self.period_s,
                         unit_s=self.next_unit_s, active=sum(j.status in ACTIVE for j in self.jobs.values()),
+                        waiting=len(self._waiting), max_jobs=self.max_jobs,
                         paused=sum(j.paused and j.status in ACTIVE for j in self.jobs.values()),
                         arrivals_watched=self.arrivals is not None, **self._loan_stats())
         raise TrainingRefused(f"unknown finetune action {action!r}")
@@ -163,19 +172,34 @@ class TrainingPlanner:
                                   f"(this engine: TP {self.tp_size}, PP {self.pp_size})")
         if spec.job_id in self.jobs:
             raise TrainingRefused(f"job {spec.job_id} was already submitted")
-        self.jobs[spec.job_id] = _Planned(spec)
-        self._start.append(spec)
-        if spec.paused:
-            self.pause(spec.job_id, True)
-        return {"job_id": spec.job_id, "status": self._status(self.jobs[spec.job_id])}
+        job = self.jobs[spec.job_id] = _Planned(spec, paused=spec.paused)
+        self._waiting.append(spec.job_id)
+        self._admit()
+        if not job.admitted:
+            job.events.append({"kind": "waiting", "step": 0, "time": time.time(), "data": {
+                "ahead": len(self._waiting) - 1, "max_jobs": self.max_jobs}})
+        return {"job_id": spec.job_id, "status": self._status(job)}
+
+    def _admit(self) -> None:
+        """Hand waiting jobs to the workers while fewer than max_jobs hold a slot."""
+        while self._waiting and sum(j.admitted and j.status in ACTIVE for j in self.jobs.values()) < self.max_jobs:
+            job = self.jobs[self._waiting.pop(0)]
+            job.admitted = True
+            self._start.append(job.spec)
+            if job.paused:  # the workers start it and pause it in the same step
+                self._pause.append(job.spec.job_id)
 
     def cancel(self, job_id: str) -> dict:
         job = self.jobs.get(job_id)
         if job is None:
             raise TrainingRefused(f"no finetuning job {job_id} in this engine")
         if job.status in ACTIVE:
-            if any(s.job_id == job_id for s in self._start):
+            if job_id in self._waiting:
+                self._waiting.remove(job_id)
+                self.record(TrainEvent(job_id, "cancelled", 0))
+            elif any(s.job_id == job_id for s in self._start):
                 self._start = [s for s in self._start if s.job_id != job_id]
+                self._pause = [j for j in self._pause if j != job_id]
                 self.record(TrainEvent(job_id, "cancelled", 0))
             else:
                 self._cancel.append(job_id)
@@ -189,7 +213,9 @@ class TrainingPlanner:
         if job.status not in ACTIVE:
             raise TrainingRefused(f"job {job_id} has {job.status}; it can no longer be "
                                   f"{'paused' if paused else 'resumed'}")
-        if job.paused != paused:
+        if job.paused != paused and not job.admitted:
+            job.paused = paused  # told to the workers with its start
+        elif job.paused != paused:
             job.paused = paused
             ours, other = (self._pause, self._resume) if paused else (self._resume, self._pause)
             if job_id in other:
@@ -298,3 +324,4 @@ class TrainingPlanner:
             job.status = "running"
         elif event.kind in TERMINAL_KIND and job.status in ACTIVE:
             job.status = TERMINAL_KIND[event.kind]
+            self._admit()  # its slot is free

@@ -903,6 +903,9 @@ class FineTuningJobs:
                     # own records (the name's path, `:step-N`, /v1/models) in step.
                     self._serve_version(job, step, Path(data["path"]), data["loss"],
                                         trained_at=data.get("updated_at"), servable_at=data.get("servable_at"))
+                elif kind == "waiting":
+                    self._event(job, f"Waiting for a training slot: {data['max_jobs']} job(s) train at once in this "
+                                f"engine (slora.finetune_max_jobs), {data['ahead']} waiting before this one")
                 elif kind == "validated":
                     self._record_validation(job, step, data["loss"], data["loss_tokens"], data["seconds"])
                 elif kind == "served":

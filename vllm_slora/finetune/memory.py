@@ -18,8 +18,12 @@ that size is theirs), and training stays inside it:
 * one LOSS unit's logits and their gradient: at most ``LOSS_UNIT_BYTES`` (its rows are
   capped to fit);
 * one job's trainable state at ``--max-lora-rank`` on all seven projections: the LoRA
-  A/B, their gradients and AdamW's two moments, fp32. Every further concurrent job adds
-  its own state (about 78 MiB at rank 16 on the 135M default model).
+  A/B, their gradients and AdamW's two moments, fp32 (about 78 MiB at rank 16 on the 135M
+  default model).
+
+The micro-batch boundaries and the state are per job: ``slora.finetune_max_jobs`` jobs
+train at once (the planner makes any more wait, finetune/coserve_planner.py), so they are
+kept that many times; the recomputed layer and the loss unit run one at a time.
 """
 
 from __future__ import annotations
@@ -49,10 +53,10 @@ def max_loss_rows(config: DecoderConfig) -> int:
     return max(1, LOSS_UNIT_BYTES // (LOSS_TENSORS * FP32_BYTES * config.vocab_size))
 
 
-def recompute_bytes(config: DecoderConfig, num_tokens: int, lora_rank: int = 0) -> int:
-    """A pass of `num_tokens` that keeps no graph: its layer boundaries, plus one layer's graph
-    while a BWD unit recomputes it (at `lora_rank`, with LoRA dropout: the most a job may ask)."""
-    return pass_bytes(num_tokens, config, 0) + layer_graph_bytes(num_tokens, config, lora_rank, dropout=True)
+def recompute_bytes(config: DecoderConfig, num_tokens: int, lora_rank: int = 0, jobs: int = 1) -> int:
+    """`jobs` passes of `num_tokens` that keep no graph: their layer boundaries, plus one layer's
+    graph while a BWD unit recomputes it (at `lora_rank`, with LoRA dropout: the most a job may ask)."""
+    return jobs * pass_bytes(num_tokens, config, 0) + layer_graph_bytes(num_tokens, config, lora_rank, dropout=True)
 
 
 def default_micro_batch_tokens(max_model_len: int) -> int:
@@ -60,8 +64,9 @@ def default_micro_batch_tokens(max_model_len: int) -> int:
 
 
 def training_reserve_bytes(config: DecoderConfig, max_lora_rank: int, activation_budget_bytes: int,
-                           max_model_len: int, graphs_lent: bool) -> int:
+                           max_model_len: int, graphs_lent: bool, max_jobs: int = 1) -> int:
     """What the worker keeps out of the KV cache for co-served training (see the module doc)."""
     graphs = 0 if graphs_lent else activation_budget_bytes
-    return (graphs + recompute_bytes(config, default_micro_batch_tokens(max_model_len), max_lora_rank) + LOSS_UNIT_BYTES
-            + job_state_bytes(config, max_lora_rank))
+    tokens = default_micro_batch_tokens(max_model_len)
+    return (graphs + recompute_bytes(config, tokens, max_lora_rank, jobs=max_jobs) + LOSS_UNIT_BYTES
+            + max_jobs * job_state_bytes(config, max_lora_rank))
