@@ -197,3 +197,29 @@ def test_packing_keeps_order_budget_and_per_sequence_targets():
     assert first.num_loss_tokens == 5 == sum(e.num_loss_tokens for e in examples[:3])
     with pytest.raises(ValueError, match="line 4 has 5 tokens, more than batch_tokens 4"):
         pack_examples(examples, batch_tokens=4)
+
+
+def test_examples_per_step_are_split_into_micro_batches_and_saved_as_steps(tmp_path):
+    """batch_size examples per step, packed into batch_tokens micro-batches (a step never takes
+    examples of the next); the steps survive the file round trip, and a file of single
+    micro-batches (save_batches, or one written before steps were saved) reads as one step each."""
+    import torch
+
+    from vllm_slora.finetune.packing import load_batches, load_steps, save_batches, save_steps, step_micro_batches
+
+    examples = [TrainingExample(i + 1, [i] * n, [i] * n) for i, n in enumerate((3, 4, 2, 5, 4))]
+    steps = step_micro_batches(examples, 3, batch_tokens=5)
+    assert [[b.lines for b in step] for step in steps] == [[(1,), (2,), (3,)], [(4,), (5,)]]
+    assert [[b.lines for b in step] for step in step_micro_batches(examples, None, 9)] == [[(1, 2, 3)], [(4, 5)]]
+    save_steps(steps, tmp_path / "steps.pt")
+    again = load_steps(tmp_path / "steps.pt")
+    assert [[b.lines for b in step] for step in again] == [[b.lines for b in step] for step in steps]
+    assert all(torch.equal(a.input_ids, b.input_ids) for sa, sb in zip(again, steps) for a, b in zip(sa, sb))
+    assert [b.lines for b in load_batches(tmp_path / "steps.pt")] == [(1,), (2,), (3,), (4,), (5,)]
+    flat = pack_examples(examples, batch_tokens=9)
+    save_batches(flat, tmp_path / "flat.pt")
+    assert [[b.lines for b in step] for step in load_steps(tmp_path / "flat.pt")] == [[b.lines] for b in flat]
+    legacy = [{"input_ids": b.input_ids, "targets": b.targets, "seq_lens": list(b.seq_lens), "lines": list(b.lines)}
+              for b in flat]  # no "step" key
+    torch.save(legacy, tmp_path / "legacy.pt")
+    assert [[b.lines for b in step] for step in load_steps(tmp_path / "legacy.pt")] == [[b.lines] for b in flat]
