@@ -490,7 +490,8 @@ def coserve_state(base_url: str, settings: dict | None = None) -> dict:
 
 
 # The co-serving state's gauges (not counters): a window keeps their value at its end.
-STATE_GAUGES = ("slack", "credit", "inference_s", "period_s", "unit_s", "active", "paused", "loan_blocks", "loan_bytes")
+STATE_GAUGES = ("slack", "credit", "inference_s", "period_s", "unit_s", "active", "paused", "waiting", "max_jobs",
+                "loan_blocks", "loan_bytes")
 STATE_COUNTERS = ("steps", "loaded_steps", "units", "seconds", "loaded_seconds", "inference_seconds",
                   "loaded_cost_seconds", "cut_short", "loans", "loan_recalls")
 

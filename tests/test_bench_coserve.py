@@ -163,10 +163,12 @@ def test_speedup_goal_over_the_slacks_measured():
 
 
 def test_state_change_over_a_window():
-    before = {"slack": 0.1, "steps": 10, "seconds": 1.5, "loan_blocks": 4, "loans": 1, "arrivals_watched": True}
-    after = {"slack": 0.1, "steps": 14, "seconds": 2.0, "loan_blocks": 6, "loans": 2, "arrivals_watched": True}
+    before = {"slack": 0.1, "steps": 10, "seconds": 1.5, "loan_blocks": 4, "loans": 1, "arrivals_watched": True,
+              "max_jobs": 2, "waiting": 1}
+    after = {"slack": 0.1, "steps": 14, "seconds": 2.0, "loan_blocks": 6, "loans": 2, "arrivals_watched": True,
+             "max_jobs": 2, "waiting": 0}
     assert bench.state_change(before, after) == {"slack": 0.1, "steps": 4, "seconds": 0.5, "loan_blocks": 6,
-                                                 "loans": 1, "arrivals_watched": True}
+                                                 "loans": 1, "arrivals_watched": True, "max_jobs": 2, "waiting": 0}
 
 
 def test_log_problems_are_those_before_the_shutdown(tmp_path):
