@@ -81,5 +81,15 @@ async def wait_until(predicate, timeout: float = 60.0):
         await asyncio.sleep(0.01)
 
 
+def run_to_end(jobs: FineTuningJobs, body: dict) -> dict:
+    """Create a job from `body` and wait (on a fresh event loop) until it has ended; its record."""
+    async def scenario():
+        job = await jobs.create(body)
+        await wait_until(lambda: jobs.retrieve(job["id"])["status"] not in ("queued", "running"))
+        return jobs.retrieve(job["id"])
+
+    return asyncio.run(scenario())
+
+
 def supervised(**hyper) -> dict:
     return {"type": "supervised", "supervised": {"hyperparameters": hyper}}

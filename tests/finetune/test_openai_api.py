@@ -11,7 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.finetune.api_fakes import api_error, jsonl, make_jobs, supervised, training_lines, upload, wait_until
+from tests.finetune.api_fakes import (
+    api_error,
+    jsonl,
+    make_jobs,
+    run_to_end,
+    supervised,
+    training_lines,
+    upload,
+    wait_until,
+)
 from vllm_slora.finetune.files import FileStore
 
 
@@ -166,13 +175,7 @@ def test_a_validation_file_gives_every_published_version_its_hf_peft_validation_
     body = {"model": "base", "training_file": stored.id, "validation_file": validation.id, "seed": 3,
             "method": supervised(max_steps=4, publish_every=2, learning_rate_multiplier=25, batch_tokens=40,
                                  lora_rank=4, lora_dropout=0.2)}
-
-    async def scenario():
-        job = await jobs.create(body)
-        await wait_until(lambda: jobs.retrieve(job["id"])["status"] not in ("queued", "running"))
-        return jobs.retrieve(job["id"])
-
-    job = asyncio.run(scenario())
+    job = run_to_end(jobs, body)
     assert job["status"] == "succeeded" and job["validation_file"] == validation.id
     job_dir = tmp_path / "jobs" / job["id"]
     events, _ = jobs.events(job["id"], limit=100)
@@ -231,13 +234,7 @@ def test_batch_size_steps_accumulate_micro_batches_and_train_as_hf_peft_does(tmp
     body = {"model": "base", "training_file": stored.id, "seed": 5,
             "method": supervised(batch_size=3, batch_tokens=24, max_length=24, max_steps=6, publish_every=3,
                                  learning_rate_multiplier=25, lora_rank=4)}
-
-    async def scenario():
-        job = await jobs.create(body)
-        await wait_until(lambda: jobs.retrieve(job["id"])["status"] not in ("queued", "running"))
-        return jobs.retrieve(job["id"])
-
-    job = asyncio.run(scenario())
+    job = run_to_end(jobs, body)
     assert job["status"] == "succeeded", job["error"]
     job_dir = tmp_path / "jobs" / job["id"]
     examples = load_training_file(jobs.files.content_path(stored.id), AutoTokenizer.from_pretrained(tiny_model),
@@ -354,14 +351,8 @@ def test_nan_loss_fails_the_job_and_the_last_version_keeps_serving(tmp_path, tin
     monkeypatch.setattr(trainer.LoraTrainer, "step", step)
     jobs = make_jobs(tmp_path, tiny_model)
     stored = upload(jobs, jsonl(training_lines()))
-
-    async def scenario():
-        job = await jobs.create({"model": "base", "training_file": stored.id,
-                                 "method": supervised(max_steps=6, publish_every=2)})
-        await wait_until(lambda: jobs.retrieve(job["id"])["status"] not in ("queued", "running"))
-        return jobs.retrieve(job["id"])
-
-    job = asyncio.run(scenario())
+    job = run_to_end(jobs, {"model": "base", "training_file": stored.id,
+                            "method": supervised(max_steps=6, publish_every=2)})
     assert job["status"] == "failed" and job["error"]["code"] == "training_diverged"
     assert "training loss is nan at step 3" in job["error"]["message"]
     assert f"{job['fine_tuned_model']} keeps serving step 2" in job["error"]["message"]

@@ -159,9 +159,8 @@ class _Validation:
     """A validation of one published step: one evaluation pass per validation micro-batch in turn."""
 
     step: int
-    batches: list[PackedBatch]
     unit_pass: LayerSlicedPass
-    index: int = 0  # of the micro-batch `unit_pass` evaluates
+    index: int = 0  # of the job's validation micro-batch `unit_pass` evaluates
     loss_sum: float = 0.0  # sum over the micro-batches done of their loss x loss tokens
     loss_tokens: int = 0
     seconds: float = 0.0
@@ -547,7 +546,7 @@ class WorkerTraining:
                               or time.monotonic() - job.checkpointed_at >= CHECKPOINT_EVERY_S)
         job.published.append(step)
         if job.validation_batches:  # the units after the checkpoint (if due) validate this version
-            job.validation = _Validation(step, job.validation_batches, self._evaluation_pass(job, 0))
+            job.validation = _Validation(step, self._evaluation_pass(job, 0))
         # `files` (the identity the host-cache entry is keyed by) lets the scheduler serve
         # this version from the host cache at once (finetune/published_versions.py).
         self._event(job, "published", step=step, path=str(path), loss=job.last_loss,
@@ -580,7 +579,7 @@ class WorkerTraining:
         validation.loss_sum += done.loss * done.num_loss_tokens
         validation.loss_tokens += done.num_loss_tokens
         validation.index += 1
-        if validation.index < len(validation.batches):
+        if validation.index < len(job.validation_batches):
             validation.unit_pass = self._evaluation_pass(job, validation.index)
             return ran
         job.validation = None
@@ -588,7 +587,7 @@ class WorkerTraining:
         if not math.isfinite(loss):
             raise JobFailed(f"validation loss is {loss} at step {validation.step}; the job stopped")
         self._event(job, "validated", step=validation.step, loss=loss, loss_tokens=validation.loss_tokens,
-                    batches=len(validation.batches), seconds=validation.seconds)
+                    batches=len(job.validation_batches), seconds=validation.seconds)
         if job.trainer.steps_done >= job.spec.total_steps and not job.checkpoint_due:
             self._finish(job)
         return ran

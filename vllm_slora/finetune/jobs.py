@@ -207,7 +207,6 @@ class Job:
     # Wakes the job's driver / training thread at once: cancel, pause, resume.
     wake: threading.Event = field(default_factory=threading.Event)
     validation_file: str | None = None
-    valid_losses: dict[int, float] = field(default_factory=dict)  # step -> loss over the validation set
     # Training inputs, dropped when the job ends.
     lora: Any = None
     batches: list | None = None  # an epoch of optimizer steps, each a list of packed micro-batches
@@ -797,7 +796,6 @@ class FineTuningJobs:
     def _record_validation(self, job: Job, step: int, loss: float, tokens: int, seconds: float) -> None:
         """The validation loss of the version published at `step`: an event, the checkpoint's metrics."""
         with self._lock:
-            job.valid_losses[step] = loss
             for checkpoint in job.checkpoints:
                 if checkpoint["step_number"] == step:
                     checkpoint["metrics"]["full_valid_loss"] = loss
@@ -966,7 +964,7 @@ class FineTuningJobs:
         if job.records:
             try:
                 stored = self.files.add_bytes("step_metrics.csv", FINE_TUNE_RESULTS,
-                                              _results_csv(job.records, job.valid_losses))
+                                              _results_csv(job.records, job.checkpoints))
                 job.result_files.append(stored.id)
             except OSError:
                 pass
@@ -983,7 +981,6 @@ class FineTuningJobs:
                 "job": job.to_openai(), "total_steps": job.total_steps, "publish_every": job.publish_every,
                 "published_step": job.published_step, "checkpoints": list(job.checkpoints),
                 "recorded_step": job.recorded_step,
-                "valid_losses": {str(k): v for k, v in job.valid_losses.items()},
                 "events": job.events[-MAX_PERSISTED_EVENTS:],
                 "settings": dataclasses.asdict(job.settings) if job.settings is not None else None,
             }
@@ -1028,7 +1025,6 @@ class FineTuningJobs:
                     published_step=record["published_step"],
                     recorded_step=record.get("recorded_step", record["published_step"]),
                     validation_file=o.get("validation_file"),
-                    valid_losses={int(k): v for k, v in record.get("valid_losses", {}).items()},
                     settings=TrainingSettings(**{**record["settings"], "betas": tuple(record["settings"]["betas"])})
                     if record["settings"] else None,
                 )
@@ -1088,7 +1084,10 @@ class FineTuningJobs:
             })
 
 
-def _results_csv(records: Sequence, valid_losses: Mapping[int, float]) -> bytes:
+def _results_csv(records: Sequence, checkpoints: Sequence[dict]) -> bytes:
+    """One row per step; the validation loss of the steps whose published version has one."""
+    valid_losses = {c["step_number"]: c["metrics"]["full_valid_loss"] for c in checkpoints
+                    if "full_valid_loss" in c["metrics"]}
     out = io.StringIO()
     writer = csv.writer(out)
     writer.writerow(["step", "train_loss", "learning_rate", "step_tokens", "loss_tokens", "step_seconds",
