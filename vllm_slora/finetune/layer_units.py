@@ -68,6 +68,7 @@ from .base_weights import BaseWeights
 from .data import IGNORE_INDEX
 from .forward import PackedLayout, attention_block, mlp_block, rms_norm
 from .lora_params import LoraParams
+from .loss import lm_head_cross_entropy
 from .packing import PackedBatch
 
 FWD_ATTN, FWD_MLP, LOSS, BWD_MLP, BWD_ATTN = "fwd_attn", "fwd_mlp", "loss", "bwd_mlp", "bwd_attn"
@@ -343,8 +344,7 @@ class LayerSlicedPass:
         self.last_unit_rows = rows.numel()
         # rms_norm is per row: normalising only this chunk's rows is the same computation.
         hidden = rms_norm(top[rows], self.base.norm, self.base.config.rms_norm_eps)
-        logits = F.linear(hidden, self.base.lm_head).to(torch.float32)  # [chunk tokens, vocab]
-        loss = F.cross_entropy(logits, self.targets[rows], reduction="sum") / self.loss_divisor
+        loss = lm_head_cross_entropy(hidden, self.base.lm_head, self.targets[rows]) / self.loss_divisor
         if not self.evaluate:
             loss.backward()  # accumulates into top.grad, row by row
         self._loss_sum = loss.detach() if self._loss_sum is None else self._loss_sum + loss.detach()
