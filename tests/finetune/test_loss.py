@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+from vllm_slora.finetune import memory
 from vllm_slora.finetune.loss import lm_head_cross_entropy
 
 
@@ -73,3 +76,46 @@ def test_a_trainable_lm_head_is_refused():
     weight = torch.randn(10, 4, requires_grad=True)
     with pytest.raises(AssertionError, match="LM head is frozen"):
         lm_head_cross_entropy(torch.randn(2, 4), weight, torch.tensor([1, 2]))
+
+
+class LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Peak bytes of the tensors created under it and still alive (storages, counted once)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live, self.peak, self._seen = 0, 0, set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor)}
+        for tensor in torch.utils._pytree.tree_leaves(out):
+            if isinstance(tensor, torch.Tensor):
+                storage = tensor.untyped_storage()
+                key = storage.data_ptr()
+                # Views and in-place results share an input's storage: not a new allocation.
+                if key not in self._seen and key not in inputs and storage.nbytes():
+                    self._seen.add(key)
+                    self.live += storage.nbytes()
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(storage, self._free, key, storage.nbytes())
+        return out
+
+    def _free(self, key: int, nbytes: int) -> None:
+        self._seen.discard(key)
+        self.live -= nbytes
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_peak_memory_within_the_loss_unit_share(dtype):
+    """finetune/memory.py sizes a LOSS unit as LOSS_TENSORS [rows, vocab] fp32 tensors."""
+    rows, vocab, width = 64, 4096, 32
+    gen = torch.Generator().manual_seed(5)
+    weight = torch.randn(vocab, width, generator=gen).to(dtype)
+    hidden = torch.randn(rows, width, generator=gen).to(dtype).requires_grad_(True)
+    targets = torch.randint(0, vocab, (rows,), generator=gen)
+    counter = LiveBytes()
+    with counter:
+        lm_head_cross_entropy(hidden, weight, targets).backward()
+    logits = rows * vocab * memory.FP32_BYTES
+    assert logits <= counter.peak <= memory.LOSS_TENSORS * logits + 64 * 1024, (counter.peak, logits)

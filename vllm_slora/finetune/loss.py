@@ -67,7 +67,7 @@ class _LMHeadCrossEntropy(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             probs.div_(sum_exp[:, None])  # softmax
             probs[torch.arange(targets.numel(), device=probs.device), targets] -= 1.0  # - one_hot
-            ctx.save_for_backward(F.linear(probs.to(weight.dtype), weight.t()))  # [rows, hidden]
+            ctx.save_for_backward(torch.mm(probs.to(weight.dtype), weight))  # [rows, hidden]
         return loss_sum
 
     @staticmethod

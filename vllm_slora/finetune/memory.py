@@ -15,7 +15,7 @@ that size is theirs), and training stays inside it:
   shared by every job's micro-batch in flight, on GPU only. A CPU engine lends its graphs
   pool blocks instead while the KV cache can spare them and calls them back under KV
   pressure (pool/training_loan.py), so nothing is reserved for them there;
-* one LOSS unit's logits and their gradient: at most ``LOSS_UNIT_BYTES`` (its rows are
+* one LOSS unit's logits (their gradient is made in place): at most ``LOSS_UNIT_BYTES`` (its rows are
   capped to fit);
 * one job's trainable state at ``--max-lora-rank`` on all seven projections: the LoRA
   A/B, their gradients and AdamW's two moments, fp32 (about 78 MiB at rank 16 on the 135M
@@ -35,9 +35,10 @@ from .model_config import DecoderConfig
 FP32_BYTES = 4
 # Trainable tensors per LoRA element: the parameter, its gradient, AdamW's exp_avg and exp_avg_sq.
 STATE_COPIES = 4
-# Logits of a LOSS unit in fp32, their softmax gradient and the cross-entropy's work
-# tensor: about three [rows, vocab] fp32 tensors live at its peak.
-LOSS_TENSORS = 3
+# [rows, vocab] fp32 tensors alive at a LOSS unit's peak (finetune/loss.py): its logits,
+# turned into their gradient in place; with a bf16 LM head, half as much again for the
+# bf16 logits before the cast or the bf16 gradient before the GEMM. 2 bounds both.
+LOSS_TENSORS = 2
 LOSS_UNIT_BYTES = 192 << 20
 DEFAULT_MICRO_BATCH_TOKENS = 2048  # a job's batch_tokens default (finetune/jobs.py), at most max_model_len
 
