@@ -411,7 +411,8 @@ class SLoRASchedulerMixin:
             if self._slora_last_schedule is not None:
                 self.slora_training.observe_period(now - self._slora_last_schedule)
             self._slora_last_schedule = now
-            train = self.slora_training.order(len(self.running), len(self.waiting), output.total_num_scheduled_tokens)
+            train = self.slora_training.order(len(self.running), len(self.waiting), output.total_num_scheduled_tokens,
+                                              prefill=self._slora_computes_prompt(output))
             train = self._slora_lend_for_training(train)
             if train is not None:
                 train.engine_step = self._slora_step
@@ -434,6 +435,18 @@ class SLoRASchedulerMixin:
         self._slora_trace_step(output, plan)
         fields = {f.name: getattr(output, f.name) for f in dataclasses.fields(output) if f.init}
         return SLoRASchedulerOutput(**fields, slora=plan)
+
+    def _slora_computes_prompt(self, output) -> bool:
+        """Does this step compute prompt tokens (a prefill chunk, or a preempted request's
+        recompute)? schedule() has already advanced num_computed_tokens by the scheduled count,
+        so a request had prompt left when, before this step, more than its last token was
+        uncomputed (a decode computes exactly the last one; speculative tokens are not counted
+        in num_tokens)."""
+        for req_id, count in output.num_scheduled_tokens.items():
+            request = self.requests.get(req_id)
+            if request is not None and request.num_computed_tokens - count < request.num_tokens - 1:
+                return True
+        return False
 
     def _slora_lend_for_training(self, order):
         """Lend pool blocks to the jobs' layer graphs while the KV cache can spare them, and call
@@ -616,11 +629,13 @@ class SLoRASchedulerMixin:
         scheduled = [r.lora_request.lora_int_id for r in self.running if r.lora_request
                      and r.request_id in output.num_scheduled_tokens]
         stats = self.slora_residency.stats()
+        training = {} if plan.train is None else {"train_budget_s": plan.train.budget_s, "train_idle": plan.train.idle}
         trace.record(
             "step", step=self._slora_step, scheduled_adapters=len(set(scheduled)),
             step_loads=len(plan.load), step_evictions=len(plan.evicted), step_warm=len(plan.warm),
+            new_requests=len(output.scheduled_new_reqs), scheduled_tokens=output.total_num_scheduled_tokens,
             **dataclasses.asdict(stats),
-            kv_blocks=stats.kv_blocks,
+            kv_blocks=stats.kv_blocks, **training,
         )
 
     def reset_prefix_cache(self, *args, **kwargs) -> bool:

@@ -188,6 +188,45 @@ def test_an_arriving_request_ends_an_idle_training_step(llm, training_file, tmp_
     assert follow(llm, job_id)[0] == "cancelled"
 
 
+def test_steps_that_compute_prompt_tokens_train_nothing(llm, training_file, tmp_path, trace_file):
+    """Requests arrive one by one while others decode and a job trains beside them: a step that
+    prefills a new request (its first token leaves with that step's output) gets no training
+    budget, while decode-only steps do train. The step trace says which steps scheduled new
+    requests (vLLM's scheduled_new_reqs), independently of how the scheduler detects prompt work."""
+    from vllm import SamplingParams
+
+    from vllm_slora import trace
+
+    job_id = engine_job(llm, tmp_path, "ttft", training_file, steps=10**6, publish_every=10**6)
+    deadline = time.monotonic() + 60
+    while not any(e["kind"] == "step" for e in utility(llm, "poll", {"job_id": job_id})["events"]):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    default_slack = utility(llm, "stats", {})["slack"]
+    utility(llm, "configure", {"slack": 0.5})  # a large share: most decode-only steps train
+    mark = len(trace.read(str(trace_file)))
+    engine = llm.llm_engine
+    prompt = llm.get_tokenizer()("the quick brown fox jumps over the lazy dog")["input_ids"]
+    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    try:
+        for i in range(8):
+            engine.add_request(f"arrival-{i}-{time.monotonic_ns()}", {"prompt_token_ids": prompt}, params)
+            for _ in range(5):
+                engine.step()
+        while engine.has_unfinished_requests():
+            engine.step()
+    finally:
+        utility(llm, "configure", {"slack": default_slack})
+        utility(llm, "cancel", {"job_id": job_id})
+    assert follow(llm, job_id)[0] == "cancelled"
+    steps = [e for e in trace.read(str(trace_file))[mark:] if e["event"] == "step" and "train_budget_s" in e]
+    prefills = [e for e in steps if e["new_requests"]]
+    decodes = [e for e in steps if not e["new_requests"] and e["scheduled_tokens"]]
+    assert len(prefills) >= 4 and len(decodes) >= 40, (len(prefills), len(decodes))
+    assert [e["train_budget_s"] for e in prefills] == [0.0] * len(prefills)
+    assert sum(e["train_budget_s"] > 0 for e in decodes) >= 3  # training did run beside decodes
+
+
 def test_two_jobs_share_the_time_and_both_finish(llm, training_file, tmp_path):
     # Submitted while the engine is paused, so both start in the same step: a step may run
     # a whole small job before the next one's submission is even read.

@@ -12,6 +12,10 @@ simplified to what a CPU engine can measure):
 * paused jobs (`pause`)        -> none of their units; with every job paused the engine
                                   idles as without jobs;
 * requests wait for admission -> 0: training never delays a queued request's first token;
+* the step computes prompt     -> 0 (the credit still grows, up to its cap): its requests'
+  tokens (a prefill chunk)        first tokens leave with this step's output, so training
+                                  there would add to their TTFT; decode-only steps take the
+                                  share instead (research/flexllm.md §4.3, "protecting TTFT");
 * no inference at all          -> full speed (at least one unit): where the EngineCore's
                                   input queue is watched (finetune/arrivals.py; every
                                   multiprocess engine), steps of ``WATCHED_IDLE_STEP_S`` that
@@ -243,7 +247,8 @@ class TrainingPlanner:
             j.runnable for j in self.jobs.values())
 
     # -- per step ----------------------------------------------------------------------------
-    def order(self, running: int, waiting: int, scheduled_tokens: int) -> TrainOrder | None:
+    def order(self, running: int, waiting: int, scheduled_tokens: int, prefill: bool = False) -> TrainOrder | None:
+        """This step's training. `prefill`: the step computes prompt tokens of some request."""
         if not self.busy():
             return None
         order = TrainOrder(start=self._start, cancel=self._cancel, pause=self._pause, resume=self._resume,
@@ -268,7 +273,8 @@ class TrainingPlanner:
             per_step = self.slack * (self.period_s or self.inference_s or 0.0)
             burst = max(self.next_unit_s, min(MIN_BURST_S, BURST_STEPS * per_step)) if per_step > 0 else 0.0
             self.credit = min(self.credit + per_step, max(burst, per_step))
-            order.budget_s = self.credit if self.credit >= burst and self.credit > 0 else 0.0
+            spend = self.credit >= burst and self.credit > 0 and not prefill
+            order.budget_s = self.credit if spend else 0.0
         return order
 
     def observe_period(self, seconds: float) -> None:
