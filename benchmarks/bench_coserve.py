@@ -739,7 +739,24 @@ def figures(phases: dict) -> dict:
     fig["p99_vs_no_job"] = {c: {r: {m: ratio(fig["latency"][c][r][m], fig["latency"]["no_job"][r][m])
                                     for m in ("ttft_p99", "tpot_p99")} for r in LOADED}
                             for c in trainers}
+    fig["p99_vs_no_job_by_round"] = {c: {r: paired_round_ratios(phases, c, r) for r in LOADED} for c in co}
     return fig
+
+
+def paired_round_ratios(phases: dict, condition: str, rate: str) -> dict:
+    """Each round's window p99 against the no-job window of the same round (minutes apart at
+    most), for both metrics: the ratios and their median. The pooled p99 of a condition is set
+    by its few worst windows, and this machine drifts by +-15 % between windows; a per-round
+    ratio compares windows that saw the same machine state, so its median shows whether the
+    pooled figure is the training or the drift."""
+    mine = (phases.get(condition, {}).get(rate) or {}).get("windows") or []
+    base = (phases.get("no_job", {}).get(rate) or {}).get("windows") or []
+    out = {}
+    for metric in ("ttft_p99", "tpot_p99", "tpot_p50"):
+        ratios = [ratio(a.get(metric), b.get(metric)) for a, b in zip(mine, base)]
+        ratios = [round(x, 4) for x in ratios if x is not None]
+        out[metric] = {"ratios": ratios, "median": statistics.median(ratios) if ratios else None}
+    return out
 
 
 def print_table(rates: dict, fig: dict, publish: dict, goals: list[dict]) -> None:
@@ -763,6 +780,12 @@ def print_table(rates: dict, fig: dict, publish: dict, goals: list[dict]) -> Non
             print(f"  slack {condition[len(SLACK_PREFIX):]:>5s} {r:8s}: {f(fig['trained_tok_s'][condition][r]):>8s} "
                   f"tok/s, co/HF {f(speed, digits=2)}, TTFT p99 {f(lat['ttft_p99'], 1e3, 0)} ms, "
                   f"TPOT p99 {f(lat['tpot_p99'], 1e3, 0)} ms")
+    for r in LOADED:
+        paired = (fig.get("p99_vs_no_job_by_round", {}).get("coserve") or {}).get(r) or {}
+        if any(paired.get(m, {}).get("ratios") for m in paired):
+            print(f"  {r}: per-round co/none ratios, median (min-max): " + ", ".join(
+                f"{m} {f(paired[m]['median'], digits=2)} ({f(min(paired[m]['ratios']), digits=2)}-"
+                f"{f(max(paired[m]['ratios']), digits=2)})" for m in paired if paired[m]["ratios"]))
     co, disk = publish.get("coserve", {}), publish.get("disk_path", {})
     first = co.get("probe_update_to_first_request_s") or {}
     print(f"\npublish: co-served update->servable p50 {f((co.get('update_to_servable_s') or {}).get('p50'), 1e3, 0)} ms"

@@ -80,6 +80,17 @@ def test_figures_and_goals():
     assert idle["met"] is True and idle["value"] == 2.0
 
 
+def test_per_round_ratios_pair_each_window_with_the_no_job_window_of_its_round():
+    def windows(*tpot99):
+        return {"windows": [{"ttft_p99": 0.2, "tpot_p99": t, "tpot_p50": t / 2} for t in tpot99]}
+
+    phases = {"no_job": {"heavy": windows(0.10, 0.20, 0.10)}, "coserve": {"heavy": windows(0.11, 0.30, 0.09)}}
+    paired = bench.paired_round_ratios(phases, "coserve", "heavy")
+    assert paired["tpot_p99"]["ratios"] == [1.1, 1.5, 0.9] and paired["tpot_p99"]["median"] == 1.1
+    assert paired["ttft_p99"]["median"] == 1.0
+    assert bench.paired_round_ratios(phases, "coserve", "moderate")["tpot_p99"] == {"ratios": [], "median": None}
+
+
 def test_goals_when_the_hf_loop_made_no_step():
     phases = {"no_job": {"moderate": _phase(None, 1.0, 0.1), "heavy": _phase(None, 2.0, 0.2)},
               "coserve": {"idle": _phase(400.0), "moderate": _phase(300.0, 1.0, 0.1), "heavy": _phase(0.0, 2.0, 0.2)},
