@@ -27,8 +27,8 @@ simplified to what a CPU engine can measure):
                                   for the unit in progress);
 * otherwise                    -> a credit that grows by ``slack`` x the step period
                                   without training (EWMA of the wall time between two
-                                  schedule() calls, i.e. what a running request waits per
-                                  token) every step, and shrinks by what a step with
+                                  schedule() calls of decode-only steps, i.e. what a running
+                                  request waits per token) every step, and shrinks by what a step with
                                   training really cost: its period minus that baseline (at
                                   least its training time). A step trains only once the
                                   credit holds a burst (``BURST_STEPS`` steps' share, at
@@ -120,11 +120,12 @@ class TrainingPlanner:
         self._resume: list[str] = []
         self.credit = 0.0
         self.inference_s: float | None = None  # EWMA of a step's inference seconds (worker)
-        self.period_s: float | None = None  # EWMA of a loaded step's period without training
+        self.period_s: float | None = None  # EWMA of a decode-only step's period without training
         self._previous: tuple[str, float] | None = None  # (kind, training seconds) of the last step
         self.next_unit_s = 0.0
         self.stats = TrainingStats()
         self._last_idle = False
+        self._last_prefill = False  # the last ordered step computed prompt tokens
         # Shared counter of requests waiting in the EngineCore's input queue (finetune/arrivals.py),
         # set by the scheduler once it watches that queue; None for in-process engines.
         self.arrivals: str | None = None
@@ -255,6 +256,7 @@ class TrainingPlanner:
                            arrivals=self.arrivals)
         self._start, self._cancel, self._pause, self._resume = [], [], [], []
         self._last_idle = False
+        self._last_prefill = prefill
         if waiting:
             order.budget_s = 0.0  # admission first
             self._last_loaded = self.clock()
@@ -310,7 +312,9 @@ class TrainingPlanner:
             self._previous = None
         elif report.train_units:
             self._previous = ("trained", report.train_seconds)
-        elif report.inference_seconds > 0:
+        elif report.inference_seconds > 0 and not self._last_prefill:
+            # The baseline is a decode-only step: what the steps that train (decode-only, see
+            # order()) would have taken without training; prefill steps are longer.
             self._previous = ("loaded", 0.0)
         else:
             self._previous = None
