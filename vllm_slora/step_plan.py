@@ -55,6 +55,9 @@ class TrainJobSpec:
     # step-N checkpoint it names; init_adapter_dir is then ignored.
     resume: bool = False
     paused: bool = False  # submitted paused (a paused job's restart): it runs once resumed
+    # Steps whose version's validation loss the server holds (a resume): a job resumed from a
+    # published step not among them validates that version first (the restart cut it short).
+    validated_steps: list[int] = field(default_factory=list)
 
 
 @dataclass

@@ -28,6 +28,8 @@ def test_bad_arguments_are_refused_naming_them(tmp_path, tiny_model):
     assert no_validation.returncode == 2 and "--validation-data" in no_validation.stderr
     bad_rank = cli("--data", tmp_path / "train.jsonl", "--out", tmp_path / "out", "--rank", "0", timeout=120)
     assert bad_rank.returncode == 2 and "--rank" in bad_rank.stderr
+    bad_batch = cli("--data", tmp_path / "train.jsonl", "--out", tmp_path / "out", "--batch-size", "0", timeout=120)
+    assert bad_batch.returncode == 2 and "--batch-size" in bad_batch.stderr
     assert not (tmp_path / "out").exists()
 
 

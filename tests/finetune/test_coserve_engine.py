@@ -123,6 +123,40 @@ def test_engine_job_equals_hf_peft_and_serves_what_it_trained(llm, tiny_model, t
     assert [list(o.outputs[0].token_ids) for o in outs] == [list(e) for e in expected]
 
 
+def test_offline_batch_size_steps_accumulate_micro_batches_as_hf_peft_trains_whole_steps(
+        llm, tiny_model, training_file, tmp_path):
+    """finetune_in_engine(batch_size=3): three examples a step, packed into micro-batches of at most
+    batch_tokens whose gradients accumulate in the worker; the loss curve equals an HF + PEFT AdamW
+    loop taking each step's examples at once. A batch_size below 1 is refused before any work."""
+    from types import SimpleNamespace
+
+    from vllm_slora.finetune.coserve_worker import BATCHES_FILE
+    from vllm_slora.finetune.data import load_training_file
+    from vllm_slora.finetune.lora_params import LoraParams, LoraSettings
+    from vllm_slora.finetune.model_config import DecoderConfig
+    from vllm_slora.finetune.offline import finetune_in_engine
+    from vllm_slora.finetune.packing import load_steps, step_micro_batches, step_totals
+
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        finetune_in_engine(llm, training_file, "none", out_dir=tmp_path / "none", batch_size=0, progress=False)
+    assert not (tmp_path / "none").exists()
+    out = tmp_path / "accumulate"
+    result = finetune_in_engine(llm, training_file, "accumulate", out_dir=out, rank=4, alpha=8.0, max_steps=4,
+                                lr=1e-2, batch_tokens=16, batch_size=3, truncate=True, progress=False)
+    examples = load_training_file(training_file, llm.get_tokenizer(), max_length=16, truncate=True)
+    steps = step_micro_batches(examples, 3, 16)
+    assert all(len(step) >= 2 for step in steps)  # every step is accumulated over micro-batches
+    assert [[b.num_tokens for b in step] for step in load_steps(out / BATCHES_FILE)] == \
+        [[b.num_tokens for b in step] for step in steps]
+    assert [r.tokens for r in result.records] == [step_totals(steps[i % len(steps)])[0] for i in range(4)]
+
+    hf = load_hf(tiny_model)
+    lora = LoraParams.init(DecoderConfig.from_hf(hf.config), LoraSettings(r=4, alpha=8.0), seed=0)
+    whole_steps = [SimpleNamespace(lines=step_totals(step)[2]) for step in steps]
+    reference = hf_adamw_loss_curve(peft_model_like(hf, lora), lora, examples, whole_steps, 4, lr=1e-2)
+    assert [r.loss for r in result.records] == pytest.approx(reference, rel=1e-4)
+
+
 def test_inference_tokens_unchanged_while_a_job_trains(llm, tiny_model, training_file, tmp_path):
     """Greedy and seeded-sampling requests, with and without an adapter, give exactly the tokens
     they give with no job, while a job trains in the same steps; cancelling frees the job."""

@@ -8,6 +8,7 @@ and the worker's trainer on the tiny model's checkpoint weights), so the whole d
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 from safetensors.torch import load_file
@@ -91,6 +92,58 @@ def test_unfinished_job_resumes_after_a_restart_and_ends_where_an_uninterrupted_
         engine.stop()
         # Same data, seed and order: the resumed job ends exactly where the uninterrupted one did.
         assert_same_weights(jobs, cut["id"], whole["id"])
+
+    asyncio.run(scenario())
+
+
+def test_a_validation_the_restart_cut_short_runs_when_the_job_resumes(tmp_path, tiny_model, monkeypatch):
+    """A job with a validation file; the engine dies right after the step-8 checkpoint, so the
+    server has no validation loss of the step-8 version on disk. The resumed job validates that
+    version first, once, with the loss an uninterrupted job got for it, then goes on validating
+    each later version (validation losses themselves are tested against HF + PEFT in
+    test_openai_api.py)."""
+    monkeypatch.setattr(coserve_worker, "CHECKPOINT_EVERY_S", 0.0)
+
+    def validation_losses(jobs, job_id: str) -> list[tuple[int, float]]:
+        events = reversed(jobs.events(job_id, limit=500)[0])  # oldest first
+        return [(e["data"]["step"], e["data"]["full_valid_loss"]) for e in events
+                if e["data"] and "full_valid_loss" in e["data"]]
+
+    async def scenario():
+        engine = InProcessEngine(tiny_model)
+        jobs = make_jobs(tmp_path, tiny_model, engine_call=engine.call)
+        stored = upload(jobs, jsonl(training_lines()))
+        held_out = upload(jobs, jsonl(training_lines()[:3]))
+        body = {**BODY, "training_file": stored.id, "validation_file": held_out.id}
+        whole = await jobs.create(body)
+        await wait_until(lambda: jobs.retrieve(whole["id"])["status"] == "succeeded")
+        engine.stop()
+        reference = dict(validation_losses(jobs, whole["id"]))
+        assert sorted(reference) == list(range(4, 25, 4))
+
+        def crash():
+            jobs._persist = lambda job: None
+
+        crashing = InProcessEngine(tiny_model, crash_after_publish=8, on_crash=crash)
+        jobs.engine_call = crashing.call
+        cut = await jobs.create(body)
+        await asyncio.to_thread(crashing.wait_stopped)
+        on_disk = json.loads((jobs.root / cut["id"] / "job.json").read_text())  # what a restarted server reads
+        assert not [e for e in on_disk["events"] if (e.get("data") or {}).get("step") == 8
+                    and "full_valid_loss" in e["data"]]
+
+        engine = InProcessEngine(tiny_model)
+        restarted = make_jobs(tmp_path, tiny_model, engine_call=engine.call)
+        await restarted.restore()
+        await wait_until(lambda: restarted.retrieve(cut["id"])["status"] not in ("queued", "running"))
+        assert restarted.retrieve(cut["id"])["status"] == "succeeded"
+        losses = validation_losses(restarted, cut["id"])
+        after_restart = [step for step, _ in losses if step >= 8]
+        assert after_restart == [8, 12, 16, 20, 24]  # the resumed-from version first, each once
+        for step, loss in losses:
+            assert loss == pytest.approx(reference[step], rel=1e-5), step
+        restarted.close()
+        engine.stop()
 
     asyncio.run(scenario())
 

@@ -34,6 +34,8 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=_int_at_least(1), default=1, help="epochs when --steps is not given (default: 1)")
     p.add_argument("--lr", type=_positive_alpha, default=2e-4, help="learning rate (default: 2e-4)")
     p.add_argument("--batch-tokens", type=_int_at_least(1), default=2048, help="tokens per packed micro-batch")
+    p.add_argument("--batch-size", type=_int_at_least(1), default=None,
+                   help="examples per optimizer step, in micro-batches of --batch-tokens (default: one micro-batch)")
     p.add_argument("--max-length", type=_int_at_least(1), default=None, help="longest example (default: batch tokens)")
     p.add_argument("--truncate", action="store_true", help="cut longer examples instead of refusing the file")
     p.add_argument("--publish-every", type=_int_at_least(1), default=None, help="write a version every N steps")
@@ -73,6 +75,7 @@ def run_finetune(args) -> int:
         result = finetune_in_engine(
             llm, data, args.name, out_dir=args.out, rank=args.rank, alpha=args.alpha, target_modules=args.targets,
             max_steps=args.steps, n_epochs=args.epochs, lr=args.lr, batch_tokens=args.batch_tokens,
+            batch_size=args.batch_size,
             max_length=args.max_length, truncate=args.truncate, publish_every=args.publish_every, seed=args.seed,
             validation_file=args.validation_data,
         )

@@ -28,8 +28,9 @@ A job's life, unit by unit (every unit is a preemption point):
     validation file)            evaluate=True, the same unit kinds without backward) over
                                 every validation micro-batch, with the published weights;
                                 "validated" (token-mean loss over the whole set). The next
-                                training pass starts after it; it is not saved in checkpoints
-                                (a restart mid-validation skips that step's)
+                                training pass starts after it; it is not saved in checkpoints:
+                                a job resumed from a version the server has no validation
+                                loss for (TrainJobSpec.validated_steps) validates it first
 
 A paused job (TrainOrder.pause) keeps its LoRA weights, optimizer state and place in its
 pass, runs no units and drops its layer graphs (its backward recomputes them) until
@@ -467,6 +468,10 @@ class WorkerTraining:
             return
         job = _Job(spec, lora, trainer, steps, rng, validation_batches=validation_batches)
         self.jobs[spec.job_id] = job
+        resumed_at = trainer.steps_done
+        if spec.resume and validation_batches and resumed_at and resumed_at not in spec.validated_steps:
+            # The restart came between this version's publish and the end of its validation.
+            job.validation = _Validation(resumed_at, self._evaluation_pass(job, 0))
         # Tokens of the steps done (a resumed job's): the server may not have seen their
         # events (it went down after the checkpoint was written, before it recorded them).
         epochs, cycle = divmod(trainer.steps_done, len(steps))

@@ -47,8 +47,9 @@ Life of a job:
   file's rules and packed the same way): every published version is evaluated on the whole
   set (token-mean cross-entropy, no dropout, no gradients), after its publish and before
   the next step trains (in the engine: forward-only units, coserve_worker.py). A metrics
-  event per version ("full_valid_loss") and the checkpoint's metrics carry it. A resumed
-  job does not redo a validation its restart interrupted.
+  event per version ("full_valid_loss") and the checkpoint's metrics carry it. A job
+  resumed after a restart first validates the version it resumes from if the server
+  holds no validation loss for it (the restart cut that validation short).
 
 Hyperparameters: OpenAI's ``n_epochs`` ("auto" = 3), ``batch_size`` (examples per
 optimizer step; "auto" = pack whole examples into ``batch_tokens``-token micro-batches)
@@ -851,6 +852,7 @@ class FineTuningJobs:
             init_adapter_dir=str(job.dir / "step-0"), settings=dataclasses.asdict(job.settings),
             total_steps=job.total_steps, publish_every=job.publish_every, seed=job.seed,
             base_model=self.engine.model_dir, resume=resume,
+            validated_steps=[c["step_number"] for c in job.checkpoints if "full_valid_loss" in c["metrics"]],
         ))
         with self._lock:
             if job.status not in ("queued", "paused"):

@@ -33,7 +33,7 @@ from .coserve_worker import BATCHES_FILE, VALIDATION_BATCHES_FILE
 from .data import load_training_file
 from .lora_params import LoraParams, LoraSettings
 from .model_config import DecoderConfig
-from .packing import pack_examples, save_batches
+from .packing import pack_examples, save_batches, save_steps, step_micro_batches
 from .trainer import StepRecord, TrainingSettings, plot_loss
 
 POLL_S = 0.05
@@ -90,6 +90,7 @@ def finetune_in_engine(
     n_epochs: int = 1,
     lr: float = 2e-4,
     batch_tokens: int = 2048,
+    batch_size: int | None = None,
     max_length: int | None = None,
     truncate: bool = False,
     publish_every: int | None = None,
@@ -104,20 +105,26 @@ def finetune_in_engine(
     on_publish: Callable[[int, Path], None] | None = None,
     validation_file: str | os.PathLike | None = None,
 ) -> EngineFinetuneResult:
-    """Train a LoRA adapter in `llm`'s engine and wait for the job to end (see the module doc)."""
+    """Train a LoRA adapter in `llm`'s engine and wait for the job to end (see the module doc).
+
+    A step trains on one packed micro-batch of at most `batch_tokens` tokens, or, with
+    `batch_size`, on that many examples, packed into as many such micro-batches as they need
+    (their gradients accumulate into one update)."""
+    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive integer (examples per step), got {batch_size!r}")
     model_config = llm.llm_engine.vllm_config.model_config
     model_dir = model_config.model
     max_length = min(batch_tokens, int(model_config.max_model_len)) if max_length is None else max_length
     out = Path(out_dir) if out_dir is not None else Path(model_dir).parent / "finetune" / f"{name}-{secrets.token_hex(4)}"
     out.mkdir(parents=True, exist_ok=True)
     examples = load_training_file(training_file, llm.get_tokenizer(), max_length=max_length, truncate=truncate)
-    batches = pack_examples(examples, batch_tokens)
-    steps = max_steps or n_epochs * len(batches)
+    epoch = step_micro_batches(examples, batch_size, batch_tokens)  # the steps of one epoch
+    steps = max_steps or n_epochs * len(epoch)
     settings = LoraSettings(r=rank, alpha=float(alpha if alpha is not None else 2 * rank),
                             target_modules=tuple(target_modules), use_rslora=use_rslora, dropout=dropout)
     lora = LoraParams.init(DecoderConfig.from_hf(model_dir), settings, seed=seed)
     lora.save_peft(out / "step-0", base_model_name_or_path=model_dir)
-    save_batches(batches, out / BATCHES_FILE)
+    save_steps(epoch, out / BATCHES_FILE)
     if validation_file is not None:  # read with the training file's rules, packed alike
         held_out = load_training_file(validation_file, llm.get_tokenizer(), max_length=max_length, truncate=truncate)
         save_batches(pack_examples(held_out, batch_tokens), out / VALIDATION_BATCHES_FILE)
@@ -128,7 +135,7 @@ def finetune_in_engine(
     call("submit", asdict(TrainJobSpec(
         job_id=job_id, adapter_name=name, job_dir=str(out), init_adapter_dir=str(out / "step-0"),
         settings=asdict(training), total_steps=steps,
-        publish_every=publish_every or max(1, min(len(batches), steps)), seed=seed, base_model=model_dir,
+        publish_every=publish_every or max(1, min(len(epoch), steps)), seed=seed, base_model=model_dir,
     )))
     bar = _progress_bar(steps, name) if progress else None
     result = EngineFinetuneResult(name, out / "step-0", [])
