@@ -28,12 +28,12 @@ simplified to what a CPU engine can measure):
 * otherwise                    -> a credit that grows by ``slack`` x the step period
                                   without training (EWMA of the wall time between two
                                   schedule() calls of decode-only steps, i.e. what a running
-                                  request waits per token) every step, and shrinks by what a step with
-                                  training really cost: its period minus that baseline (at
-                                  least its training time). A step trains only once the
-                                  credit holds a burst (``BURST_STEPS`` steps' share, at
-                                  most ``MIN_BURST_S``, or the next unit if longer), then
-                                  spends it on as many units as fit: on
+                                  request waits per token) every step, and shrinks by what
+                                  a step with training really cost: its period minus that
+                                  baseline (at least its training time). A step trains
+                                  only once the credit holds a burst (``BURST_STEPS``
+                                  steps' share, at most ``MIN_BURST_S``, or the next unit
+                                  if longer), then spends it on as many units as fit: on
                                   average training adds ``slack`` of the step time (TPOT,
                                   a per-request mean, grows by about that share).
 
