@@ -12,10 +12,10 @@ Only the positions that have a target are sent through the LM head, so a chat mi
 with assistant-only loss never materialises logits for the prompt tokens.
 
 The LM head and the cross-entropy are one autograd function (`lm_head_cross_entropy`):
-the logits ([rows, vocab] fp32, 50 MB for 256 rows of a 49k vocabulary) are written
-once, turned into the softmax in place and then into d(loss)/d(logits) in place, and the
-gradient of the hidden rows is taken in the forward, so the logits are freed before it
-returns. Autograd's linear + cross_entropy keeps the logits, their log-softmax and, in
+the logits ([rows, vocab] fp32, 50 MB for 256 rows of a 49k vocabulary; made
+LM_HEAD_CHUNK_ROWS rows at a time) are written once, turned into the softmax in place and
+then into d(loss)/d(logits) in place, and the gradient of the hidden rows is taken in the
+forward, so the logits are freed before it returns. Autograd's linear + cross_entropy keeps the logits, their log-softmax and, in
 backward, a third tensor of that size: ~20 % of the loss unit's time on 2 CPU cores went
 to those memory passes and page faults, beside its two LM-head GEMMs.
 """
@@ -52,22 +52,37 @@ def packed_loss(
     return loss_sum / (num_items if num_items is not None else count)
 
 
+# Rows of logits made at once: 512 x a 49k vocabulary is 100 MB of fp32, and a GEMM of 512
+# rows runs at full speed; a whole 2048-token micro-batch at once would take 400 MB.
+LM_HEAD_CHUNK_ROWS = 512
+
+
 class _LMHeadCrossEntropy(torch.autograd.Function):
     """Summed cross-entropy of `hidden @ weight.T` against `targets`; the weight is frozen."""
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden, weight).to(torch.float32)  # [rows, vocab], the only vocab-wide buffer
-        target_logit = logits.gather(1, targets[:, None]).squeeze(1)  # [rows]
-        row_max = logits.amax(dim=1, keepdim=True)  # [rows, 1]
-        probs = logits.sub_(row_max).exp_()  # unnormalised, in place
-        sum_exp = probs.sum(dim=1)  # [rows]
-        # log-sum-exp - target logit, per row: what F.cross_entropy computes.
-        loss_sum = (row_max.squeeze(1) + sum_exp.log() - target_logit).sum()
-        if ctx.needs_input_grad[0]:
-            probs.div_(sum_exp[:, None])  # softmax
-            probs[torch.arange(targets.numel(), device=probs.device), targets] -= 1.0  # - one_hot
-            ctx.save_for_backward(torch.mm(probs.to(weight.dtype), weight))  # [rows, hidden]
+        rows = hidden.shape[0]
+        grad = torch.empty(rows, weight.shape[1], dtype=weight.dtype, device=hidden.device) \
+            if ctx.needs_input_grad[0] else None
+        loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, rows, LM_HEAD_CHUNK_ROWS):  # at most one chunk's logits alive
+            stop = min(rows, start + LM_HEAD_CHUNK_ROWS)
+            logits = F.linear(hidden[start:stop], weight).to(torch.float32)  # [chunk, vocab]
+            chunk_targets = targets[start:stop]
+            target_logit = logits.gather(1, chunk_targets[:, None]).squeeze(1)  # [chunk]
+            row_max = logits.amax(dim=1, keepdim=True)  # [chunk, 1]
+            probs = logits.sub_(row_max).exp_()  # unnormalised, in place
+            sum_exp = probs.sum(dim=1)  # [chunk]
+            # log-sum-exp - target logit, per row: what F.cross_entropy computes.
+            loss_sum += (row_max.squeeze(1) + sum_exp.log() - target_logit).sum()
+            if grad is not None:
+                probs.div_(sum_exp[:, None])  # softmax
+                probs[torch.arange(stop - start, device=probs.device), chunk_targets] -= 1.0  # - one_hot
+                torch.mm(probs.to(weight.dtype), weight, out=grad[start:stop])  # [chunk, hidden]
+            del logits, probs
+        if grad is not None:
+            ctx.save_for_backward(grad)
         return loss_sum
 
     @staticmethod
