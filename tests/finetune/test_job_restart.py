@@ -148,6 +148,44 @@ def test_a_validation_the_restart_cut_short_runs_when_the_job_resumes(tmp_path, 
     asyncio.run(scenario())
 
 
+def test_a_version_published_but_not_recorded_before_a_crash_is_served_after_the_restart(tmp_path, tiny_model):
+    """The engine dies right after publishing step 8, before the server records it (nor its
+    checkpoint): the step-8 PEFT files are on disk, the record says step 4. A restarted server
+    finds them: step 8 becomes a checkpoint (`:step-8`, its training loss from the step's
+    metrics event when that was recorded) and what fine_tuned_model serves. Without an engine
+    the unfinished job fails, saying it keeps serving step 8."""
+
+    async def scenario():
+        jobs = make_jobs(tmp_path, tiny_model)
+        stored = upload(jobs, jsonl(training_lines()))
+
+        def crash():
+            jobs._persist = lambda job: None
+
+        crashing = InProcessEngine(tiny_model, crash_after_publish=8, crash_on="published", on_crash=crash)
+        jobs.engine_call = crashing.call
+        cut = await jobs.create({**BODY, "training_file": stored.id})
+        await asyncio.to_thread(crashing.wait_stopped)
+        on_disk = json.loads((jobs.root / cut["id"] / "job.json").read_text())
+        assert on_disk["published_step"] < 8 and (jobs.root / cut["id"] / "step-8" / "adapter_config.json").exists()
+
+        restarted = make_jobs(tmp_path, tiny_model)  # no engine: the job cannot resume here
+        await restarted.restore()
+        job = restarted.retrieve(cut["id"])
+        assert job["status"] == "failed" and "keeps serving step 8" in job["error"]["message"]
+        served = restarted.host.adapters
+        assert served[cut["fine_tuned_model"]].endswith("step-8")
+        assert served[f"{cut['fine_tuned_model']}:step-8"].endswith("step-8")
+        checkpoints = {c["step_number"]: c for c in restarted.checkpoints(cut["id"], limit=100)[0]}
+        assert 8 in checkpoints and checkpoints[8]["metrics"]["step"] == 8.0
+        assert checkpoints[8]["fine_tuned_model_checkpoint"] == f"{cut['fine_tuned_model']}:step-8"
+        messages = [e["message"] for e in restarted.events(cut["id"], limit=500)[0]]
+        assert any("had been published but not recorded" in m and "serves step 8" in m for m in messages)
+        restarted.close()
+
+    asyncio.run(scenario())
+
+
 def test_engine_jobs_report_steps_publish_and_cancel(tmp_path, tiny_model):
     """The driver thread follows the engine: metrics per step, every published version served in
     place and as `:step-N`, cancel stops the job and keeps its last version; jobs run at once."""

@@ -822,15 +822,7 @@ class FineTuningJobs:
         with self._lock:
             job.published_step = step
             job.checkpoints = [c for c in job.checkpoints if c["step_number"] != step]
-            job.checkpoints.append({
-                "id": f"ftckpt-{secrets.token_hex(12)}",
-                "object": "fine_tuning.job.checkpoint",
-                "created_at": int(time.time()),
-                "fine_tuned_model_checkpoint": checkpoint_name,
-                "fine_tuning_job_id": job.id,
-                "metrics": {"step": float(step), "train_loss": loss},
-                "step_number": step,
-            })
+            job.checkpoints.append(_checkpoint_record(job, step, loss))
             data = {"step": step, "publish_seconds": time.perf_counter() - started}
             if trained_at is not None:  # wall time from the optimizer step's weights to servable
                 data["update_to_servable_seconds"] = servable_at - trained_at
@@ -1037,6 +1029,9 @@ class FineTuningJobs:
                 continue
             if job.id in self._jobs:
                 continue
+            if job.status not in TERMINAL and (recovered := _recover_unrecorded_versions(job)):
+                self._event(job, f"Server restarted: step(s) {', '.join(map(str, recovered))} had been published but "
+                            f"not recorded; {job.fine_tuned_model} serves step {job.published_step}")
             resume = (job.dir / TRAINER_STATE).exists()
             step_dir = job.dir / f"step-{job.published_step}"
             try:
@@ -1199,3 +1194,41 @@ def _metadata(value: Any) -> dict | None:
         raise ApiError(400, "'metadata' must be an object of at most 16 string keys (<= 64 characters) with "
                        "string values (<= 512 characters)", param="metadata")
     return dict(value)
+
+
+def _checkpoint_record(job: Job, step: int, loss: float | None) -> dict:
+    """The fine_tuning.job.checkpoint object of the version published at `step`."""
+    metrics = {"step": float(step)}
+    if loss is not None:
+        metrics["train_loss"] = loss
+    return {
+        "id": f"ftckpt-{secrets.token_hex(12)}",
+        "object": "fine_tuning.job.checkpoint",
+        "created_at": int(time.time()),
+        "fine_tuned_model_checkpoint": f"{job.fine_tuned_model}:step-{step}",
+        "fine_tuning_job_id": job.id,
+        "metrics": metrics,
+        "step_number": step,
+    }
+
+
+def _recover_unrecorded_versions(job: Job) -> list[int]:
+    """Versions an unfinished job published that its record lacks (the server went down between
+    the worker writing step-N and the job's driver recording it): their steps, ascending, now
+    recorded as checkpoints, the newest as the published step. A version counts once both PEFT
+    files are in its folder (save_peft renames the config in last, so the weights are whole)."""
+    found = []
+    for path in job.dir.glob("step-*"):
+        step = path.name.removeprefix("step-")
+        if step.isdigit() and int(step) > job.published_step and (path / "adapter_config.json").exists() \
+                and (path / "adapter_model.safetensors").exists():
+            found.append(int(step))
+    found.sort()
+    losses = {e["data"]["step"]: e["data"]["train_loss"] for e in job.events
+              if isinstance(e.get("data"), dict) and "train_loss" in e["data"] and "step" in e["data"]}
+    for step in found:
+        job.checkpoints = [c for c in job.checkpoints if c["step_number"] != step]
+        job.checkpoints.append(_checkpoint_record(job, step, losses.get(step)))
+    if found:
+        job.published_step = found[-1]
+    return found
