@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from tests.finetune.peft_reference import (
+    hf_adamw_loss_curve,
     hf_micro_batch_loss,
     load_hf,
     peft_lora_tensors,
@@ -116,6 +117,32 @@ def test_offline_finetune_writes_a_peft_adapter_and_plot(tiny_model, tmp_path):
         ours = forward_logits(base, lora, ids)
         ref = PeftModel.from_pretrained(load_hf(tiny_model), str(result.adapter_dir))(input_ids=ids[None]).logits[0]
     assert relative_error(ours, ref) < 1e-5
+
+
+def test_offline_finetune_batch_size_accumulates_as_hf_peft_trains_whole_steps(tiny_model, tmp_path):
+    """finetune(batch_size=3): three examples a step in micro-batches of at most batch_tokens, their
+    gradients accumulated: the loss curve equals an HF + PEFT AdamW loop taking each step's
+    examples at once. batch_size below 1 is refused naming it."""
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from vllm_slora.finetune.packing import step_micro_batches, step_totals
+
+    train_file = write_training_file(tmp_path / "train.jsonl")
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        finetune(tiny_model, train_file, tmp_path / "none", batch_size=0)
+    result = finetune(tiny_model, train_file, tmp_path / "out", rank=4, alpha=8.0, max_steps=4, lr=1e-2,
+                      batch_tokens=16, truncate=True, batch_size=3)
+    examples = load_training_file(train_file, AutoTokenizer.from_pretrained(tiny_model), max_length=16, truncate=True)
+    steps = step_micro_batches(examples, 3, 16)
+    assert all(len(step) >= 2 for step in steps)
+    assert [r.tokens for r in result.records] == [step_totals(steps[i % len(steps)])[0] for i in range(4)]
+    hf = load_hf(tiny_model)
+    lora = LoraParams.init(DecoderConfig.from_hf(hf.config), LoraSettings(r=4, alpha=8.0), seed=0)
+    whole_steps = [SimpleNamespace(lines=step_totals(step)[2]) for step in steps]
+    reference = hf_adamw_loss_curve(peft_model_like(hf, lora), lora, examples, whole_steps, 4, lr=1e-2)
+    assert [r.loss for r in result.records] == pytest.approx(reference, rel=1e-4)
 
 
 def test_checkpoint_loader_matches_hf_layout(tiny_model):

@@ -29,7 +29,7 @@ from .base_weights import BaseWeights, base_weights_from_checkpoint
 from .data import load_training_file
 from .lora_params import LoraParams, LoraSettings
 from .loss import packed_loss
-from .packing import PackedBatch, pack_examples, step_totals
+from .packing import PackedBatch, step_micro_batches, step_totals
 
 
 @dataclass(frozen=True)
@@ -203,6 +203,7 @@ def finetune(
     seed: int = 0,
     max_length: int | None = None,
     truncate: bool = False,
+    batch_size: int | None = None,
     use_rslora: bool = False,
     dropout: float = 0.0,
     weight_decay: float = 0.01,
@@ -217,19 +218,22 @@ def finetune(
     Reads the base model's safetensors into vLLM layout (in `dtype`, float32 by default:
     this path targets CPUs), tokenizes `training_file` (data.py; `max_length` defaults to
     `batch_tokens`), packs it into micro-batches of at most `batch_tokens` tokens and runs
-    `max_steps` AdamW steps. Writes adapter_config.json + adapter_model.safetensors,
+    `max_steps` AdamW steps: one micro-batch a step, or with `batch_size` that many examples
+    a step, accumulated over as many micro-batches as they need. Writes adapter_config.json + adapter_model.safetensors,
     training_log.json (one record per step) and loss.png (skipped with a warning when
     matplotlib is missing).
     """
     from transformers import AutoTokenizer
 
+    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive integer (examples per step), got {batch_size!r}")
     max_length = batch_tokens if max_length is None else max_length
     if max_length > batch_tokens:
         raise ValueError(f"max_length {max_length} exceeds batch_tokens {batch_tokens}: such examples could never be packed")
     base_model_dir = Path(base_model_dir)
     tokenizer = AutoTokenizer.from_pretrained(base_model_dir)
     examples = load_training_file(training_file, tokenizer, max_length=max_length, truncate=truncate)
-    batches = pack_examples(examples, batch_tokens)
+    steps = step_micro_batches(examples, batch_size, batch_tokens)
 
     base = base_weights_from_checkpoint(base_model_dir, dtype=dtype)
     settings = LoraSettings(r=rank, alpha=alpha, target_modules=tuple(target_modules), use_rslora=use_rslora, dropout=dropout)
@@ -241,7 +245,7 @@ def finetune(
             max_grad_norm=max_grad_norm, checkpoint_layers=checkpoint_layers,
         ),
     )
-    records = trainer.train(batches, progress)
+    records = trainer.train(steps, progress)
 
     out = lora.save_peft(out_dir, base_model_name_or_path=str(base_model_dir))
     (out / "training_log.json").write_text(json.dumps([asdict(r) for r in records], indent=1))
