@@ -114,6 +114,7 @@ class SLoRASchedulerMixin:
         self.slora_training_loan: TrainingLoan | None = None  # pool/training_loan.py (CPU engines)
         self.slora_published = None  # finetune/published_versions.py
         self._slora_last_schedule: float | None = None
+        self._slora_last_period: float | None = None  # wall time of the previous step (training on)
         if self.slora_config.finetune:
             from vllm_slora.finetune.coserve_planner import TrainingPlanner
             from vllm_slora.finetune.published_versions import PublishedVersions
@@ -408,8 +409,10 @@ class SLoRASchedulerMixin:
             self._slora_last_schedule = None  # no period spans a pause
         elif self.slora_training is not None:
             now = time.perf_counter()
+            self._slora_last_period = None
             if self._slora_last_schedule is not None:
-                self.slora_training.observe_period(now - self._slora_last_schedule)
+                self._slora_last_period = now - self._slora_last_schedule
+                self.slora_training.observe_period(self._slora_last_period)
             self._slora_last_schedule = now
             train = self.slora_training.order(len(self.running), len(self.waiting), output.total_num_scheduled_tokens,
                                               prefill=self._slora_computes_prompt(output))
@@ -629,7 +632,8 @@ class SLoRASchedulerMixin:
         scheduled = [r.lora_request.lora_int_id for r in self.running if r.lora_request
                      and r.request_id in output.num_scheduled_tokens]
         stats = self.slora_residency.stats()
-        training = {} if plan.train is None else {"train_budget_s": plan.train.budget_s, "train_idle": plan.train.idle}
+        training = {} if plan.train is None else {"train_budget_s": plan.train.budget_s, "train_idle": plan.train.idle,
+                                                  "previous_period_s": self._slora_last_period}
         trace.record(
             "step", step=self._slora_step, scheduled_adapters=len(set(scheduled)),
             step_loads=len(plan.load), step_evictions=len(plan.evicted), step_warm=len(plan.warm),

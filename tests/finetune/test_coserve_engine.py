@@ -259,6 +259,8 @@ def test_steps_that_compute_prompt_tokens_train_nothing(llm, training_file, tmp_
     assert len(prefills) >= 4 and len(decodes) >= 40, (len(prefills), len(decodes))
     assert [e["train_budget_s"] for e in prefills] == [0.0] * len(prefills)
     assert sum(e["train_budget_s"] > 0 for e in decodes) >= 3  # training did run beside decodes
+    periods = [e["previous_period_s"] for e in steps[1:]]  # each step's record has the one before's length
+    assert None not in periods and min(periods) > 0
 
 
 def test_two_jobs_share_the_time_and_both_finish(llm, training_file, tmp_path):
