@@ -71,8 +71,9 @@ def relative_error(ours: torch.Tensor, ref: torch.Tensor) -> float:
 
 def hf_adamw_loss_curve(peft, lora: LoraParams, examples: Sequence[TrainingExample], batches, steps: int, lr: float,
                         weight_decay: float = 0.01, warmup_steps: int = 0, max_grad_norm: float | None = None):
-    """The reference training loop: HF+PEFT loss on each packed micro-batch's examples (cycling in
-    order), torch AdamW, linear warmup, optional clipping. Returns the loss of every step."""
+    """The reference training loop: HF+PEFT loss on each step's examples (cycling in order),
+    torch AdamW, linear warmup, optional clipping. Returns the loss of every step. A step is a
+    packed micro-batch, or a list of them (an accumulated step), whose examples are taken at once."""
     params = list(peft_lora_tensors(peft, lora).values())
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     warmup = max(warmup_steps, 1)
@@ -81,8 +82,9 @@ def hf_adamw_loss_curve(peft, lora: LoraParams, examples: Sequence[TrainingExamp
     losses = []
     for step in range(steps):
         batch = batches[step % len(batches)]
+        lines = batch.lines if hasattr(batch, "lines") else [line for micro in batch for line in micro.lines]
         optimizer.zero_grad()
-        loss = hf_micro_batch_loss(peft, [by_line[line] for line in batch.lines])
+        loss = hf_micro_batch_loss(peft, [by_line[line] for line in lines])
         loss.backward()
         if max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(params, max_grad_norm)

@@ -128,8 +128,6 @@ def test_offline_batch_size_steps_accumulate_micro_batches_as_hf_peft_trains_who
     """finetune_in_engine(batch_size=3): three examples a step, packed into micro-batches of at most
     batch_tokens whose gradients accumulate in the worker; the loss curve equals an HF + PEFT AdamW
     loop taking each step's examples at once. A batch_size below 1 is refused before any work."""
-    from types import SimpleNamespace
-
     from vllm_slora.finetune.coserve_worker import BATCHES_FILE
     from vllm_slora.finetune.data import load_training_file
     from vllm_slora.finetune.lora_params import LoraParams, LoraSettings
@@ -152,8 +150,7 @@ def test_offline_batch_size_steps_accumulate_micro_batches_as_hf_peft_trains_who
 
     hf = load_hf(tiny_model)
     lora = LoraParams.init(DecoderConfig.from_hf(hf.config), LoraSettings(r=4, alpha=8.0), seed=0)
-    whole_steps = [SimpleNamespace(lines=step_totals(step)[2]) for step in steps]
-    reference = hf_adamw_loss_curve(peft_model_like(hf, lora), lora, examples, whole_steps, 4, lr=1e-2)
+    reference = hf_adamw_loss_curve(peft_model_like(hf, lora), lora, examples, steps, 4, lr=1e-2)
     assert [r.loss for r in result.records] == pytest.approx(reference, rel=1e-4)
 
 

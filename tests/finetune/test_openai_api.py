@@ -210,8 +210,6 @@ def test_batch_size_steps_accumulate_micro_batches_and_train_as_hf_peft_does(tmp
     """batch_size examples per optimizer step, packed into batch_tokens-token micro-batches whose
     gradients are accumulated: the loss curve and the final weights equal an HF + PEFT AdamW
     loop that takes each step's examples at once (the memory stays that of one micro-batch)."""
-    from types import SimpleNamespace
-
     import torch
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
@@ -252,8 +250,7 @@ def test_batch_size_steps_accumulate_micro_batches_and_train_as_hf_peft_does(tmp
 
     lora = LoraParams.from_peft_dir(job_dir / "step-0", DecoderConfig.from_hf(tiny_model))
     peft = peft_model_like(load_hf(tiny_model), lora)
-    whole_steps = [SimpleNamespace(lines=step_totals(step)[2]) for step in steps]
-    curve = hf_adamw_loss_curve(peft, lora, examples, whole_steps, steps=6, lr=25 * 2e-4)
+    curve = hf_adamw_loss_curve(peft, lora, examples, steps, steps=6, lr=25 * 2e-4)
     assert [m["train_loss"] for m in metrics] == pytest.approx(curve, rel=1e-4)
     final = load_file(str(job_dir / "step-6" / "adapter_model.safetensors"))
     live = dict(peft.named_parameters())

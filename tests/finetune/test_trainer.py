@@ -123,8 +123,6 @@ def test_offline_finetune_batch_size_accumulates_as_hf_peft_trains_whole_steps(t
     """finetune(batch_size=3): three examples a step in micro-batches of at most batch_tokens, their
     gradients accumulated: the loss curve equals an HF + PEFT AdamW loop taking each step's
     examples at once. batch_size below 1 is refused naming it."""
-    from types import SimpleNamespace
-
     from transformers import AutoTokenizer
 
     from vllm_slora.finetune.packing import step_micro_batches, step_totals
@@ -140,8 +138,7 @@ def test_offline_finetune_batch_size_accumulates_as_hf_peft_trains_whole_steps(t
     assert [r.tokens for r in result.records] == [step_totals(steps[i % len(steps)])[0] for i in range(4)]
     hf = load_hf(tiny_model)
     lora = LoraParams.init(DecoderConfig.from_hf(hf.config), LoraSettings(r=4, alpha=8.0), seed=0)
-    whole_steps = [SimpleNamespace(lines=step_totals(step)[2]) for step in steps]
-    reference = hf_adamw_loss_curve(peft_model_like(hf, lora), lora, examples, whole_steps, 4, lr=1e-2)
+    reference = hf_adamw_loss_curve(peft_model_like(hf, lora), lora, examples, steps, 4, lr=1e-2)
     assert [r.loss for r in result.records] == pytest.approx(reference, rel=1e-4)
 
 

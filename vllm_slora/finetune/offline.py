@@ -110,15 +110,13 @@ def finetune_in_engine(
     A step trains on one packed micro-batch of at most `batch_tokens` tokens, or, with
     `batch_size`, on that many examples, packed into as many such micro-batches as they need
     (their gradients accumulate into one update)."""
-    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
-        raise ValueError(f"batch_size must be a positive integer (examples per step), got {batch_size!r}")
     model_config = llm.llm_engine.vllm_config.model_config
     model_dir = model_config.model
     max_length = min(batch_tokens, int(model_config.max_model_len)) if max_length is None else max_length
     out = Path(out_dir) if out_dir is not None else Path(model_dir).parent / "finetune" / f"{name}-{secrets.token_hex(4)}"
-    out.mkdir(parents=True, exist_ok=True)
     examples = load_training_file(training_file, llm.get_tokenizer(), max_length=max_length, truncate=truncate)
     epoch = step_micro_batches(examples, batch_size, batch_tokens)  # the steps of one epoch
+    out.mkdir(parents=True, exist_ok=True)
     steps = max_steps or n_epochs * len(epoch)
     settings = LoraSettings(r=rank, alpha=float(alpha if alpha is not None else 2 * rank),
                             target_modules=tuple(target_modules), use_rslora=use_rslora, dropout=dropout)

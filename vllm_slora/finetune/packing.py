@@ -80,6 +80,9 @@ def step_micro_batches(examples: Sequence[TrainingExample], examples_per_step: i
     tokens: one packed micro-batch per step (`examples_per_step` None), or that many
     examples per step, packed into as many micro-batches as they need (their gradients are
     accumulated into one step: memory stays that of one micro-batch, whatever the step's size)."""
+    if examples_per_step is not None and (isinstance(examples_per_step, bool) or not isinstance(examples_per_step, int)
+                                          or examples_per_step < 1):
+        raise ValueError(f"batch_size must be a positive integer (examples per step), got {examples_per_step!r}")
     if examples_per_step is None:
         return [[batch] for batch in pack_examples(examples, batch_tokens)]
     return [pack_examples(examples[i:i + examples_per_step], batch_tokens)

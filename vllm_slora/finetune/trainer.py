@@ -219,14 +219,12 @@ def finetune(
     this path targets CPUs), tokenizes `training_file` (data.py; `max_length` defaults to
     `batch_tokens`), packs it into micro-batches of at most `batch_tokens` tokens and runs
     `max_steps` AdamW steps: one micro-batch a step, or with `batch_size` that many examples
-    a step, accumulated over as many micro-batches as they need. Writes adapter_config.json + adapter_model.safetensors,
-    training_log.json (one record per step) and loss.png (skipped with a warning when
-    matplotlib is missing).
+    a step, accumulated over as many micro-batches as they need. Writes adapter_config.json +
+    adapter_model.safetensors, training_log.json (one record per step) and loss.png (skipped
+    with a warning when matplotlib is missing).
     """
     from transformers import AutoTokenizer
 
-    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
-        raise ValueError(f"batch_size must be a positive integer (examples per step), got {batch_size!r}")
     max_length = batch_tokens if max_length is None else max_length
     if max_length > batch_tokens:
         raise ValueError(f"max_length {max_length} exceeds batch_tokens {batch_tokens}: such examples could never be packed")
