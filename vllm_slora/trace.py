@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import time
 
 TRACE_ENV = "VLLM_SLORA_TRACE_FILE"
 
@@ -25,6 +26,7 @@ def record(event: str, **fields: object) -> None:
         "event": event,
         "pid": os.getpid(),
         "process": multiprocessing.current_process().name,
+        "t": round(time.time(), 4),  # wall clock: lines of several processes can be put in order
         **fields,
     }
     # One short write in append mode: lines from concurrent processes do not interleave.

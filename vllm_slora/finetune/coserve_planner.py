@@ -56,6 +56,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from vllm_slora import trace
 from vllm_slora.config import coserve_settings_problem
 from vllm_slora.step_plan import SLoRAWorkerReport, TrainEvent, TrainJobSpec, TrainOrder
 
@@ -330,6 +331,7 @@ class TrainingPlanner:
         if job is None:
             return
         job.events.append({"kind": event.kind, "step": event.step, "data": event.data, "time": time.time()})
+        trace.record("train_event", job=event.job_id, kind=event.kind, train_step=event.step)
         if event.kind == "started" and job.status == "queued":
             job.status = "running"
         elif event.kind in TERMINAL_KIND and job.status in ACTIVE:
