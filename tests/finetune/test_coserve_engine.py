@@ -260,6 +260,86 @@ def test_steps_that_compute_prompt_tokens_train_nothing(llm, training_file, tmp_
     assert None not in periods and min(periods) > 0
 
 
+def _engine_worker_threads(trace_file) -> tuple[int, dict[int, set[int]]]:
+    """This test process's live engine worker (trace event "worker_init") and its threads pinned
+    to one core each, read from outside it while it is quiet (no job, no request)."""
+    import os
+
+    import psutil
+
+    from vllm_slora import trace
+
+    alive = {p.pid for p in psutil.Process().children(recursive=True)}
+    (pid,) = {e["pid"] for e in trace.read(str(trace_file)) if e["event"] == "worker_init" and e["pid"] in alive}
+    pinned = {}
+    for thread in psutil.Process(pid).threads():
+        cores = os.sched_getaffinity(thread.id)
+        if len(cores) == 1:
+            pinned[thread.id] = cores
+    return pid, pinned
+
+
+def test_idle_steps_train_with_threads_unpinned_and_inference_runs_pinned(llm, training_file, tmp_path,
+                                                                          trace_file):
+    """vLLM pins the worker's OpenMP threads one per core (threads started later inherit the main
+    thread's core): a parallel region then waits for its slowest thread, and a pinned thread
+    cannot leave a core another thread or process is using. Idle steps train with those threads
+    allowed on all those cores; steps with inference, and the engine once no job trains, keep
+    vLLM's pinning. The affinities are read from outside the worker (sched_getaffinity of its
+    threads, by thread id), not from its own account."""
+    import os
+
+    import psutil
+    from vllm import SamplingParams
+
+    pid, pinned = _engine_worker_threads(trace_file)
+    cores = set().union(*pinned.values())
+    if len(cores) < 2:
+        pytest.skip(f"vLLM pinned the worker's threads to {sorted(cores)}: nothing to unpin on this machine")
+    job_id = engine_job(llm, tmp_path, "unpin", training_file, steps=10**6, publish_every=10**6)
+    deadline = time.monotonic() + 60
+    while not any(e["kind"] == "step" for e in utility(llm, "poll", {"job_id": job_id})["events"]):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+
+    def affinities() -> dict[int, set[int]]:
+        out = {}
+        for tid in pinned:
+            try:
+                out[tid] = os.sched_getaffinity(tid)
+            except OSError:  # a thread that ended meanwhile
+                pass
+        return out
+
+    unpinned_seen = False
+    deadline = time.monotonic() + 30
+    while not unpinned_seen and time.monotonic() < deadline:  # idle training: no request anywhere
+        unpinned_seen = all(a == cores for a in affinities().values())
+        time.sleep(0.005)
+    assert unpinned_seen, "the worker's threads stayed pinned while an idle step trained"
+
+    engine = llm.llm_engine
+    prompt = llm.get_tokenizer()("the quick brown fox jumps over the lazy dog")["input_ids"]
+    request_id = f"pinned-{time.monotonic_ns()}"
+    engine.add_request(request_id, {"prompt_token_ids": prompt}, SamplingParams(max_tokens=300, ignore_eos=True))
+    generated, during_inference = 0, []
+    try:
+        while engine.has_unfinished_requests():
+            for output in engine.step():
+                generated = len(output.outputs[0].token_ids)
+            if 10 <= generated <= 100:  # mid-decode: every engine step carries inference
+                during_inference.append(affinities())
+    finally:
+        utility(llm, "cancel", {"job_id": job_id})
+    assert follow(llm, job_id)[0] == "cancelled"
+    assert len(during_inference) >= 10
+    assert all(a == pinned[tid] for sample in during_inference for tid, a in sample.items())
+    time.sleep(0.5)  # the engine has no job and no request: it stays as vLLM pinned it
+    after = affinities()
+    assert after and after == {tid: pinned[tid] for tid in after}
+    assert pid in {p.pid for p in psutil.Process().children(recursive=True)}  # the same worker throughout
+
+
 def test_two_jobs_share_the_time_and_both_finish(llm, training_file, tmp_path):
     # Submitted while the engine is paused, so both start in the same step: a step may run
     # a whole small job before the next one's submission is even read.

@@ -11,7 +11,7 @@ created, and reads each step's `SLoRAStepPlan` before the forward.
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from functools import cache
 
 import numpy as np
@@ -114,7 +114,8 @@ class SLoRARunnerMixin:
         training = None
         if order is not None:
             training = self._slora_training()
-            spent, units = training.step(order)
+            with self._slora_training_threads(order):
+                spent, units = training.step(order)
         else:
             spent, units = 0.0, 0
 
@@ -140,6 +141,20 @@ class SLoRARunnerMixin:
             released = release_pages(self.slora.state.pools, order.lent_blocks, page_bytes)
             trace.record("training_loan", blocks=len(order.lent_blocks), released_bytes=released)
         self._slora_training().set_graph_budget(order.graph_bytes)
+
+    def _slora_training_threads(self, order):
+        """An idle step trains with the OpenMP threads unpinned; pinned again before the next
+        step's inference (finetune/thread_affinity.py)."""
+        from vllm_slora.finetune.thread_affinity import PinnedThreads, idle_unpin_enabled
+
+        if not order.idle or not idle_unpin_enabled():
+            return nullcontext()
+        threads = getattr(self, "_slora_pinned_threads", None)
+        if threads is None:  # vLLM pinned them at worker start: found once
+            threads = self._slora_pinned_threads = PinnedThreads()
+            trace.record("idle_unpin", pinned={tid: sorted(c) for tid, c in threads.pinned.items()},
+                         active=threads.active)
+        return threads.unpinned()
 
     def _slora_training(self):
         trainer = getattr(self, "slora_trainer", None)
