@@ -30,7 +30,8 @@ condition later, and read that drift as the job's cost):
      the server's share), "coserve@<slack>" (at each --more-slacks share, set while serving:
      POST /v1/fine_tuning/coserve; the 1.5x goal is met if some share meets it) or "hf_side"
      (the HF loop, the job paused);
-  3. idle: the job alone and the HF loop alone, --rounds windows each, alternating;
+  3. idle: the job alone and the HF loop alone, --idle-rounds windows each, alternating (each
+     round's co/HF ratio and their median are reported beside the pooled ratio);
   4. each rate: --rounds rounds, each a window per condition (replaying that round's trace), in
      order in even rounds and reversed in odd ones; a condition's figures pool its windows;
   5. a publish probe with the job running; cancel; the disk path, --disk-repeats times.
@@ -740,7 +741,22 @@ def figures(phases: dict) -> dict:
                                     for m in ("ttft_p99", "tpot_p99")} for r in LOADED}
                             for c in trainers}
     fig["p99_vs_no_job_by_round"] = {c: {r: paired_round_ratios(phases, c, r) for r in LOADED} for c in co}
+    fig["idle_vs_hf_by_round"] = idle_round_ratios(phases)
     return fig
+
+
+def idle_round_ratios(phases: dict) -> dict:
+    """Each idle round's co-served trained tokens/s against the HF loop's window of the same
+    round, and their median: windows seconds apart saw the same machine, so the median says
+    whether the pooled idle ratio is the engine or the machine's drift."""
+    def rates(condition):
+        windows = (phases.get(condition, {}).get("idle") or {}).get("windows") or []
+        return [None if w["trained_tokens"] is None else w["trained_tokens"] / max(w["t1"] - w["t0"], 1e-9)
+                for w in windows]
+
+    ratios = [ratio(a, b) for a, b in zip(rates("coserve"), rates("hf_side"))]
+    ratios = [round(x, 4) for x in ratios if x is not None]
+    return {"ratios": ratios, "median": statistics.median(ratios) if ratios else None}
 
 
 def paired_round_ratios(phases: dict, condition: str, rate: str) -> dict:
@@ -780,6 +796,9 @@ def print_table(rates: dict, fig: dict, publish: dict, goals: list[dict]) -> Non
             print(f"  slack {condition[len(SLACK_PREFIX):]:>5s} {r:8s}: {f(fig['trained_tok_s'][condition][r]):>8s} "
                   f"tok/s, co/HF {f(speed, digits=2)}, TTFT p99 {f(lat['ttft_p99'], 1e3, 0)} ms, "
                   f"TPOT p99 {f(lat['tpot_p99'], 1e3, 0)} ms")
+    idle_rounds = fig.get("idle_vs_hf_by_round") or {}
+    if idle_rounds.get("ratios"):
+        print(f"  idle: per-round co/HF ratios {idle_rounds['ratios']}, median {f(idle_rounds['median'], digits=3)}")
     for r in LOADED:
         paired = (fig.get("p99_vs_no_job_by_round", {}).get("coserve") or {}).get(r) or {}
         if any(paired.get(m, {}).get("ratios") for m in paired):
@@ -970,7 +989,7 @@ def run(args) -> int:
                 show_window(windows[-1])
 
             # 3. idle: the job alone, the HF loop alone
-            for order in round_orders(["coserve", *(["hf_side"] if hf else [])], args.rounds):
+            for order in round_orders(["coserve", *(["hf_side"] if hf else [])], args.idle_rounds):
                 for condition in order:
                     measure(condition, "idle", None)
             # 4. each rate: every condition in each round, in order then reversed
@@ -1111,6 +1130,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="seconds of each condition at each rate, over all rounds (default 60; quick 15)")
     g.add_argument("--rounds", type=int, default=2,
                    help="windows per condition and rate, interleaved with the other conditions' (default 2)")
+    g.add_argument("--idle-rounds", type=int, default=4,
+                   help="idle windows per trainer, alternated (each --phase-seconds / --rounds long)")
     g.add_argument("--moderate-rate", type=float, help="req/s (default: --moderate-factor x calibrated capacity)")
     g.add_argument("--heavy-rate", type=float, help="req/s (default: --heavy-factor x calibrated capacity)")
     g.add_argument("--moderate-factor", type=float, default=0.35)
@@ -1151,8 +1172,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for key, (normal, quick) in DEFAULTS.items():
         if getattr(args, key) is None:
             setattr(args, key, quick if args.quick else normal)
-    if args.phase_seconds <= 0 or args.num_adapters < 1 or args.calibration_requests < 1 or args.rounds < 1:
-        parser.error("--phase-seconds, --rounds, --num-adapters and --calibration-requests must be positive")
+    if (args.phase_seconds <= 0 or args.num_adapters < 1 or args.calibration_requests < 1 or args.rounds < 1
+            or args.idle_rounds < 1):
+        parser.error("--phase-seconds, --rounds, --idle-rounds, --num-adapters and --calibration-requests "
+                     "must be positive")
     if args.words_per_line <= args.seq_len:
         parser.error("--words-per-line must exceed --seq-len (every example is cut to --seq-len tokens)")
     return args

@@ -91,6 +91,17 @@ def test_per_round_ratios_pair_each_window_with_the_no_job_window_of_its_round()
     assert bench.paired_round_ratios(phases, "coserve", "moderate")["tpot_p99"] == {"ratios": [], "median": None}
 
 
+def test_idle_round_ratios_pair_each_round_and_take_the_median():
+    def idle(*tokens):  # one 10 s window per round
+        return {"idle": {"windows": [{"t0": 100.0 * i, "t1": 100.0 * i + 10.0, "trained_tokens": t}
+                                     for i, t in enumerate(tokens)]}}
+
+    phases = {"coserve": idle(1800.0, 2000.0, 1500.0, None), "hf_side": idle(2000.0, 2000.0, 1000.0, 900.0)}
+    assert bench.idle_round_ratios(phases) == {"ratios": [0.9, 1.0, 1.5], "median": 1.0}  # a window without figures drops
+    assert bench.idle_round_ratios({"coserve": idle(1.0), "hf_side": {}}) == {"ratios": [], "median": None}
+    assert bench.figures({"no_job": {}, **phases})["idle_vs_hf_by_round"]["median"] == 1.0
+
+
 def test_goals_when_the_hf_loop_made_no_step():
     phases = {"no_job": {"moderate": _phase(None, 1.0, 0.1), "heavy": _phase(None, 2.0, 0.2)},
               "coserve": {"idle": _phase(400.0), "moderate": _phase(300.0, 1.0, 0.1), "heavy": _phase(0.0, 2.0, 0.2)},
