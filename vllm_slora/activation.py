@@ -84,7 +84,8 @@ def _cpu_cores_for_training(slora: SLoRAConfig, vllm_config) -> None:
     OpenMP threads stays: unpinned (``VLLM_CPU_OMP_THREADS_BIND=nobind``) an idle engine
     trained ~10 % faster on the 2-vCPU CI machine, but with any other process computing
     beside the server inference collapsed (8 concurrent decodes 15 vs 80 tok/s, an HF
-    training loop beside it: no request finished in a minute). Set before the EngineCore
+    training loop beside it: no request finished in a minute); only idle training steps run
+    unpinned (finetune/thread_affinity.py). Set before the EngineCore
     process starts (it inherits the environment); an explicit user setting is kept. It is
     process-wide: engines started later by the same process inherit it too.
     """

@@ -260,17 +260,19 @@ def test_steps_that_compute_prompt_tokens_train_nothing(llm, training_file, tmp_
     assert None not in periods and min(periods) > 0
 
 
-def _engine_worker_threads(trace_file) -> tuple[int, dict[int, set[int]]]:
-    """This test process's live engine worker (trace event "worker_init") and its threads pinned
-    to one core each, read from outside it while it is quiet (no job, no request)."""
+def _engine_worker_threads(llm, trace_file) -> tuple[int, dict[int, set[int]]]:
+    """The worker of `llm`'s engine (a process under its EngineCore that wrote a "worker_init"
+    trace line) and its threads pinned to one core each, read from outside it while it is quiet
+    (no job, no request)."""
     import os
 
     import psutil
 
     from vllm_slora import trace
 
-    alive = {p.pid for p in psutil.Process().children(recursive=True)}
-    (pid,) = {e["pid"] for e in trace.read(str(trace_file)) if e["event"] == "worker_init" and e["pid"] in alive}
+    (core,) = llm.llm_engine.engine_core.resources.engine_manager.processes
+    below = {p.pid for p in psutil.Process(core.pid).children(recursive=True)}
+    (pid,) = {e["pid"] for e in trace.read(str(trace_file)) if e["event"] == "worker_init" and e["pid"] in below}
     pinned = {}
     for thread in psutil.Process(pid).threads():
         cores = os.sched_getaffinity(thread.id)
@@ -292,15 +294,11 @@ def test_idle_steps_train_with_threads_unpinned_and_inference_runs_pinned(llm, t
     import psutil
     from vllm import SamplingParams
 
-    pid, pinned = _engine_worker_threads(trace_file)
+    pid, pinned = _engine_worker_threads(llm, trace_file)
     cores = set().union(*pinned.values())
     if len(cores) < 2:
         pytest.skip(f"vLLM pinned the worker's threads to {sorted(cores)}: nothing to unpin on this machine")
     job_id = engine_job(llm, tmp_path, "unpin", training_file, steps=10**6, publish_every=10**6)
-    deadline = time.monotonic() + 60
-    while not any(e["kind"] == "step" for e in utility(llm, "poll", {"job_id": job_id})["events"]):
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
 
     def affinities() -> dict[int, set[int]]:
         out = {}
@@ -311,29 +309,38 @@ def test_idle_steps_train_with_threads_unpinned_and_inference_runs_pinned(llm, t
                 pass
         return out
 
-    unpinned_seen = False
-    deadline = time.monotonic() + 30
-    while not unpinned_seen and time.monotonic() < deadline:  # idle training: no request anywhere
-        unpinned_seen = all(a == cores for a in affinities().values())
-        time.sleep(0.005)
-    assert unpinned_seen, "the worker's threads stayed pinned while an idle step trained"
-
     engine = llm.llm_engine
     prompt = llm.get_tokenizer()("the quick brown fox jumps over the lazy dog")["input_ids"]
     request_id = f"pinned-{time.monotonic_ns()}"
-    engine.add_request(request_id, {"prompt_token_ids": prompt}, SamplingParams(max_tokens=300, ignore_eos=True))
-    generated, during_inference = 0, []
-    try:
-        while engine.has_unfinished_requests():
+    generated, during_inference, unpinned_seen = 0, [], False
+    try:  # the job is cancelled whatever happens: the module's later tests share the engine
+        deadline = time.monotonic() + 60
+        while not any(e["kind"] == "step" for e in utility(llm, "poll", {"job_id": job_id})["events"]):
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        deadline = time.monotonic() + 30
+        while not unpinned_seen and time.monotonic() < deadline:  # idle training: no request anywhere
+            now = affinities()
+            unpinned_seen = bool(now) and all(a == cores for a in now.values())
+            time.sleep(0.005)
+        assert unpinned_seen, "the worker's threads stayed pinned while an idle step trained"
+
+        # Far more tokens than sampled, and aborted after: the engine may run ahead of the outputs read here.
+        engine.add_request(request_id, {"prompt_token_ids": prompt}, SamplingParams(max_tokens=2000, ignore_eos=True))
+        while generated <= 100:
             for output in engine.step():
                 generated = len(output.outputs[0].token_ids)
-            if 10 <= generated <= 100:  # mid-decode: every engine step carries inference
+            if generated >= 10:  # mid-decode: every engine step carries inference
                 during_inference.append(affinities())
     finally:
+        if engine.has_unfinished_requests():
+            engine.abort_request([request_id])
+            while engine.has_unfinished_requests():
+                engine.step()
         utility(llm, "cancel", {"job_id": job_id})
     assert follow(llm, job_id)[0] == "cancelled"
     assert len(during_inference) >= 10
-    assert all(a == pinned[tid] for sample in during_inference for tid, a in sample.items())
+    assert all(sample and all(a == pinned[tid] for tid, a in sample.items()) for sample in during_inference)
     time.sleep(0.5)  # the engine has no job and no request: it stays as vLLM pinned it
     after = affinities()
     assert after and after == {tid: pinned[tid] for tid in after}

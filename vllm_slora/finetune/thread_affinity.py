@@ -15,8 +15,9 @@ called this no gain and the change was reverted; the machine's drift between win
 
 So an idle training step (no inference in it) runs with every pinned thread allowed on
 all the cores the worker's threads were pinned to; the next step's inference, and every
-step with inference, runs pinned as vLLM set it. Switching is a few sched_setaffinity
-calls per thread (microseconds). VLLM_SLORA_IDLE_UNPIN=0 keeps the threads pinned throughout.
+step with inference, runs pinned as vLLM set it. Switching is one sched_setaffinity call
+per thread each way, after listing them (well under a millisecond).
+VLLM_SLORA_IDLE_UNPIN=0 keeps the threads pinned throughout.
 """
 
 from __future__ import annotations
@@ -31,48 +32,60 @@ def idle_unpin_enabled() -> bool:
     return os.environ.get(ENV_IDLE_UNPIN, "1") != "0"
 
 
-def _tasks() -> list[int]:
+def _affinities() -> dict[int, set[int]]:
+    """Every thread of this process now, with the cores it may run on."""
     try:
-        return [int(name) for name in os.listdir("/proc/self/task")]
+        tids = [int(name) for name in os.listdir("/proc/self/task")]
     except OSError:  # not Linux
-        return []
+        return {}
+    out = {}
+    for tid in tids:
+        try:
+            out[tid] = os.sched_getaffinity(tid)
+        except OSError:  # the thread ended meanwhile
+            pass
+    return out
+
+
+def _set_affinities(cpus_of: dict[int, set[int]]) -> None:
+    for tid, cpus in cpus_of.items():
+        try:
+            os.sched_setaffinity(tid, cpus)
+        except OSError:  # the thread ended (its id came from /proc/self/task moments ago), or a
+            pass  # core left this process's cpuset: that thread stays as it is, the step goes on
 
 
 class PinnedThreads:
-    """The process's threads pinned to one core each, as found when first asked (vLLM pins
-    its OpenMP threads once, at worker start)."""
+    """The cores vLLM pinned this process's threads to, one core each (found when first made:
+    vLLM pins its OpenMP threads once, at worker start; threads started later inherit their
+    creator's core). The threads themselves are listed again at every switch: the worker
+    starts threads later (e.g. the host cache's reader on its first disk read)."""
 
     def __init__(self) -> None:
-        self.pinned: dict[int, set[int]] = {}
-        for tid in _tasks():
-            try:
-                cpus = os.sched_getaffinity(tid)
-            except OSError:  # the thread ended meanwhile
-                continue
-            if len(cpus) == 1:
-                self.pinned[tid] = cpus
-        self.cores: set[int] = set().union(*self.pinned.values()) if self.pinned else set()
+        pinned = [cpus for cpus in _affinities().values() if len(cpus) == 1]
+        self.cores: set[int] = set().union(*pinned) if pinned else set()
+        # What a thread started by the caller (the worker's main thread) gets from vLLM's pinning.
+        self.home: set[int] = os.sched_getaffinity(0)
 
     @property
     def active(self) -> bool:
         """Threads are pinned to two or more distinct cores: there is something to unpin."""
         return len(self.cores) >= 2
 
-    def _set(self, cpus_of) -> None:
-        for tid, cpus in self.pinned.items():
-            try:
-                os.sched_setaffinity(tid, cpus_of(cpus))
-            except OSError:  # the thread ended: nothing to restore either
-                pass
-
     @contextmanager
     def unpinned(self):
-        """Every pinned thread may run on any of the pinned cores inside; pinned again after."""
+        """Every thread pinned to one of the cores may run on all of them inside; pinned again
+        after, and a thread started inside (it inherited all the cores) gets the caller's core,
+        as it would have outside. Threads never pinned are left alone."""
         if not self.active:
             yield
             return
-        self._set(lambda _: self.cores)
+        before = _affinities()
+        pinned = {tid: cpus for tid, cpus in before.items() if len(cpus) == 1 and cpus <= self.cores}
+        _set_affinities({tid: self.cores for tid in pinned})
         try:
             yield
         finally:
-            self._set(lambda cpus: cpus)
+            started = {tid: self.home for tid, cpus in _affinities().items()
+                       if tid not in before and cpus == self.cores}
+            _set_affinities({**pinned, **started})

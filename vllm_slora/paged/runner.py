@@ -152,8 +152,7 @@ class SLoRARunnerMixin:
         threads = getattr(self, "_slora_pinned_threads", None)
         if threads is None:  # vLLM pinned them at worker start: found once
             threads = self._slora_pinned_threads = PinnedThreads()
-            trace.record("idle_unpin", pinned={tid: sorted(c) for tid, c in threads.pinned.items()},
-                         active=threads.active)
+            trace.record("idle_unpin", cores=sorted(threads.cores), home=sorted(threads.home), active=threads.active)
         return threads.unpinned()
 
     def _slora_training(self):
