@@ -61,6 +61,11 @@ class InProcessEngine:
             elif self.step_gap_s:
                 time.sleep(self.step_gap_s)
 
+    def between_steps(self):
+        """Hold the engine between two steps (a `with` block): the planner's and the worker's
+        views agree inside."""
+        return self._lock
+
     def stop(self) -> None:
         self._stop.set()
         self._thread.join()
