@@ -600,7 +600,7 @@ def show_window(w: dict) -> None:
     fmt = lambda v, scale=1.0: "-" if v is None else f"{v * scale:.1f}"
     length = w["t1"] - w["t0"]
     lat = latency_figures(compact_summary(w["records"], length) if w["records"] else None)
-    tok_s = None if w["trained_tokens"] is None else w["trained_tokens"] / max(length, 1e-9)
+    tok_s = window_tok_s(w)
     print(f"[{w['condition']:13s} {w['rate_label']:8s} {length:5.1f} s] trained {fmt(tok_s)} tok/s | TTFT p50/p99 "
           f"{fmt(lat['ttft_p50'], 1e3)}/{fmt(lat['ttft_p99'], 1e3)} ms | TPOT p50/p99 {fmt(lat['tpot_p50'], 1e3)}/"
           f"{fmt(lat['tpot_p99'], 1e3)} ms | {len(w['records'])} requests | load {w['load_average_1m']}", flush=True)
@@ -750,13 +750,20 @@ def idle_round_ratios(phases: dict) -> dict:
     round, and their median: windows seconds apart saw the same machine, so the median says
     whether the pooled idle ratio is the engine or the machine's drift."""
     def rates(condition):
-        windows = (phases.get(condition, {}).get("idle") or {}).get("windows") or []
-        return [None if w["trained_tokens"] is None else w["trained_tokens"] / max(w["t1"] - w["t0"], 1e-9)
-                for w in windows]
+        return [window_tok_s(w) for w in (phases.get(condition, {}).get("idle") or {}).get("windows") or []]
 
-    ratios = [ratio(a, b) for a, b in zip(rates("coserve"), rates("hf_side"))]
-    ratios = [round(x, 4) for x in ratios if x is not None]
-    return {"ratios": ratios, "median": statistics.median(ratios) if ratios else None}
+    return ratios_and_median([ratio(a, b) for a, b in zip(rates("coserve"), rates("hf_side"))])
+
+
+def ratios_and_median(ratios: Sequence[float | None]) -> dict:
+    """The known ratios (rounded) and their median (None when there is none)."""
+    known = [round(x, 4) for x in ratios if x is not None]
+    return {"ratios": known, "median": statistics.median(known) if known else None}
+
+
+def window_tok_s(w: dict) -> float | None:
+    """A window's trained tokens per second (None when not counted)."""
+    return None if w["trained_tokens"] is None else w["trained_tokens"] / max(w["t1"] - w["t0"], 1e-9)
 
 
 def paired_round_ratios(phases: dict, condition: str, rate: str) -> dict:
@@ -769,9 +776,7 @@ def paired_round_ratios(phases: dict, condition: str, rate: str) -> dict:
     base = (phases.get("no_job", {}).get(rate) or {}).get("windows") or []
     out = {}
     for metric in ("ttft_p99", "tpot_p99", "tpot_p50"):
-        ratios = [ratio(a.get(metric), b.get(metric)) for a, b in zip(mine, base)]
-        ratios = [round(x, 4) for x in ratios if x is not None]
-        out[metric] = {"ratios": ratios, "median": statistics.median(ratios) if ratios else None}
+        out[metric] = ratios_and_median([ratio(a.get(metric), b.get(metric)) for a, b in zip(mine, base)])
     return out
 
 
