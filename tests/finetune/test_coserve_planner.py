@@ -105,10 +105,11 @@ def test_short_units_train_in_bursts_not_in_every_step():
     assert budgets and min(budgets) >= coserve_planner.MIN_BURST_S - 1e-9
 
 
-def test_steps_with_prompt_tokens_train_nothing_and_the_share_moves_to_decode_steps():
+def test_steps_with_prompt_tokens_train_nothing_and_decode_steps_grow_by_the_share():
     """Every third step prefills a new request: those steps get no budget (a first token leaves
-    with them), the credit keeps growing through them (up to its cap), and decode-only steps spend it, so
-    training still adds about the share of a decode step's time per step on average."""
+    with them) and add nothing to the credit, so decode-only steps, what a running request's
+    TPOT is made of, grow by the share of their own time; not by the share of every step's
+    (which spent on the decode-only ones alone made them grow by 1.5x the share here)."""
     planner = TrainingPlanner(slack=0.1, idle_step_s=0.05)
     planner.submit(spec())
     planner.order(running=0, waiting=0, scheduled_tokens=0)
@@ -128,9 +129,33 @@ def test_steps_with_prompt_tokens_train_nothing_and_the_share_moves_to_decode_st
     assert sum(b > 0 for b in decode_budgets) > 100
     # The baseline is the decode-only step the training steps are (not the longer prefill ones).
     assert planner.period_s == pytest.approx(period_s)
-    # About the share of that step per step; a little under: a credit that reaches its (capped)
-    # burst in a prefill step waits.
-    assert 0.08 <= trained / (steps * period_s) <= 0.1 + 1e-9
+    # A little under the share: the credit is capped at one burst (20 ms), and 7 steps' share is 21.
+    assert 0.09 <= trained / (len(decode_budgets) * period_s) <= 0.1 + 1e-9
+
+
+def test_the_decode_step_right_after_a_burst_is_charged_for_what_it_lost_and_is_not_a_baseline_sample():
+    """Training slows the step after it too (caches, allocator): measured 4 % of a period on
+    this CPU, none two steps later. Here every step right after a burst runs 6 ms slower than
+    the 30 ms baseline: that is charged to the credit, so all of training's cost, spill
+    included, stays at the share, and the baseline stays the clean 30 ms."""
+    planner = TrainingPlanner(slack=0.05, idle_step_s=0.05)
+    planner.submit(spec())
+    planner.order(running=0, waiting=0, scheduled_tokens=0)
+    planner.take(report(events=[TrainEvent("job-1", "started")]))
+    unit_s, period_s, spill_s = 0.002, 0.03, 0.006
+    wall, trained_before = 0.0, False
+    steps = 4000
+    for _ in range(steps):
+        order = planner.order(running=4, waiting=0, scheduled_tokens=4)
+        units = int(order.budget_s // unit_s + 1e-9)
+        planner.take(report(inference_s=0.025, train_s=units * unit_s, units=units, next_unit_s=unit_s))
+        seconds = period_s + units * unit_s + (spill_s if trained_before and not units else 0.0)
+        planner.observe_period(seconds)
+        trained_before = bool(units)
+        wall += seconds
+    assert planner.period_s == pytest.approx(period_s)
+    assert 1.045 <= wall / (steps * period_s) <= 1.055
+    assert planner.stats.spill_seconds == pytest.approx(spill_s * planner.stats.loaded_steps, rel=0.05)
 
 
 def test_idle_steps_are_short_right_after_inference_and_full_later():

@@ -12,10 +12,14 @@ simplified to what a CPU engine can measure):
 * paused jobs (`pause`)        -> none of their units; with every job paused the engine
                                   idles as without jobs;
 * requests wait for admission -> 0: training never delays a queued request's first token;
-* the step computes prompt     -> 0 (the credit still grows, up to its cap): its requests'
-  tokens (a prefill chunk)        first tokens leave with this step's output, so training
-                                  there would add to their TTFT; decode-only steps take the
-                                  share instead (research/flexllm.md §4.3, "protecting TTFT");
+* the step computes prompt     -> 0, and the credit does not grow: its requests' first
+  tokens (a prefill chunk)        tokens leave with this step's output, so training there
+                                  would add to their TTFT (research/flexllm.md §4.3,
+                                  "protecting TTFT"). The share is of the decode-only steps,
+                                  the ones a running request's TPOT is made of: were it of
+                                  every step and spent on decode-only ones, those would grow
+                                  by slack x (all steps / decode-only steps), measured 4.8-
+                                  7.5 % for a 5 % share at the bench's loads;
 * no inference at all          -> full speed (at least one unit): where the EngineCore's
                                   input queue is watched (finetune/arrivals.py; every
                                   multiprocess engine), steps of ``WATCHED_IDLE_STEP_S`` that
@@ -25,12 +29,16 @@ simplified to what a CPU engine can measure):
                                   waits about one such step). Within ``RECENT_LOAD_S`` units
                                   are kept short too (no whole-loss unit: an arrival waits
                                   for the unit in progress);
-* otherwise                    -> a credit that grows by ``slack`` x the step period
+* otherwise (decode-only)       -> a credit that grows by ``slack`` x the step period
                                   without training (EWMA of the wall time between two
                                   schedule() calls of decode-only steps, i.e. what a running
-                                  request waits per token) every step, and shrinks by what
-                                  a step with training really cost: its period minus that
-                                  baseline (at least its training time). A step trains
+                                  request waits per token) every such step, and shrinks by
+                                  what a step with training really cost: its period minus
+                                  that baseline (at least its training time), and the next
+                                  step's period minus that baseline where it is decode-only
+                                  (training's spill: a step right after a burst ran 4 %
+                                  slower than a clean one, the two after it did not;
+                                  signed, so noise averages out). A step trains
                                   only once the credit holds a burst (``BURST_STEPS``
                                   steps' share, at most ``MIN_BURST_S``, or the next unit
                                   if longer), then spends it on as many units as fit: on
@@ -100,7 +108,8 @@ class TrainingStats:
     seconds: float = 0.0
     loaded_seconds: float = 0.0  # training seconds added to steps with inference
     inference_seconds: float = 0.0  # inference seconds of those same steps
-    loaded_cost_seconds: float = 0.0  # what those steps cost beyond the period without training
+    loaded_cost_seconds: float = 0.0  # what those steps cost beyond the period without training (spill included)
+    spill_seconds: float = 0.0  # ... of it, what the decode-only steps right after them lost (signed)
     cut_short: int = 0  # steps whose training stopped early for an arriving request
 
 
@@ -127,6 +136,7 @@ class TrainingPlanner:
         self.stats = TrainingStats()
         self._last_idle = False
         self._last_prefill = False  # the last ordered step computed prompt tokens
+        self._trained_last = False  # the last reported step ran training units (not an idle step)
         # Shared counter of requests waiting in the EngineCore's input queue (finetune/arrivals.py),
         # set by the scheduler once it watches that queue; None for in-process engines.
         self.arrivals: str | None = None
@@ -275,7 +285,8 @@ class TrainingPlanner:
             self._last_loaded = self.clock()
             per_step = self.slack * (self.period_s or self.inference_s or 0.0)
             burst = max(self.next_unit_s, min(MIN_BURST_S, BURST_STEPS * per_step)) if per_step > 0 else 0.0
-            self.credit = min(self.credit + per_step, max(burst, per_step))
+            if not prefill:  # the share is of decode-only steps (see the module's docstring)
+                self.credit = min(self.credit + per_step, max(burst, per_step))
             spend = self.credit >= burst and self.credit > 0 and not prefill
             order.budget_s = self.credit if spend else 0.0
         return order
@@ -294,6 +305,11 @@ class TrainingPlanner:
             self.stats.loaded_cost_seconds += cost
             # Overspending (an indivisible unit, the slowdown around it) is paid back later.
             self.credit -= cost
+        elif kind == "after" and self.period_s is not None:
+            spill = seconds - self.period_s  # signed: a faster step gives the credit back
+            self.stats.spill_seconds += spill
+            self.stats.loaded_cost_seconds += spill
+            self.credit -= spill
 
     def take(self, report: SLoRAWorkerReport) -> None:
         if report.inference_seconds > 0 and not self._last_idle:
@@ -309,14 +325,16 @@ class TrainingPlanner:
                 self.stats.loaded_steps += 1
                 self.stats.loaded_seconds += report.train_seconds
                 self.stats.inference_seconds += report.inference_seconds
+        trained_before, self._trained_last = self._trained_last, bool(report.train_units) and not self._last_idle
         if self._last_idle:
             self._previous = None
         elif report.train_units:
             self._previous = ("trained", report.train_seconds)
         elif report.inference_seconds > 0 and not self._last_prefill:
             # The baseline is a decode-only step: what the steps that train (decode-only, see
-            # order()) would have taken without training; prefill steps are longer.
-            self._previous = ("loaded", 0.0)
+            # order()) would have taken without training; prefill steps are longer. The one
+            # right after a step that trained is not a sample of it but training's spill.
+            self._previous = ("after", 0.0) if trained_before else ("loaded", 0.0)
         else:
             self._previous = None
         if report.training is not None:
