@@ -36,8 +36,10 @@ condition later, and read that drift as the job's cost):
      order in even rounds and reversed in odd ones; a condition's figures pool its windows;
   5. a publish probe with the job running; cancel; the disk path, --disk-repeats times.
 A window's trained tokens/s = tokens of the optimizer steps finished inside it / its length
-(the job's trained_tokens is polled every 0.25 s; the HF process logs every step). A replay
-window runs from the first arrival to the last completion.
+(the job's trained_tokens is polled every 0.25 s; the HF process logs every step); an idle
+window's = tokens from its first to its last finished step / the time between them
+(`steady_span`: not quantized to whole steps; the counted figure is kept beside it,
+`idle_counted_tok_s`). A replay window runs from the first arrival to the last completion.
 
     .venv/bin/python benchmarks/bench_coserve.py                        # ~17 min on 2 CPU cores
     .venv/bin/python benchmarks/bench_coserve.py --quick --out-dir /tmp/coserve   # smoke, ~5 min
@@ -131,6 +133,25 @@ def tokens_in_window(samples: Sequence[tuple[float, float]], t0: float, t1: floa
     if t1 < t0:
         raise ValueError(f"window ends before it starts: {t0} > {t1}")
     return cumulative_at(samples, t1) - cumulative_at(samples, t0)
+
+
+def steady_span(samples: Sequence[tuple[float, float]], t0: float, t1: float) -> tuple[float, float] | None:
+    """(tokens, seconds) from the first to the last optimizer step that finished inside [t0, t1]
+    (a step "finished" at the first sample showing its count); None with fewer than two.
+
+    An idle window's rate by this span is not quantized to whole steps: counting the steps
+    finished inside a 30 s window of ~1.4 s steps is off by up to one step, +-4.5 %, as large
+    as the gap the idle goal is about. Both trainers are timed alike (the job through the
+    0.25 s poller: each end late by 0-0.25 s, which cancels on average over a span)."""
+    changes, previous = [], None
+    for when, count in samples:
+        if previous is not None and count > previous and t0 <= when <= t1:
+            changes.append((when, count))
+        previous = count
+    if len(changes) < 2:
+        return None
+    (first_t, first_count), (last_t, last_count) = changes[0], changes[-1]
+    return last_count - first_count, last_t - first_t
 
 
 def window_rate(samples: Sequence[tuple[float, float]], t0: float, t1: float) -> float | None:
@@ -494,7 +515,7 @@ def coserve_state(base_url: str, settings: dict | None = None) -> dict:
 STATE_GAUGES = ("slack", "credit", "inference_s", "period_s", "unit_s", "active", "paused", "waiting", "max_jobs",
                 "loan_blocks", "loan_bytes")
 STATE_COUNTERS = ("steps", "loaded_steps", "units", "seconds", "loaded_seconds", "inference_seconds",
-                  "loaded_cost_seconds", "cut_short", "loans", "loan_recalls")
+                  "loaded_cost_seconds", "spill_seconds", "cut_short", "loans", "loan_recalls")
 
 
 def state_change(before: dict, after: dict) -> dict:
@@ -562,9 +583,12 @@ def window(condition: str, label: str, trace, base_url: str, seconds: float, cpu
            "load_average_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
            "planner": state_change(planner_before, planner()) if planner_before is not None else None,
            "trained_tokens": None}
+    out["steady"] = None
     if samples is not None:
         time.sleep(0.5)  # the sampler's next reading covers the window's end
-        out["trained_tokens"] = tokens_in_window(samples(), t0, t1)
+        taken = samples()
+        out["trained_tokens"] = tokens_in_window(taken, t0, t1)
+        out["steady"] = steady_span(taken, t0, t1)
     return out
 
 
@@ -584,6 +608,7 @@ def pool(windows: Sequence[dict], rate: float) -> dict:
                               for k in windows[0]["cpu_s"]},
            "load_average_1m": [windows[0]["load_average_1m"][0], windows[-1]["load_average_1m"][1]],
            "windows": [{"t0": round(w["t0"], 2), "t1": round(w["t1"], 2), "trained_tokens": w["trained_tokens"],
+                        "steady": w.get("steady"),
                         **latency_figures(compact_summary(w["records"], w["t1"] - w["t0"]) if w["records"] else None)}
                        for w in windows]}
     if planners:
@@ -593,6 +618,9 @@ def pool(windows: Sequence[dict], rate: float) -> dict:
     if trained is not None:
         out["trained_tokens"] = trained
         out["trained_tok_s"] = trained / wall if wall > 0 else None
+    spans = [w.get("steady") for w in windows]
+    if spans and None not in spans and sum(s for _, s in spans) > 0:
+        out["steady_tok_s"] = sum(t for t, _ in spans) / sum(s for _, s in spans)  # steady_span's, pooled
     return out
 
 
@@ -600,7 +628,7 @@ def show_window(w: dict) -> None:
     fmt = lambda v, scale=1.0: "-" if v is None else f"{v * scale:.1f}"
     length = w["t1"] - w["t0"]
     lat = latency_figures(compact_summary(w["records"], length) if w["records"] else None)
-    tok_s = window_tok_s(w)
+    tok_s = window_tok_s(w, steady=w["rate_label"] == "idle")
     print(f"[{w['condition']:13s} {w['rate_label']:8s} {length:5.1f} s] trained {fmt(tok_s)} tok/s | TTFT p50/p99 "
           f"{fmt(lat['ttft_p50'], 1e3)}/{fmt(lat['ttft_p99'], 1e3)} ms | TPOT p50/p99 {fmt(lat['tpot_p50'], 1e3)}/"
           f"{fmt(lat['tpot_p99'], 1e3)} ms | {len(w['records'])} requests | load {w['load_average_1m']}", flush=True)
@@ -725,7 +753,10 @@ def coserve_conditions(phases: dict) -> list[str]:
 def figures(phases: dict) -> dict:
     """The headline numbers from the phases: {condition: {rate label: phase result}}."""
     def tok_s(condition, rate):
-        return (phases.get(condition, {}).get(rate) or {}).get("trained_tok_s")
+        phase = phases.get(condition, {}).get(rate) or {}
+        if rate == "idle" and phase.get("steady_tok_s") is not None:  # trainers alone: steady_span's rate
+            return phase["steady_tok_s"]
+        return phase.get("trained_tok_s")
 
     co = coserve_conditions(phases) or ["coserve"]
     trainers = co + ["hf_side"]
@@ -733,6 +764,8 @@ def figures(phases: dict) -> dict:
            "trained_tok_s": {c: {r: tok_s(c, r) for r in RATE_LABELS} for c in trainers},
            "latency": {c: {r: latency_figures((phases.get(c, {}).get(r) or {}).get("inference")) for r in LOADED}
                        for c in ["no_job"] + trainers}}
+    # The idle figures by whole steps counted in the windows (what earlier runs reported).
+    fig["idle_counted_tok_s"] = {c: (phases.get(c, {}).get("idle") or {}).get("trained_tok_s") for c in trainers}
     idle = fig["trained_tok_s"]["coserve"]["idle"]
     fig["coserve_fraction_of_idle"] = {r: ratio(fig["trained_tok_s"]["coserve"][r], idle) for r in RATE_LABELS}
     fig["coserve_vs_hf_side"] = {r: ratio(fig["trained_tok_s"]["coserve"][r], fig["trained_tok_s"]["hf_side"][r])
@@ -750,7 +783,7 @@ def idle_round_ratios(phases: dict) -> dict:
     round, and their median: windows seconds apart saw the same machine, so the median says
     whether the pooled idle ratio is the engine or the machine's drift."""
     def rates(condition):
-        return [window_tok_s(w) for w in (phases.get(condition, {}).get("idle") or {}).get("windows") or []]
+        return [window_tok_s(w, steady=True) for w in (phases.get(condition, {}).get("idle") or {}).get("windows") or []]
 
     return ratios_and_median([ratio(a, b) for a, b in zip(rates("coserve"), rates("hf_side"))])
 
@@ -761,8 +794,12 @@ def ratios_and_median(ratios: Sequence[float | None]) -> dict:
     return {"ratios": known, "median": statistics.median(known) if known else None}
 
 
-def window_tok_s(w: dict) -> float | None:
-    """A window's trained tokens per second (None when not counted)."""
+def window_tok_s(w: dict, steady: bool = False) -> float | None:
+    """A window's trained tokens per second: with `steady` (idle windows: tens of steps)
+    steady_span's where the window has one, else the steps finished inside it over its
+    length (None when not counted)."""
+    if steady and w.get("steady") and w["steady"][1] > 0:
+        return w["steady"][0] / w["steady"][1]
     return None if w["trained_tokens"] is None else w["trained_tokens"] / max(w["t1"] - w["t0"], 1e-9)
 
 

@@ -237,3 +237,28 @@ def test_pool_takes_percentiles_over_all_windows_requests_and_tokens_over_their_
     assert out["planner"] == {"steps": 4, "units": 14, "slack": 0.25}  # counters summed, gauges as at the end
     assert [w["ttft_p50"] for w in out["windows"]] == [pytest.approx(0.1), pytest.approx(2.0)]
     assert "trained_tokens" not in bench.pool([{**windows[0], "trained_tokens": None}], rate=5.0)
+
+
+def test_steady_span_runs_from_the_first_to_the_last_step_finished_inside_the_window():
+    # Polled samples: the count changes at 2.0 (step 2), 3.5, 5.0, 6.5; a paused stretch before.
+    samples = [(0.0, 256), (1.0, 256), (2.0, 512), (2.25, 512), (3.5, 768), (5.0, 1024), (6.5, 1280), (8.0, 1280)]
+    assert bench.steady_span(samples, 1.5, 7.0) == (768, 4.5)  # 3 steps in 4.5 s, not 4 steps counted in 5.5 s
+    assert bench.steady_span(samples, 1.5, 6.0) == (512, 3.0)
+    assert bench.steady_span(samples, 4.0, 6.0) is None  # one step inside: no span
+    assert bench.steady_span(samples, 0.0, 1.5) is None  # the first sample is not a change
+
+
+def test_idle_figures_use_the_steady_span_and_keep_the_counted_ones():
+    def window(t0, tokens, steady):
+        return {"condition": "x", "rate_label": "idle", "t0": t0, "t1": t0 + 30.0, "records": [], "cpu_s": {},
+                "load_average_1m": [1.0, 1.0], "planner": None, "trained_tokens": tokens, "steady": steady}
+
+    co = bench.pool([window(0.0, 5120, (4864, 27.0)), window(100.0, 5376, (5120, 28.0))], rate=0.0)
+    hf = bench.pool([window(50.0, 5376, (5120, 27.5)), window(150.0, 5376, (4864, 26.0))], rate=0.0)
+    assert co["steady_tok_s"] == pytest.approx((4864 + 5120) / 55.0)
+    assert "steady_tok_s" not in bench.pool([window(0.0, 256, None)], rate=0.0)
+    fig = bench.figures({"no_job": {}, "coserve": {"idle": co}, "hf_side": {"idle": hf}})
+    assert fig["trained_tok_s"]["coserve"]["idle"] == pytest.approx(co["steady_tok_s"])
+    assert fig["idle_counted_tok_s"] == {"coserve": co["trained_tok_s"], "hf_side": hf["trained_tok_s"]}
+    ratios = fig["idle_vs_hf_by_round"]["ratios"]
+    assert ratios == [round((4864 / 27.0) / (5120 / 27.5), 4), round((5120 / 28.0) / (4864 / 26.0), 4)]
