@@ -12,7 +12,9 @@ Workloads (default model, fp32, LoRA rank 16 on all 7 projections):
   1x256       one 256-token sequence per step (bench_coserve's job)
   8x256       eight packed 256-token sequences (2048 tokens, the API's default batch_tokens)
   mixed-2048  eight packed sequences of different lengths, 2048 tokens (HF pads them)
-Systems: hf_peft, and units with no / half / every layer graph kept. Every system starts
+Systems: hf_peft, units with no / half / every layer graph kept, and units with every graph
+kept but the base weights' products through F.linear (torch's MKL sgemm) instead of
+oneDNN (finetune/frozen_linear.py; VLLM_SLORA_ONEDNN_TRAINING=0). Every system starts
 from the same adapter (B = 0, PEFT's init); the losses of their first two (untimed)
 steps must agree, the second one after an AdamW update from each system's own
 gradients (checked: the same math; the run exits 1 otherwise).
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -43,6 +46,8 @@ WORKLOADS = {
     "mixed-2048": (100, 300, 200, 424, 250, 150, 380, 244),
 }
 GRAPHS = {"units:recompute": 0.0, "units:half-graphs": 0.5, "units:all-graphs": 1.0}  # share of layers kept
+F_LINEAR = "units:all-graphs:F.linear"  # every graph kept, base products by torch's F.linear (not oneDNN)
+ONEDNN_ENV = "VLLM_SLORA_ONEDNN_TRAINING"  # finetune/frozen_linear.py's switch
 LOSS_AGREEMENT = 1e-4  # losses of the first two steps of all systems, relative
 
 
@@ -115,6 +120,22 @@ def units_step_fn(base, adapter_dir: Path, batch, graph_share: float, lr: float)
     return step
 
 
+def with_env(step: Callable[[], float], name: str, value: str) -> Callable[[], float]:
+    """`step` run with the environment variable `name` set to `value` (restored after)."""
+    def wrapped() -> float:
+        previous = os.environ.get(name)
+        os.environ[name] = value
+        try:
+            return step()
+        finally:
+            if previous is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = previous
+
+    return wrapped
+
+
 def run(args) -> dict:
     from vllm_slora.bench.machine import machine_info
     from vllm_slora.finetune.base_weights import base_weights_from_checkpoint
@@ -138,6 +159,7 @@ def run(args) -> dict:
         systems = {"hf_peft": hf_step_fn(model_dir, adapter_dir, seqs, args.lr)}
         for label, share in GRAPHS.items():
             systems[label] = units_step_fn(base, adapter_dir, batch, share, args.lr)
+        systems[F_LINEAR] = with_env(units_step_fn(base, adapter_dir, batch, 1.0, args.lr), ONEDNN_ENV, "0")
         warm_up = {label: [step(), step()] for label, step in systems.items()}
         seconds: dict[str, list[float]] = {label: [] for label in systems}
         for _ in range(args.repeats):  # interleaved: each round times every system once

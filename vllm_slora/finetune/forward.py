@@ -34,6 +34,7 @@ from .base_weights import (  # noqa: F401  (re-exported: the forward's weight so
     base_weights_from_hf,
     base_weights_from_vllm,
 )
+from .frozen_linear import frozen_linear
 from .lora_params import LoraModule, LoraParams
 from .model_config import DecoderConfig
 from .rope import apply_rope, inverse_frequencies, rope_cos_sin
@@ -102,7 +103,7 @@ def fused_projection(
     and the same sum as PEFT's (x A^T) B^T * s up to rounding. With dropout, PEFT draws a
     separate mask per part, so each part keeps its own delta.
     """
-    base = F.linear(x, weight)
+    base = frozen_linear(x, weight)  # oneDNN on CPU (frozen_linear.py)
     sizes = [size for _, size in parts]
     modules = [lora.get(name) for name, _ in parts]
     if not any(modules):
@@ -228,4 +229,4 @@ def forward_logits(
     """Logits of every position (for tests and evaluation; training uses `packed_loss`)."""
     seq_lens = [input_ids.shape[0]] if seq_lens is None else seq_lens
     hidden = final_hidden(base, lora, input_ids, seq_lens, checkpoint_layers)
-    return F.linear(hidden, base.lm_head)
+    return frozen_linear(hidden, base.lm_head)

@@ -67,6 +67,7 @@ import torch.nn.functional as F
 from .base_weights import BaseWeights
 from .data import IGNORE_INDEX
 from .forward import PackedLayout, attention_block, mlp_block, rms_norm
+from .frozen_linear import linear_nt
 from .lora_params import LoraParams
 from .loss import lm_head_cross_entropy
 from .packing import PackedBatch
@@ -377,7 +378,7 @@ class LayerSlicedPass:
         if group.lse is None:  # first phase: logits and the running log-sum-exp
             with torch.no_grad():
                 logits = group.logits[:, start:stop]
-                logits.copy_(F.linear(group.normed.detach(), part))
+                logits.copy_(linear_nt(group.normed.detach(), part))
                 new_max = torch.maximum(group.max, logits.max(dim=1).values)
                 group.sum_exp.mul_(torch.exp(group.max - new_max)).add_(torch.exp(logits - new_max[:, None]).sum(dim=1))
                 group.max = new_max
@@ -399,7 +400,7 @@ class LayerSlicedPass:
             targets = self.targets[group.rows]
             hit = (targets >= start) & (targets < stop)
             probs[hit.nonzero().squeeze(1), targets[hit] - start] -= 1.0
-            group.grad.add_(F.linear(probs.to(part.dtype), part.t()).to(torch.float32))
+            group.grad.add_(linear_nt(probs.to(part.dtype), part.t()).to(torch.float32))
         group.columns_done = stop
         if stop < vocab:
             return False

@@ -25,11 +25,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from .base_weights import BaseWeights
 from .data import IGNORE_INDEX
 from .forward import final_hidden
+from .frozen_linear import linear_nt
 from .lora_params import LoraParams
 
 
@@ -68,7 +68,7 @@ class _LMHeadCrossEntropy(torch.autograd.Function):
         loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, rows, LM_HEAD_CHUNK_ROWS):  # at most one chunk's logits alive
             stop = min(rows, start + LM_HEAD_CHUNK_ROWS)
-            logits = F.linear(hidden[start:stop], weight).to(torch.float32)  # [chunk, vocab]
+            logits = linear_nt(hidden[start:stop], weight).to(torch.float32)  # [chunk, vocab]
             chunk_targets = targets[start:stop]
             target_logit = logits.gather(1, chunk_targets[:, None]).squeeze(1)  # [chunk]
             row_max = logits.amax(dim=1, keepdim=True)  # [chunk, 1]
@@ -79,7 +79,7 @@ class _LMHeadCrossEntropy(torch.autograd.Function):
             if grad is not None:
                 probs.div_(sum_exp[:, None])  # softmax
                 probs[torch.arange(stop - start, device=probs.device), chunk_targets] -= 1.0  # - one_hot
-                torch.mm(probs.to(weight.dtype), weight, out=grad[start:stop])  # [chunk, hidden]
+                grad[start:stop] = linear_nt(probs.to(weight.dtype), weight.t())  # [chunk, hidden]
             del logits, probs
         if grad is not None:
             ctx.save_for_backward(grad)
