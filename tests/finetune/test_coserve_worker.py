@@ -295,6 +295,26 @@ def test_under_load_the_loss_runs_in_vocabulary_slices(worker_and_job):
     assert not sizes
 
 
+def test_units_take_whole_row_and_column_chunks_so_their_gemm_shapes_repeat(worker_and_job):
+    """oneDNN (frozen_linear.py) makes a primitive per new GEMM shape (~0.7 ms on 2 cores) and
+    caches it: loaded steps size their units in whole MLP_CHUNKs of rows and VOCAB_CHUNKs of
+    LM head columns (here 16 and 100), whatever the budget left; only a block's last rows and
+    the vocabulary's last columns are what remains of them."""
+    worker, _ = worker_and_job
+    run_pass(worker, budget_s=0.0)  # time the units
+    tokens = worker.jobs["job"].steps[0][0].num_tokens
+    per_chunk = worker.unit_seconds[FWD_MLP]
+    worker.mlp_sizes.clear()
+    worker.slice_columns.clear()
+    for factor in (1.5, 2.7, 3.3, 4.6, 7.1) * 30:
+        worker.step(TrainOrder(budget_s=factor * per_chunk))
+    assert worker.mlp_sizes and worker.slice_columns
+    assert {rows % 16 for rows in worker.mlp_sizes} <= {0, tokens % 16}, worker.mlp_sizes
+    assert max(worker.mlp_sizes) > 16  # budgets of several chunks took several
+    vocab = worker.base.lm_head.shape[0]
+    assert {columns % 100 for columns in worker.slice_columns} <= {0, vocab % 100}, worker.slice_columns
+
+
 def test_a_kept_layer_runs_its_mlp_in_chunks_only_if_their_outputs_fit_the_budget(tiny_model, tmp_path,
                                                                                     monkeypatch):
     """Row chunks of a kept layer's MLP hold their outputs (and LoRA copies) beyond the pass's

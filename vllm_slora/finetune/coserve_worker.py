@@ -342,12 +342,14 @@ class WorkerTraining:
                    for j in self.jobs.values() if j is not but and j.unit_pass is not None)
 
     def _unit_rows(self, kind: str, budget_left_s: float) -> int:
-        """Rows for the next row-wise unit (LOSS, or an MLP block's): as many as the rest of
-        the step's budget is expected to take, at least one chunk. GEMMs are faster per row
-        with more rows, so an idle step runs a whole block at once and a loaded one short units."""
+        """Rows for the next row-wise unit (LOSS, or an MLP block's): as many whole chunks as
+        the rest of the step's budget is expected to take, at least one. GEMMs are faster per
+        row with more rows, so an idle step runs a whole block at once and a loaded one short
+        units. Whole chunks: the GEMM shapes repeat, and oneDNN (frozen_linear.py) makes a
+        primitive per new shape (~0.7 ms on 2 cores, a unit's worth) and caches it."""
         chunk = _chunk_rows(kind)
         per_chunk = self.unit_seconds.get(kind)
-        rows = chunk if not per_chunk else max(chunk, int(budget_left_s / per_chunk * chunk))
+        rows = chunk if not per_chunk else max(1, int(budget_left_s / per_chunk)) * chunk
         if kind == LOSS:  # its logits stay within finetune/memory.py's share
             rows = min(rows, max_loss_rows(self.base.config))
         return rows
@@ -372,12 +374,12 @@ class WorkerTraining:
         return max(1, min(left, max_loss_rows(self.base.config)))
 
     def _slice_columns(self, group_rows: int, budget_left_s: float) -> int:
-        """LM head columns for the next LOSS_SLICE unit: as many as the rest of the step's
-        budget is expected to take, at least VOCAB_CHUNK."""
+        """LM head columns for the next LOSS_SLICE unit: as many whole VOCAB_CHUNKs as the rest
+        of the step's budget is expected to take, at least one (whole chunks: see _unit_rows)."""
         per_cells = self.unit_seconds.get(LOSS_SLICE)
         if not per_cells:
             return VOCAB_CHUNK
-        return max(VOCAB_CHUNK, int(budget_left_s / per_cells * SLICE_CELLS / group_rows))
+        return max(1, int(budget_left_s / per_cells * SLICE_CELLS / group_rows / VOCAB_CHUNK)) * VOCAB_CHUNK
 
     def _expected_seconds(self, job: _Job, kind: str, sliced: bool) -> float:
         """Expected time of `job`'s shortest next unit of `kind` (a LOSS one in slices if `sliced`)."""
