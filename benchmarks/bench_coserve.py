@@ -242,9 +242,15 @@ def evaluate_goals(fig: dict, publish: dict | None = None) -> list[dict]:
     goals = []
     co = (publish or {}).get("coserve") or {}
     steps = (co.get("probe_update_to_first_request_engine_steps") or {}).get("max")
-    goals.append({"goal": "publish: the first request served with the new version is admitted in the engine step "
-                          "right after the optimizer update's (engine steps from update to it, max over probes)",
-                  "value": steps, "target": "<= 1", "met": None if steps is None else steps <= 1})
+    late = (co.get("probe_first_request_steps_late") or {}).get("max")
+    # The engine step right after the update's admits the new version; a request that reaches
+    # the engine only later (the probe's client sends one after the other) is admitted in its
+    # own first step: counting steps from the update would charge its arrival to the publish.
+    goals.append({"goal": "publish: the first request served with the new version is admitted in the first engine "
+                          "step that could admit it: the one right after the optimizer update's, or the request's own "
+                          "first if it arrived later (engine steps beyond it, max over probes)",
+                  "value": late, "engine_steps_from_update_max": steps, "target": "<= 0",
+                  "met": None if late is None else late <= 0})
     for rate in LOADED:
         for metric in ("ttft_p99", "tpot_p99"):
             value = ratio(fig["latency"]["coserve"][rate][metric], fig["latency"]["no_job"][rate][metric])
@@ -676,6 +682,7 @@ def probe_publishes(client, base_url: str, job, count: int, timeout_s: float) ->
                 out.append({"step": step, "update_to_servable_s": first.get("servable_seconds"),
                             "update_to_first_request_s": first.get("first_request_seconds"),
                             "update_to_first_request_engine_steps": first.get("first_request_engine_steps"),
+                            "first_request_steps_late": first.get("first_request_steps_late"),
                             "api_loads_s": data.get("publish_seconds"),
                             "checkpoint_request_s": first_request_s(base_url, f"{job.fine_tuned_model}:step-{step}")})
     finally:
@@ -853,7 +860,8 @@ def print_table(rates: dict, fig: dict, publish: dict, goals: list[dict]) -> Non
           f" (max {f((co.get('update_to_servable_s') or {}).get('max'), 1e3, 0)} ms), update->first request p50 "
           f"{f(first.get('p50'), 1e3, 0)} ms (max {f(first.get('max'), 1e3, 0)} ms; one 1-token request "
           f"{f(co.get('probe_stream_request_p50_s'), 1e3, 0)} ms), engine steps max "
-          f"{(co.get('probe_update_to_first_request_engine_steps') or {}).get('max')}; disk path copy+load+first request "
+          f"{(co.get('probe_update_to_first_request_engine_steps') or {}).get('max')} (beyond the first that could admit "
+          f"it: {(co.get('probe_first_request_steps_late') or {}).get('max')}); disk path copy+load+first request "
           f"p50 {f((disk.get('total_s') or {}).get('p50'), 1e3, 0)} ms; HF save_pretrained "
           f"{f(publish.get('hf_save_pretrained_s'), 1e3, 0)} ms")
     print("\ngoals:")
@@ -1097,6 +1105,8 @@ def run(args) -> int:
             "probe_api_loads_s": distribution([p["api_loads_s"] for p in probes]),
             "probe_update_to_first_request_engine_steps": distribution(
                 [p["update_to_first_request_engine_steps"] for p in probes]),
+            "probe_first_request_steps_late": distribution(
+                [p["first_request_steps_late"] for p in probes if p["first_request_steps_late"] is not None]),
             "probe_stream_request_p50_s": probes[0]["stream_request_p50_s"] if probes else None,
             "note": "update_to_servable: from the end of the optimizer update (worker clock) until the "
                     "scheduler gives the version to new requests (the end of the engine step that published "

@@ -119,15 +119,19 @@ def test_goals_not_measured_without_hf():
     assert [g["met"] for g in goals] == [None, True, True, True, True, None, None, None]  # None: no publish probe
 
 
-def test_publish_goal_against_one_engine_step():
+def test_publish_goal_against_the_first_step_that_could_admit_the_request():
     phases = {"no_job": {}, "coserve": {"idle": _phase(400.0)}, "hf_side": {}}
     fig = bench.figures(phases)
-    probe = {"coserve": {"probe_update_to_first_request_engine_steps": {"p50": 1, "max": 1}}}
+    # Two engine steps from the update, but the request arrived a step later: none was lost.
+    probe = {"coserve": {"probe_update_to_first_request_engine_steps": {"p50": 1, "max": 2},
+                         "probe_first_request_steps_late": {"p50": 0, "max": 0}}}
     (goal,) = [g for g in bench.evaluate_goals(fig, probe) if g["goal"].startswith("publish")]
-    assert goal["met"] is True and goal["value"] == 1
-    probe["coserve"]["probe_update_to_first_request_engine_steps"]["max"] = 3
+    assert goal["met"] is True and goal["value"] == 0 and goal["engine_steps_from_update_max"] == 2
+    probe["coserve"]["probe_first_request_steps_late"]["max"] = 1
     (goal,) = [g for g in bench.evaluate_goals(fig, probe) if g["goal"].startswith("publish")]
     assert goal["met"] is False
+    (goal,) = [g for g in bench.evaluate_goals(fig, {}) if g["goal"].startswith("publish")]
+    assert goal["met"] is None
 
 
 def test_check_job_events():

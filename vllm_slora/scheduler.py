@@ -231,8 +231,14 @@ class SLoRASchedulerMixin:
         if not self._slora_admit(request):
             return False
         if self.slora_published and request.lora_request is not None:
-            self._slora_note_first_request(request.lora_request.lora_int_id)
+            self._slora_note_first_request(request.lora_request.lora_int_id, getattr(request, "slora_arrival_step", None))
         return True
+
+    def add_request(self, request) -> None:
+        # The first engine step that could admit it (schedule() numbers the step it builds
+        # with _slora_step): a published version's first request is judged against it.
+        request.slora_arrival_step = self._slora_step
+        super().add_request(request)
 
     # -- co-served finetuning: newest published version (finetune/published_versions.py) --
     def _slora_follow_published(self, request) -> None:
@@ -272,18 +278,26 @@ class SLoRASchedulerMixin:
             self._slora_host_ready.add((lora.lora_int_id, spec.version))
         data["servable_at"] = version.servable_at
 
-    def _slora_note_first_request(self, lora_int_id: int) -> None:
+    def _slora_note_first_request(self, lora_int_id: int, arrival_step: int | None = None) -> None:
         version = self.slora_published.first_request(lora_int_id, self._slora_step)
         if version is not None and self.slora_training is not None:
             from vllm_slora.step_plan import TrainEvent
 
-            steps = None if version.updated_step is None else self._slora_step - version.updated_step
+            steps = late = None
+            if version.updated_step is not None:
+                steps = self._slora_step - version.updated_step
+                # The first step that could have admitted it with this version: the one right
+                # after the update's, or, for a request that arrived later, its own first.
+                earliest = max(version.updated_step + 1, arrival_step if arrival_step is not None else 0)
+                late = version.first_request_steps_late = self._slora_step - earliest
             self.slora_training.record(TrainEvent(version.job_id, "served", version.step, {
                 "first_request_seconds": version.first_request_at - version.updated_at,
                 "servable_seconds": version.servable_at - version.updated_at,
                 # Engine steps from the one whose units made the update to the one that admitted
                 # the first request with it (1: the very next step).
                 "first_request_engine_steps": steps,
+                # ... beyond the first step that could have admitted it (0: none was lost).
+                "first_request_steps_late": late,
             }))
 
     # -- admission under pool pressure (rules in pool/admission.py) ----------------------

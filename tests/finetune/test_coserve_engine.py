@@ -400,7 +400,8 @@ def test_waiting_requests_get_the_newest_published_version(llm, tiny_model, trai
     """The engine serves a job's newest version from the step that published it: a request that
     names the job's step-0 (what the server had loaded) answers with the step-6 weights, exactly
     like HF+PEFT with that checkpoint; the times from the update to servable and to the first
-    request are recorded in that order."""
+    request are recorded in that order, and the first request counts as admitted in time (it
+    came later than the step right after the update, and was admitted in its own first step)."""
     from vllm import SamplingParams
     from vllm.lora.request import LoRARequest
 
@@ -439,6 +440,10 @@ def test_waiting_requests_get_the_newest_published_version(llm, tiny_model, trai
     assert version["step"] == 6 and version["path"] == str(job_dir / "step-6")
     assert version["updated_at"] <= version["servable_at"] <= version["first_request_at"]
     assert version["first_request_step"] > version["updated_step"] >= 0
+    # The requests reached the engine after the job had ended (its checkpoint took a step of its
+    # own after the publish): more than one step after the update, yet admitted in their first.
+    assert version["first_request_step"] - version["updated_step"] >= 2
+    assert version["first_request_steps_late"] == 0
 
 
 def test_training_stops_while_the_engine_is_paused(llm, training_file, tmp_path):

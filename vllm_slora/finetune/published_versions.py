@@ -43,6 +43,9 @@ class PublishedVersion:
     updated_step: int | None = None  # the engine step the update ended in
     first_request_at: float | None = None
     first_request_step: int | None = None
+    # Steps between the first one that could have admitted that request with this version (the
+    # one after updated_step, or the request's own first) and the one that did (0: none lost).
+    first_request_steps_late: int | None = None
 
 
 class PublishedVersions:
@@ -106,5 +109,5 @@ class PublishedVersions:
             "name": v.name, "job_id": v.job_id, "step": v.step, "lora_int_id": v.lora_request.lora_int_id,
             "path": v.lora_request.lora_path, "updated_at": v.updated_at, "servable_at": v.servable_at,
             "first_request_at": v.first_request_at, "updated_step": v.updated_step,
-            "first_request_step": v.first_request_step,
+            "first_request_step": v.first_request_step, "first_request_steps_late": v.first_request_steps_late,
         } for v in self._latest.values()]
