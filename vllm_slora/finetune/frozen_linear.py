@@ -24,6 +24,7 @@ Elsewhere (CUDA, a dtype oneDNN does not take, a torch without the op) and with
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -33,6 +34,7 @@ ONEDNN_ENV = "VLLM_SLORA_ONEDNN_TRAINING"
 _ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
 
 
+@functools.cache  # asked on every product (hundreds a pass); fixed for the process
 def onednn_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
