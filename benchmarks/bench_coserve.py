@@ -254,8 +254,9 @@ def evaluate_goals(fig: dict, publish: dict | None = None) -> list[dict]:
     for rate in LOADED:
         for metric in ("ttft_p99", "tpot_p99"):
             value = ratio(fig["latency"]["coserve"][rate][metric], fig["latency"]["no_job"][rate][metric])
+            interval = ((fig.get("p99_vs_no_job_interval", {}).get("coserve") or {}).get(rate) or {}).get(metric)
             goals.append({"goal": f"{rate}: co-served {metric} within +{P99_TOLERANCE:.0%} of no job",
-                          "value": value, "target": f"<= {1 + P99_TOLERANCE:.2f}",
+                          "value": value, "target": f"<= {1 + P99_TOLERANCE:.2f}", "interval_90": interval,
                           "met": None if value is None else value <= 1 + P99_TOLERANCE})
     for rate in LOADED:
         # The slack is the operator's knob: the goal holds if some co-served setting measured
@@ -615,7 +616,8 @@ def pool(windows: Sequence[dict], rate: float) -> dict:
            "load_average_1m": [windows[0]["load_average_1m"][0], windows[-1]["load_average_1m"][1]],
            "windows": [{"t0": round(w["t0"], 2), "t1": round(w["t1"], 2), "trained_tokens": w["trained_tokens"],
                         "steady": w.get("steady"),
-                        **latency_figures(compact_summary(w["records"], w["t1"] - w["t0"]) if w["records"] else None)}
+                        **latency_figures(compact_summary(w["records"], w["t1"] - w["t0"]) if w["records"] else None),
+                        **request_latencies(w["records"])}
                        for w in windows]}
     if planners:
         out["planner"] = {k: round(sum(p[k] for p in planners), 4) if isinstance(planners[-1][k], (int, float))
@@ -628,6 +630,40 @@ def pool(windows: Sequence[dict], rate: float) -> dict:
     if spans and None not in spans and sum(s for _, s in spans) > 0:
         out["steady_tok_s"] = sum(t for t, _ in spans) / sum(s for _, s in spans)  # steady_span's, pooled
     return out
+
+
+def request_latencies(records: Sequence) -> dict[str, list[float]]:
+    """Each request's TTFT and TPOT in seconds (those it has), for resampling the windows later."""
+    return {f"{kind}_values": [round(v, 6) for r in records if (v := getattr(r, f"{kind}_s")) is not None]
+            for kind in ("ttft", "tpot")}
+
+
+def p99_ratio_interval(mine: Sequence[dict], base: Sequence[dict], metric: str, draws: int = 2000,
+                       seed: int = 0) -> dict | None:
+    """How sure the pooled p99 ratio of two conditions is: a bootstrap over the rounds.
+
+    `mine` and `base` are a condition's and the no-job windows, round i in position i (each with
+    `<metric>_values`). A draw picks len(rounds) rounds with replacement and pools both conditions'
+    requests of the rounds picked, so a round's windows stay paired (they saw the same machine,
+    minutes apart at most) and the machine's drift between rounds is part of the spread. Returns
+    the ratio's 5th / 50th / 95th percentiles over the draws (None without two rounds of values)."""
+    import random
+
+    from vllm_slora.bench.metrics import percentile
+
+    key = f"{metric}_values"
+    rounds = [(a.get(key), b.get(key)) for a, b in zip(mine, base)]
+    rounds = [(a, b) for a, b in rounds if a and b]
+    if len(rounds) < 2:
+        return None
+    rng = random.Random(seed)
+    ratios = []
+    for _ in range(draws):
+        picked = [rounds[rng.randrange(len(rounds))] for _ in rounds]
+        ratios.append(percentile([v for a, _ in picked for v in a], 99) /
+                      percentile([v for _, b in picked for v in b], 99))
+    return {"rounds": len(rounds), "draws": draws,
+            **{f"p{q}": round(percentile(ratios, q), 4) for q in (5, 50, 95)}}
 
 
 def show_window(w: dict) -> None:
@@ -781,6 +817,10 @@ def figures(phases: dict) -> dict:
                                     for m in ("ttft_p99", "tpot_p99")} for r in LOADED}
                             for c in trainers}
     fig["p99_vs_no_job_by_round"] = {c: {r: paired_round_ratios(phases, c, r) for r in LOADED} for c in co}
+    fig["p99_vs_no_job_interval"] = {
+        c: {r: {m: p99_ratio_interval(((phases.get(c, {}).get(r) or {}).get("windows") or []),
+                                      ((phases.get("no_job", {}).get(r) or {}).get("windows") or []), m[:-4])
+                for m in ("ttft_p99", "tpot_p99")} for r in LOADED} for c in co}
     fig["idle_vs_hf_by_round"] = idle_round_ratios(phases)
     return fig
 
@@ -868,7 +908,25 @@ def print_table(rates: dict, fig: dict, publish: dict, goals: list[dict]) -> Non
     for g in goals:
         mark = {True: "MET ", False: "MISS", None: "n/a "}[g["met"]]
         setting = f" [{g['setting']}]" if g.get("setting", "coserve") != "coserve" else ""
-        print(f"  [{mark}] {g['goal']}: {f(g['value'], digits=3)}{setting} (target {g['target']})")
+        interval = g.get("interval_90")
+        spread = (f"; 90 % of {interval['draws']} draws over its {interval['rounds']} rounds in "
+                  f"{interval['p5']:.2f}-{interval['p95']:.2f}") if interval else ""
+        print(f"  [{mark}] {g['goal']}: {f(g['value'], digits=3)}{setting} (target {g['target']}{spread})")
+
+
+def interval_bars(fig: dict, condition: str, metric: str, heights: Sequence[float]) -> list[list[float]] | None:
+    """Error bars for a co-served condition's p99 bars (ms, one per loaded rate): the bootstrap's
+    5th-95th percentile ratio times the no-job p99, as distances from the bar's top."""
+    intervals = (fig.get("p99_vs_no_job_interval") or {}).get(condition)
+    if not intervals:
+        return None
+    low, high = [], []
+    for r, height in zip(LOADED, heights):
+        interval, base = (intervals.get(r) or {}).get(metric), fig["latency"]["no_job"][r][metric]
+        known = interval is not None and base is not None and height > 0
+        low.append(max(0.0, height - interval["p5"] * base * 1e3) if known else 0.0)
+        high.append(max(0.0, interval["p95"] * base * 1e3 - height) if known else 0.0)
+    return [low, high]
 
 
 def plot(fig: dict, rates: dict, title: str, path: Path) -> None:
@@ -904,9 +962,9 @@ def plot(fig: dict, rates: dict, title: str, path: Path) -> None:
     for ax, metric, name in ((axes[1], "ttft_p99", "TTFT p99"), (axes[2], "tpot_p99", "TPOT p99")):
         xs = range(len(LOADED))
         for i, (condition, label) in enumerate(bars):
-            ax.bar([x + (i - (len(bars) - 1) / 2) * width for x in xs],
-                   [v(fig["latency"][condition][r][metric], 1e3) for r in LOADED], width, label=label,
-                   color=colours[condition])
+            heights = [v(fig["latency"][condition][r][metric], 1e3) for r in LOADED]
+            ax.bar([x + (i - (len(bars) - 1) / 2) * width for x in xs], heights, width, label=label,
+                   color=colours[condition], yerr=interval_bars(fig, condition, metric, heights))
         for x, r in zip(xs, LOADED):
             base = fig["latency"]["no_job"][r][metric]
             if base:
@@ -915,7 +973,7 @@ def plot(fig: dict, rates: dict, title: str, path: Path) -> None:
         ax.set_xticks(list(xs), [f"{r}\n{rates[r]:.2f} req/s" for r in LOADED])
         ax.set_ylabel("ms")
         ax.set_ylim(top=max(ax.get_ylim()[1], 1.0) * 1.3)
-        ax.set_title(f"Inference {name} (dashed: no job + 10 %)")
+        ax.set_title(f"Inference {name}\n(dashed: no job + 10 %; whiskers: 90 % of rounds resampled)", fontsize=9)
         ax.legend(fontsize=7)
     figure.suptitle(title, fontsize=10)
     figure.tight_layout()
@@ -991,7 +1049,7 @@ def run(args) -> int:
         # One trace per rate and round; every condition replays the round's trace.
         traces = {(r, i): generate_trace(workload(args, rates[r], max(1, round(rates[r] * window_s)),
                                                   seed=args.seed + 10 * k + i), names)
-                  for k, r in enumerate(LOADED, start=1) for i in range(args.rounds)}
+                  for k, r in enumerate(LOADED, start=1) if r in args.rates for i in range(args.rounds)}
 
         # 2. the co-served job and the HF + PEFT process, both resident from here on
         with open(data, "rb") as f:
@@ -1043,7 +1101,7 @@ def run(args) -> int:
                 for condition in order:
                     measure(condition, "idle", None)
             # 4. each rate: every condition in each round, in order then reversed
-            for r in LOADED:
+            for r in args.rates:
                 for i, order in enumerate(round_orders(conditions, args.rounds)):
                     for condition in order:
                         measure(condition, r, traces[(r, i)])
@@ -1183,7 +1241,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--rounds", type=int, default=2,
                    help="windows per condition and rate, interleaved with the other conditions' (default 2)")
     g.add_argument("--idle-rounds", type=int, default=4,
-                   help="idle windows per trainer, alternated (each --phase-seconds / --rounds long)")
+                   help="idle windows per trainer, alternated (each --phase-seconds / --rounds long; 0: none)")
+    g.add_argument("--rates", type=lambda text: [x for x in text.split(",") if x], default=list(LOADED),
+                   help="comma-separated loaded rates to run (default moderate,heavy), e.g. 'moderate' with many "
+                        "--rounds for a tighter p99 interval at one load")
     g.add_argument("--moderate-rate", type=float, help="req/s (default: --moderate-factor x calibrated capacity)")
     g.add_argument("--heavy-rate", type=float, help="req/s (default: --heavy-factor x calibrated capacity)")
     g.add_argument("--moderate-factor", type=float, default=0.35)
@@ -1225,9 +1286,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         if getattr(args, key) is None:
             setattr(args, key, quick if args.quick else normal)
     if (args.phase_seconds <= 0 or args.num_adapters < 1 or args.calibration_requests < 1 or args.rounds < 1
-            or args.idle_rounds < 1):
-        parser.error("--phase-seconds, --rounds, --idle-rounds, --num-adapters and --calibration-requests "
-                     "must be positive")
+            or args.idle_rounds < 0):
+        parser.error("--phase-seconds, --rounds, --num-adapters and --calibration-requests must be positive, "
+                     "--idle-rounds not negative")
+    unknown = [r for r in args.rates if r not in LOADED]
+    if unknown or not args.rates:
+        parser.error(f"--rates takes some of {','.join(LOADED)}, not {','.join(unknown) or 'nothing'}")
     if args.words_per_line <= args.seq_len:
         parser.error("--words-per-line must exceed --seq-len (every example is cut to --seq-len tokens)")
     return args

@@ -266,3 +266,64 @@ def test_idle_figures_use_the_steady_span_and_keep_the_counted_ones():
     assert fig["idle_counted_tok_s"] == {"coserve": co["trained_tok_s"], "hf_side": hf["trained_tok_s"]}
     ratios = fig["idle_vs_hf_by_round"]["ratios"]
     assert ratios == [round((4864 / 27.0) / (5120 / 27.5), 4), round((5120 / 28.0) / (4864 / 26.0), 4)]
+
+
+def test_windows_keep_each_requests_latencies_for_resampling():
+    from vllm_slora.bench.metrics import RequestRecord
+
+    records = [RequestRecord(id="a", adapter=None, scheduled_s=0.0, sent_s=1.0, first_token_s=1.25, finished_s=2.25,
+                             output_tokens=5),
+               RequestRecord(id="b", adapter=None, scheduled_s=0.0, sent_s=1.0, first_token_s=1.5, finished_s=1.5,
+                             output_tokens=1)]  # one token: a TTFT, no TPOT
+    assert bench.request_latencies(records) == {"ttft_values": [0.25, 0.5], "tpot_values": [0.25]}
+    window = {"condition": "coserve", "rate_label": "moderate", "t0": 0.0, "t1": 3.0, "records": records,
+              "cpu_s": {}, "load_average_1m": [1.0, 1.0], "planner": None, "trained_tokens": 0}
+    assert bench.pool([window], rate=1.0)["windows"][0]["tpot_values"] == [0.25]
+
+
+def test_p99_ratio_interval_resamples_whole_rounds_and_keeps_them_paired():
+    def windows(*per_round):
+        return [{"tpot_values": list(values)} for values in per_round]
+
+    base = windows([0.10] * 50, [0.20] * 50, [0.10] * 50, [0.20] * 50)
+    # Every round 5 % slower than its no-job window: the drift between rounds (0.1 vs 0.2)
+    # is in both, so every draw gives 1.05 however unequal the rounds it picks.
+    same = bench.p99_ratio_interval(windows(*[[v * 1.05 for v in w["tpot_values"]] for w in base]), base, "tpot")
+    assert same["rounds"] == 4 and same["p5"] == pytest.approx(1.05) and same["p95"] == pytest.approx(1.05)
+    # One round's no-job window alone slow: the pooled ratio depends on whether that round is drawn.
+    mixed = bench.p99_ratio_interval(windows([0.1] * 50, [0.1] * 50, [0.1] * 50, [0.1] * 50),
+                                     windows([0.1] * 50, [0.1] * 50, [0.1] * 50, [0.3] * 50), "tpot", seed=1)
+    assert mixed["p5"] < 0.5 and mixed["p95"] == pytest.approx(1.0)
+    assert bench.p99_ratio_interval(windows([0.1]), windows([0.1]), "tpot") is None  # one round: no spread
+    assert bench.p99_ratio_interval(windows([0.1], []), windows([0.1], [0.1]), "tpot") is None  # an empty window drops
+    assert bench.p99_ratio_interval(windows([0.1], [0.1]), windows([0.1], [0.1]), "ttft") is None  # no such values
+
+
+def test_p99_goals_carry_the_interval():
+    phases = {"no_job": {"moderate": {**_phase(None, 1.0, 0.10),
+                                      "windows": [{"ttft_values": [1.0] * 10, "tpot_values": [0.1] * 10}] * 3}},
+              "coserve": {"moderate": {**_phase(300.0, 1.0, 0.108),
+                                       "windows": [{"ttft_values": [1.0] * 10, "tpot_values": [0.108] * 10}] * 3}},
+              "hf_side": {}}
+    fig = bench.figures(phases)
+    assert fig["p99_vs_no_job_interval"]["coserve"]["moderate"]["tpot_p99"]["p50"] == pytest.approx(1.08)
+    (goal,) = [g for g in bench.evaluate_goals(fig) if g["goal"] == "moderate: co-served tpot_p99 within +10% of no job"]
+    assert goal["met"] is True and goal["interval_90"]["p95"] == pytest.approx(1.08)
+    assert fig["p99_vs_no_job_interval"]["coserve"]["heavy"]["tpot_p99"] is None  # not run
+
+
+def test_parse_args_rates_and_no_idle_rounds():
+    args = bench.parse_args(["--rates", "moderate", "--idle-rounds", "0"])
+    assert args.rates == ["moderate"] and args.idle_rounds == 0
+    assert bench.parse_args([]).rates == ["moderate", "heavy"]
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--rates", "moderate,light"])
+
+
+def test_interval_bars_are_distances_from_the_bar_top_in_ms():
+    fig = {"latency": {"no_job": {"moderate": {"tpot_p99": 0.100}, "heavy": {"tpot_p99": None}}},
+           "p99_vs_no_job_interval": {"coserve": {"moderate": {"tpot_p99": {"p5": 0.95, "p50": 1.0, "p95": 1.2}},
+                                                  "heavy": {"tpot_p99": None}}}}
+    low, high = bench.interval_bars(fig, "coserve", "tpot_p99", [105.0, 0.0])
+    assert low == [pytest.approx(10.0), 0.0] and high == [pytest.approx(15.0), 0.0]  # 95-120 ms around 105
+    assert bench.interval_bars(fig, "no_job", "tpot_p99", [100.0, 0.0]) is None
