@@ -632,10 +632,46 @@ def pool(windows: Sequence[dict], rate: float) -> dict:
     return out
 
 
-def request_latencies(records: Sequence) -> dict[str, list[float]]:
-    """Each request's TTFT and TPOT in seconds (those it has), for resampling the windows later."""
-    return {f"{kind}_values": [round(v, 6) for r in records if (v := getattr(r, f"{kind}_s")) is not None]
+def request_latencies(records: Sequence) -> dict[str, list[float | None]]:
+    """Each request's TTFT and TPOT in seconds, in the trace's order (None where a request has
+    none: failed, or one token): the windows of a round replay the same trace, so request i of
+    one condition's window is request i of the other's."""
+    return {f"{kind}_values": [None if (v := getattr(r, f"{kind}_s")) is None else round(v, 6) for r in records]
             for kind in ("ttft", "tpot")}
+
+
+def _bootstrap_rounds(rounds: Sequence, statistic: Callable[[list], float], draws: int, seed: int) -> dict:
+    """`statistic` over `draws` resamples of the rounds (with replacement): its 5th / 50th / 95th percentiles."""
+    import random
+
+    from vllm_slora.bench.metrics import percentile
+
+    rng = random.Random(seed)
+    values = [statistic([rounds[rng.randrange(len(rounds))] for _ in rounds]) for _ in range(draws)]
+    return {"rounds": len(rounds), "draws": draws, **{f"p{q}": round(percentile(values, q), 4) for q in (5, 50, 95)}}
+
+
+def paired_request_change(mine: Sequence[dict], base: Sequence[dict], metric: str, draws: int = 2000,
+                          seed: int = 0) -> dict | None:
+    """What a condition does to the same requests: each request's TTFT or TPOT against its twin in
+    the no-job window of its round (the same arrival, prompt and adapter), as the mean ratio over
+    the requests both served, with its bootstrap over the rounds (None without two rounds).
+    Unlike the p99s, which a few requests set, this is the cost to the typical request."""
+    key = f"{metric}_values"
+    rounds = []
+    for a, b in zip(mine, base):
+        pairs = [(x, y) for x, y in zip(a.get(key) or [], b.get(key) or []) if x is not None and y]
+        if pairs:
+            rounds.append(pairs)
+    if len(rounds) < 2:
+        return None
+
+    def mean_ratio(picked: list) -> float:
+        ratios = [x / y for pairs in picked for x, y in pairs]
+        return sum(ratios) / len(ratios)
+
+    return {"requests": sum(len(r) for r in rounds), "mean_ratio": round(mean_ratio(rounds), 4),
+            **_bootstrap_rounds(rounds, mean_ratio, draws, seed)}
 
 
 def p99_ratio_interval(mine: Sequence[dict], base: Sequence[dict], metric: str, draws: int = 2000,
@@ -647,23 +683,19 @@ def p99_ratio_interval(mine: Sequence[dict], base: Sequence[dict], metric: str, 
     requests of the rounds picked, so a round's windows stay paired (they saw the same machine,
     minutes apart at most) and the machine's drift between rounds is part of the spread. Returns
     the ratio's 5th / 50th / 95th percentiles over the draws (None without two rounds of values)."""
-    import random
-
     from vllm_slora.bench.metrics import percentile
 
     key = f"{metric}_values"
-    rounds = [(a.get(key), b.get(key)) for a, b in zip(mine, base)]
+    rounds = [([v for v in a.get(key) or [] if v is not None], [v for v in b.get(key) or [] if v is not None])
+              for a, b in zip(mine, base)]
     rounds = [(a, b) for a, b in rounds if a and b]
     if len(rounds) < 2:
         return None
-    rng = random.Random(seed)
-    ratios = []
-    for _ in range(draws):
-        picked = [rounds[rng.randrange(len(rounds))] for _ in rounds]
-        ratios.append(percentile([v for a, _ in picked for v in a], 99) /
-                      percentile([v for _, b in picked for v in b], 99))
-    return {"rounds": len(rounds), "draws": draws,
-            **{f"p{q}": round(percentile(ratios, q), 4) for q in (5, 50, 95)}}
+
+    def pooled_ratio(picked: list) -> float:
+        return percentile([v for a, _ in picked for v in a], 99) / percentile([v for _, b in picked for v in b], 99)
+
+    return _bootstrap_rounds(rounds, pooled_ratio, draws, seed)
 
 
 def show_window(w: dict) -> None:
@@ -821,6 +853,10 @@ def figures(phases: dict) -> dict:
         c: {r: {m: p99_ratio_interval(((phases.get(c, {}).get(r) or {}).get("windows") or []),
                                       ((phases.get("no_job", {}).get(r) or {}).get("windows") or []), m[:-4])
                 for m in ("ttft_p99", "tpot_p99")} for r in LOADED} for c in co}
+    fig["per_request_vs_no_job"] = {
+        c: {r: {m: paired_request_change(((phases.get(c, {}).get(r) or {}).get("windows") or []),
+                                         ((phases.get("no_job", {}).get(r) or {}).get("windows") or []), m)
+                for m in ("ttft", "tpot")} for r in LOADED} for c in co}
     fig["idle_vs_hf_by_round"] = idle_round_ratios(phases)
     return fig
 
@@ -894,6 +930,11 @@ def print_table(rates: dict, fig: dict, publish: dict, goals: list[dict]) -> Non
             print(f"  {r}: per-round co/none ratios, median (min-max): " + ", ".join(
                 f"{m} {f(paired[m]['median'], digits=2)} ({f(min(paired[m]['ratios']), digits=2)}-"
                 f"{f(max(paired[m]['ratios']), digits=2)})" for m in paired if paired[m]["ratios"]))
+        same = (fig.get("per_request_vs_no_job", {}).get("coserve") or {}).get(r) or {}
+        if any(same.values()):
+            print(f"  {r}: the same requests co-served / no job, mean ratio (90 % of rounds resampled): " + ", ".join(
+                f"{m.upper()} {same[m]['mean_ratio']:.3f} ({same[m]['p5']:.3f}-{same[m]['p95']:.3f}; "
+                f"{same[m]['requests']} requests)" for m in same if same[m]))
     co, disk = publish.get("coserve", {}), publish.get("disk_path", {})
     first = co.get("probe_update_to_first_request_s") or {}
     print(f"\npublish: co-served update->servable p50 {f((co.get('update_to_servable_s') or {}).get('p50'), 1e3, 0)} ms"

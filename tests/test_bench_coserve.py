@@ -275,10 +275,11 @@ def test_windows_keep_each_requests_latencies_for_resampling():
                              output_tokens=5),
                RequestRecord(id="b", adapter=None, scheduled_s=0.0, sent_s=1.0, first_token_s=1.5, finished_s=1.5,
                              output_tokens=1)]  # one token: a TTFT, no TPOT
-    assert bench.request_latencies(records) == {"ttft_values": [0.25, 0.5], "tpot_values": [0.25]}
+    # In the trace's order, None where a request has none (request i is the same request in every window of a round).
+    assert bench.request_latencies(records) == {"ttft_values": [0.25, 0.5], "tpot_values": [0.25, None]}
     window = {"condition": "coserve", "rate_label": "moderate", "t0": 0.0, "t1": 3.0, "records": records,
               "cpu_s": {}, "load_average_1m": [1.0, 1.0], "planner": None, "trained_tokens": 0}
-    assert bench.pool([window], rate=1.0)["windows"][0]["tpot_values"] == [0.25]
+    assert bench.pool([window], rate=1.0)["windows"][0]["tpot_values"] == [0.25, None]
 
 
 def test_p99_ratio_interval_resamples_whole_rounds_and_keeps_them_paired():
@@ -297,6 +298,8 @@ def test_p99_ratio_interval_resamples_whole_rounds_and_keeps_them_paired():
     assert bench.p99_ratio_interval(windows([0.1]), windows([0.1]), "tpot") is None  # one round: no spread
     assert bench.p99_ratio_interval(windows([0.1], []), windows([0.1], [0.1]), "tpot") is None  # an empty window drops
     assert bench.p99_ratio_interval(windows([0.1], [0.1]), windows([0.1], [0.1]), "ttft") is None  # no such values
+    with_gaps = bench.p99_ratio_interval(windows([0.1, None], [0.1]), windows([0.1], [None, 0.1]), "tpot")
+    assert with_gaps["p5"] == pytest.approx(1.0)  # requests without a value are left out
 
 
 def test_p99_goals_carry_the_interval():
@@ -327,3 +330,13 @@ def test_interval_bars_are_distances_from_the_bar_top_in_ms():
     low, high = bench.interval_bars(fig, "coserve", "tpot_p99", [105.0, 0.0])
     assert low == [pytest.approx(10.0), 0.0] and high == [pytest.approx(15.0), 0.0]  # 95-120 ms around 105
     assert bench.interval_bars(fig, "no_job", "tpot_p99", [100.0, 0.0]) is None
+
+
+def test_paired_request_change_compares_each_request_with_its_twin_of_the_round():
+    base = [{"tpot_values": [0.10, 0.20, None]}, {"tpot_values": [0.40, 0.10]}]
+    mine = [{"tpot_values": [0.11, 0.22, 0.5]}, {"tpot_values": [0.44, None]}]  # every served twin 10 % slower
+    change = bench.paired_request_change(mine, base, "tpot")
+    assert change["requests"] == 3 and change["mean_ratio"] == pytest.approx(1.1)
+    assert change["p5"] == pytest.approx(1.1) and change["p95"] == pytest.approx(1.1)  # the rounds' drift cancels
+    assert bench.paired_request_change(mine[:1], base[:1], "tpot") is None  # one round
+    assert bench.paired_request_change(mine, base, "ttft") is None  # no values
