@@ -470,9 +470,19 @@ class Poller:
         self._thread.join(10)
 
 
+def machine_cpu_seconds(stat_line: str, ticks_per_s: float) -> dict[str, float]:
+    """The whole machine's busy and stolen CPU seconds since boot, from /proc/stat's "cpu" line.
+    Stolen time is what the hypervisor gave other guests: a window where it grows, or where the
+    machine is busier than the processes measured, saw a machine disturbed from outside."""
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in stat_line.split()[1:9])
+    return {"machine_busy": (user + nice + system + irq + softirq) / ticks_per_s, "machine_steal": steal / ticks_per_s}
+
+
 class CpuMeter:
-    """CPU seconds used so far by process trees ({name: root pid}); what a phase's window used shows
-    how busy the server, the HF loop and (by the load average) everything else kept the cores."""
+    """CPU seconds used so far by process trees ({name: root pid}), the system (kernel) part of
+    each beside it (`<name>_system`: page faults, memory compaction, affinity calls), and the whole
+    machine's busy and stolen seconds (`machine_cpu_seconds`); what a window used shows how busy the
+    server and the HF loop kept the cores, and whether something else took them."""
 
     def __init__(self) -> None:
         self.roots: dict[str, int] = {}
@@ -482,18 +492,24 @@ class CpuMeter:
 
         out = {}
         for name, pid in self.roots.items():
-            total = 0.0
+            total = system = 0.0
             try:
                 root = psutil.Process(pid)
                 for proc in [root, *root.children(recursive=True)]:
                     try:
                         times = proc.cpu_times()
                         total += times.user + times.system
+                        system += times.system
                     except psutil.Error:
                         pass
             except psutil.Error:
                 continue
-            out[name] = total
+            out[name], out[f"{name}_system"] = total, system
+        try:
+            with open("/proc/stat") as f:
+                out.update(machine_cpu_seconds(f.readline(), os.sysconf("SC_CLK_TCK")))
+        except (OSError, ValueError):  # not Linux
+            pass
         return out
 
 
@@ -617,6 +633,7 @@ def pool(windows: Sequence[dict], rate: float) -> dict:
            "windows": [{"t0": round(w["t0"], 2), "t1": round(w["t1"], 2), "trained_tokens": w["trained_tokens"],
                         "steady": w.get("steady"),
                         **latency_figures(compact_summary(w["records"], w["t1"] - w["t0"]) if w["records"] else None),
+                        "cores": {k: round(v / max(w["t1"] - w["t0"], 1e-9), 3) for k, v in w["cpu_s"].items()},
                         **request_latencies(w["records"])}
                        for w in windows]}
     if planners:
@@ -705,7 +722,8 @@ def show_window(w: dict) -> None:
     tok_s = window_tok_s(w, steady=w["rate_label"] == "idle")
     print(f"[{w['condition']:13s} {w['rate_label']:8s} {length:5.1f} s] trained {fmt(tok_s)} tok/s | TTFT p50/p99 "
           f"{fmt(lat['ttft_p50'], 1e3)}/{fmt(lat['ttft_p99'], 1e3)} ms | TPOT p50/p99 {fmt(lat['tpot_p50'], 1e3)}/"
-          f"{fmt(lat['tpot_p99'], 1e3)} ms | {len(w['records'])} requests | load {w['load_average_1m']}", flush=True)
+          f"{fmt(lat['tpot_p99'], 1e3)} ms | {len(w['records'])} requests | load {w['load_average_1m']} | cores: "
+          + " ".join(f"{k} {v / max(length, 1e-9):.2f}" for k, v in w["cpu_s"].items()), flush=True)
 
 
 def all_events(client, job_id: str) -> list[dict]:

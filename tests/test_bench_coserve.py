@@ -238,6 +238,7 @@ def test_pool_takes_percentiles_over_all_windows_requests_and_tokens_over_their_
     assert out["inference"]["requests"] == 100 and out["ttft_p50"] == pytest.approx(0.1)
     assert out["ttft_p99"] > 0.1  # the slow window's request is in the pooled tail
     assert out["cpu_cores_busy"] == {"server": 1.0} and out["load_average_1m"] == [1.0, 2.0]
+    assert [w["cores"] for w in out["windows"]] == [{"server": 1.5}, {"server": 0.5}]
     assert out["planner"] == {"steps": 4, "units": 14, "slack": 0.25}  # counters summed, gauges as at the end
     assert [w["ttft_p50"] for w in out["windows"]] == [pytest.approx(0.1), pytest.approx(2.0)]
     assert "trained_tokens" not in bench.pool([{**windows[0], "trained_tokens": None}], rate=5.0)
@@ -340,3 +341,10 @@ def test_paired_request_change_compares_each_request_with_its_twin_of_the_round(
     assert change["p5"] == pytest.approx(1.1) and change["p95"] == pytest.approx(1.1)  # the rounds' drift cancels
     assert bench.paired_request_change(mine[:1], base[:1], "tpot") is None  # one round
     assert bench.paired_request_change(mine, base, "ttft") is None  # no values
+
+
+def test_machine_cpu_seconds_from_proc_stat():
+    line = "cpu  800 100 300 5000 40 20 30 250 0 0\n"  # user nice system idle iowait irq softirq steal ...
+    assert bench.machine_cpu_seconds(line, 100) == {"machine_busy": 12.5, "machine_steal": 2.5}
+    reading = bench.CpuMeter().read()  # no process trees: the machine's figures only (on Linux)
+    assert set(reading) <= {"machine_busy", "machine_steal"}
