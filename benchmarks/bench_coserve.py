@@ -1336,6 +1336,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--disk-repeats", type=int, help="disk-path repetitions (default 5; quick 3)")
     g.add_argument("--work-dir", default="/tmp/vllm-slora-coserve", help="adapters, data, logs, job dirs")
     g.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
+    g.add_argument("--refigure", metavar="JSON",
+                   help="no run: recompute the figures, goals, table and plot of a saved result from its windows "
+                        "(after the helpers changed), rewriting that JSON and its PNG")
     h = parser.add_argument_group("internal: the HF + PEFT loop process")
     h.add_argument("--hf-trainer", action="store_true", help=argparse.SUPPRESS)
     for name in ("--hf-data", "--hf-progress", "--hf-stop-file", "--hf-save-dir"):
@@ -1360,7 +1363,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.hf_trainer:
         return hf_trainer(args)
+    if args.refigure:
+        return refigure(Path(args.refigure))
     return run(args)
+
+
+def refigure(path: Path) -> int:
+    """Figures, goals, table and plot of a saved result again, from the phases it kept."""
+    document = json.loads(path.read_text())
+    fig = figures(document["phases"])
+    goals = evaluate_goals(fig, document.get("publish"))
+    document.update(figures=fig, goals=goals, refigured=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    path.write_text(json.dumps(json_safe(document), indent=1, default=str) + "\n")
+    rates, config, machine = document["rates_req_s"], document["config"], document["machine"]
+    plot(fig, rates, f"Co-served LoRA finetuning (rank {config['lora_rank']}, {config['seq_len']}-token sequences) vs "
+         f"an HF + PEFT side process: {Path(config['model']).name}, {machine['cpu_cores']} cores",
+         path.with_suffix(".png"))
+    print_table(rates, fig, document.get("publish") or {}, goals)
+    print(f"\nrewrote {path} and {path.with_suffix('.png').name}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -348,3 +348,23 @@ def test_machine_cpu_seconds_from_proc_stat():
     assert bench.machine_cpu_seconds(line, 100) == {"machine_busy": 12.5, "machine_steal": 2.5}
     reading = bench.CpuMeter().read()  # no process trees: the machine's figures only (on Linux)
     assert set(reading) <= {"machine_busy", "machine_steal"}
+
+
+def test_refigure_recomputes_a_saved_result_from_its_windows(tmp_path):
+    def loaded(tpot):
+        return {**_phase(None, 0.2, tpot), "windows": [{"ttft_values": [0.2] * 20, "tpot_values": [tpot] * 20}] * 3}
+
+    document = {"phases": {"no_job": {"moderate": loaded(0.10)}, "coserve": {"moderate": {**loaded(0.12), "trained_tok_s": 9.0}},
+                           "hf_side": {}},
+                "publish": {}, "rates_req_s": {"idle": 0.0, "moderate": 2.0, "heavy": 4.0},
+                "config": {"lora_rank": 16, "seq_len": 256, "model": "/m/SmolLM2"}, "machine": {"cpu_cores": 2},
+                "figures": {"stale": True}, "goals": []}
+    path = tmp_path / "coserve-x.json"
+    path.write_text(__import__("json").dumps(document))
+    assert bench.main(["--refigure", str(path)]) == 0
+    saved = __import__("json").loads(path.read_text())
+    assert "stale" not in saved["figures"] and "refigured" in saved
+    assert saved["figures"]["p99_vs_no_job_interval"]["coserve"]["moderate"]["tpot_p99"]["p50"] == pytest.approx(1.2)
+    (goal,) = [g for g in saved["goals"] if g["goal"] == "moderate: co-served tpot_p99 within +10% of no job"]
+    assert goal["met"] is False and goal["value"] == pytest.approx(1.2)
+    assert path.with_suffix(".png").stat().st_size > 0
