@@ -41,8 +41,18 @@ window's = tokens from its first to its last finished step / the time between th
 (`steady_span`: not quantized to whole steps; the counted figure is kept beside it,
 `idle_counted_tok_s`). A replay window runs from the first arrival to the last completion.
 
+A pooled p99 is set by a few requests, and this machine has slow stretches of seconds (seen
+in no-job and co-served windows alike, prompt steps as slow as decode steps), so beside it each p99 ratio gets a bootstrap interval over the rounds
+(`p99_vs_no_job_interval`: rounds drawn with replacement, each keeping its two windows paired)
+and the cost to the typical request (`per_request_vs_no_job`: each request against its twin,
+the same arrival, prompt and adapter, in the no-job window of its round). Two rounds give a
+loose interval; the p99 study below runs twelve per rate, no job against the default share only.
+
     .venv/bin/python benchmarks/bench_coserve.py                        # ~17 min on 2 CPU cores
     .venv/bin/python benchmarks/bench_coserve.py --quick --out-dir /tmp/coserve   # smoke, ~5 min
+    .venv/bin/python benchmarks/bench_coserve.py --skip-hf --more-slacks "" --idle-rounds 0 \
+        --rounds 12 --phase-seconds 240                                 # the p99 study, ~25 min
+    .venv/bin/python benchmarks/bench_coserve.py --refigure RESULT.json # figures again, no run
 
 Writes <out-dir>/coserve-<YYYYMMDD>-<machine>.json and .png (default out-dir:
 benchmarks/results; "-quick" is appended for --quick) and keeps the server log, the HF
