@@ -374,3 +374,26 @@ def test_a_pause_the_engine_refuses_does_not_fail_the_job(tmp_path, tiny_model):
         engine.stop()
 
     asyncio.run(scenario())
+
+
+def test_a_publish_after_the_servers_loop_stopped_fails_at_once(tmp_path, tiny_model):
+    """The server shutting down: its loop has stopped (not yet closed). A publish from a training
+    thread must fail at once, naming why, rather than wait PUBLISH_TIMEOUT_S for a loop that will
+    never run it (and leave the coroutine unawaited)."""
+    import time
+
+    from vllm_slora.finetune.jobs import _PublishFailed
+
+    jobs = make_jobs(tmp_path, tiny_model)
+    loop = asyncio.new_event_loop()
+    try:
+        jobs._loop = loop
+        load = jobs.host.load("base-ft", str(tmp_path), replace=True)
+        started = time.monotonic()
+        with pytest.raises(_PublishFailed, match="event loop is not running"):
+            jobs._on_loop(load)
+        assert time.monotonic() - started < 5
+        assert load.cr_frame is None  # closed, not left unawaited
+        assert jobs.host.loads == []
+    finally:
+        loop.close()

@@ -933,9 +933,11 @@ class FineTuningJobs:
 
     def _on_loop(self, coro) -> Any:
         """Run a coroutine on the server's event loop and wait for its result (from a training thread)."""
-        if self._loop is None or self._loop.is_closed():
+        if self._loop is None or not self._loop.is_running():
+            # A loop that stopped (the server shutting down) would never run it: this thread
+            # would wait PUBLISH_TIMEOUT_S for nothing, and the coroutine be dropped unawaited.
             coro.close()
-            raise _PublishFailed("publishing failed: the server's event loop is gone")
+            raise _PublishFailed("publishing failed: the server's event loop is not running")
         try:
             return asyncio.run_coroutine_threadsafe(coro, self._loop).result(PUBLISH_TIMEOUT_S)
         except PublishError as e:
