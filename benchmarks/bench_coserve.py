@@ -878,15 +878,18 @@ def figures(phases: dict) -> dict:
                             for c in trainers}
     fig["p99_vs_no_job_by_round"] = {c: {r: paired_round_ratios(phases, c, r) for r in LOADED} for c in co}
     fig["p99_vs_no_job_interval"] = {
-        c: {r: {m: p99_ratio_interval(((phases.get(c, {}).get(r) or {}).get("windows") or []),
-                                      ((phases.get("no_job", {}).get(r) or {}).get("windows") or []), m[:-4])
+        c: {r: {m: p99_ratio_interval(phase_windows(phases, c, r), phase_windows(phases, "no_job", r), m[:-4])
                 for m in ("ttft_p99", "tpot_p99")} for r in LOADED} for c in co}
     fig["per_request_vs_no_job"] = {
-        c: {r: {m: paired_request_change(((phases.get(c, {}).get(r) or {}).get("windows") or []),
-                                         ((phases.get("no_job", {}).get(r) or {}).get("windows") or []), m)
+        c: {r: {m: paired_request_change(phase_windows(phases, c, r), phase_windows(phases, "no_job", r), m)
                 for m in ("ttft", "tpot")} for r in LOADED} for c in co}
     fig["idle_vs_hf_by_round"] = idle_round_ratios(phases)
     return fig
+
+
+def phase_windows(phases: dict, condition: str, rate: str) -> list[dict]:
+    """A condition's windows at a rate, in round order (none where it did not run)."""
+    return (phases.get(condition, {}).get(rate) or {}).get("windows") or []
 
 
 def idle_round_ratios(phases: dict) -> dict:
@@ -894,7 +897,7 @@ def idle_round_ratios(phases: dict) -> dict:
     round, and their median: windows seconds apart saw the same machine, so the median says
     whether the pooled idle ratio is the engine or the machine's drift."""
     def rates(condition):
-        return [window_tok_s(w, steady=True) for w in (phases.get(condition, {}).get("idle") or {}).get("windows") or []]
+        return [window_tok_s(w, steady=True) for w in phase_windows(phases, condition, "idle")]
 
     return ratios_and_median([ratio(a, b) for a, b in zip(rates("coserve"), rates("hf_side"))])
 
@@ -920,8 +923,7 @@ def paired_round_ratios(phases: dict, condition: str, rate: str) -> dict:
     by its few worst windows, and this machine drifts by +-15 % between windows; a per-round
     ratio compares windows that saw the same machine state, so its median shows whether the
     pooled figure is the training or the drift."""
-    mine = (phases.get(condition, {}).get(rate) or {}).get("windows") or []
-    base = (phases.get("no_job", {}).get(rate) or {}).get("windows") or []
+    mine, base = phase_windows(phases, condition, rate), phase_windows(phases, "no_job", rate)
     out = {}
     for metric in ("ttft_p99", "tpot_p99", "tpot_p50"):
         out[metric] = ratios_and_median([ratio(a.get(metric), b.get(metric)) for a, b in zip(mine, base)])
@@ -1287,10 +1289,7 @@ def run(args) -> int:
         "problems": problems,
         "runtime_s": round(time.monotonic() - started, 1),
     }
-    stem.with_suffix(".json").write_text(json.dumps(json_safe(document), indent=1, default=str) + "\n")
-    plot(fig, rates, f"Co-served LoRA finetuning (rank {args.lora_rank}, {args.seq_len}-token sequences) vs an "
-         f"HF + PEFT side process: {model.name}, {machine['cpu_cores']} cores"
-         + (f", {machine['gpus'][0]}" if gpu else ""), stem.with_suffix(".png"))
+    save_result(stem.with_suffix(".json"), document)
     print_table(rates, fig, publish, goals)
     if problems:
         print("\nproblems seen:")
@@ -1378,18 +1377,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run(args)
 
 
+def save_result(path: Path, document: dict) -> None:
+    """A result's JSON at `path` and its plot beside it (.png), both from the document alone."""
+    path.write_text(json.dumps(json_safe(document), indent=1, default=str) + "\n")
+    config, machine = document["config"], document["machine"]
+    plot(document["figures"], document["rates_req_s"],
+         f"Co-served LoRA finetuning (rank {config['lora_rank']}, {config['seq_len']}-token sequences) vs an "
+         f"HF + PEFT side process: {Path(config['model']).name}, {machine['cpu_cores']} cores"
+         + (f", {machine['gpus'][0]}" if machine.get("gpus") else ""), path.with_suffix(".png"))
+
+
 def refigure(path: Path) -> int:
     """Figures, goals, table and plot of a saved result again, from the phases it kept."""
     document = json.loads(path.read_text())
     fig = figures(document["phases"])
     goals = evaluate_goals(fig, document.get("publish"))
     document.update(figures=fig, goals=goals, refigured=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    path.write_text(json.dumps(json_safe(document), indent=1, default=str) + "\n")
-    rates, config, machine = document["rates_req_s"], document["config"], document["machine"]
-    plot(fig, rates, f"Co-served LoRA finetuning (rank {config['lora_rank']}, {config['seq_len']}-token sequences) vs "
-         f"an HF + PEFT side process: {Path(config['model']).name}, {machine['cpu_cores']} cores",
-         path.with_suffix(".png"))
-    print_table(rates, fig, document.get("publish") or {}, goals)
+    save_result(path, document)
+    print_table(document["rates_req_s"], fig, document.get("publish") or {}, goals)
     print(f"\nrewrote {path} and {path.with_suffix('.png').name}")
     return 0
 
